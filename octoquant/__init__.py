@@ -1,0 +1,46 @@
+"""octoquant: INT8 post-training quantization for PyTorch.
+
+    import octoquant as oq
+    scale, zp = oq.choose_qparams(x.min(), x.max())
+    x_hat = oq.fake_quantize(x, scale, zp)
+"""
+
+from .config import Granularity, PerChannel, PerGroup, PerTensor, PerToken, QDtype, QScheme
+from .functional import (
+    check_finite,
+    cosine_similarity,
+    dequantize,
+    fake_quantize,
+    max_abs_error,
+    quantize,
+    quantize_dynamic,
+    reduce_minmax,
+    sqnr_db,
+)
+from .observers import CalibrationError, make_observer
+from .qparams import choose_qparams
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "QDtype",
+    "QScheme",
+    "Granularity",
+    "PerTensor",
+    "PerChannel",
+    "PerToken",
+    "PerGroup",
+    "choose_qparams",
+    "quantize",
+    "dequantize",
+    "fake_quantize",
+    "quantize_dynamic",
+    "reduce_minmax",
+    "check_finite",
+    "sqnr_db",
+    "cosine_similarity",
+    "max_abs_error",
+    "make_observer",
+    "CalibrationError",
+    "__version__",
+]

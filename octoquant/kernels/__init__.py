@@ -1,0 +1,52 @@
+"""One table of kernel backends. Each row implements the same ops:
+
+    int8_mm(a int8 (M,K), b int8 (K,N)) -> int32 (M,N)          exact
+    quantize_per_token(x (M,K)) -> (int8 (M,K), scale (M,))     symmetric absmax per row
+    pack_w8a8 / linear_dynamic / linear_static                  int8 x int8 -> int32 -> rescale + bias
+    pack_w8a16 / linear_weight_only                             int8 weights, float activations
+
+`reference` is the spec (pure torch); `cpu` is octoquant's own C++ (AVX-512 VNNI / AVX2) tested bit-exact
+against it. `default_backend()` picks the fastest available row and logs once when it has to fall back.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+
+from .cpu import CpuBackend, available_isas, best_isa
+from .reference import MAX_K, ReferenceBackend
+
+log = logging.getLogger("octoquant.kernels")
+
+# name -> factory; a factory raises if the row cannot run on this machine
+BACKENDS: dict[str, Callable[[], object]] = {
+    "reference": ReferenceBackend,
+    "cpu": CpuBackend,
+}
+
+
+@functools.cache
+def get_backend(name: str) -> object:
+    """The backend called `name`; unknown names raise ValueError listing the valid ones."""
+    try:
+        factory = BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown kernel backend {name!r}; valid: {', '.join(BACKENDS)}") from None
+    return factory()
+
+
+@functools.cache
+def default_backend() -> object:
+    """`cpu` when the extension is built and the CPU has AVX2 or better; else `reference`, logged once."""
+    isa = best_isa()
+    if isa in ("avx2", "avx512vnni"):
+        return get_backend("cpu")
+    reason = "octoquant._C is not built" if isa is None else "this CPU has neither AVX2 nor AVX-512 VNNI"
+    log.warning("octoquant: %s; using the pure-torch reference kernels (exact, slow)", reason)
+    return get_backend("reference")
+
+
+__all__ = ["BACKENDS", "get_backend", "default_backend", "CpuBackend", "ReferenceBackend", "available_isas",
+           "MAX_K"]

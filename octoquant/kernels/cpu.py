@@ -1,0 +1,195 @@
+"""The CPU backend: octoquant's own C++ kernels (octoquant/_C), AVX-512 VNNI or AVX2 chosen at run time.
+
+Exactness: u8 x s8 products accumulate in int32 without any int16 stage that could saturate (VNNI
+vpdpbusd; AVX2 widens to int16 and uses vpmaddwd), so int8_mm equals the reference bit for bit; the
+epilogue performs the reference's rescale as the same float32 operations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import QDtype
+from .reference import check_int8_operands, check_k
+
+try:
+    from .. import _C
+except ImportError:  # extension not built (no compiler at install time)
+    _C = None
+
+ISAS = {"scalar": 0, "avx2": 1, "avx512vnni": 2}
+
+
+def available_isas() -> list[str]:
+    if _C is None:
+        return []
+    f = _C.cpu_features()
+    return ["scalar"] + [name for name in ("avx2", "avx512vnni") if f[name]]
+
+
+def best_isa() -> str | None:
+    isas = available_isas()
+    return isas[-1] if isas else None
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+@dataclass(frozen=True)
+class CpuPackedW8A8:
+    packed: torch.Tensor  # (NB, Kp/4, 16, 4) int8
+    colsum: torch.Tensor  # (NB*16,) int32
+    scale: torch.Tensor  # (NB*16,) float32, padded with 0
+    bias: torch.Tensor | None  # (N,) float32
+    n: int
+    k: int
+    kp: int
+
+
+@dataclass(frozen=True)
+class CpuPackedW8A16:
+    packed: torch.Tensor  # (NB, K, 16) int8
+    scale: torch.Tensor  # (NB, G, 16) float32
+    group_size: int
+    bias: torch.Tensor | None
+    n: int
+    k: int
+
+
+def _pad_to(t: torch.Tensor, n: int) -> torch.Tensor:
+    out = torch.zeros(n, dtype=t.dtype)
+    out[: t.numel()] = t
+    return out
+
+
+class CpuBackend:
+    name = "cpu"
+
+    def __init__(self, isa: str | None = None) -> None:
+        if _C is None:
+            raise RuntimeError("octoquant._C is not built: reinstall octoquant with a C++17 compiler available")
+        isa = isa or best_isa()
+        if isa not in ISAS:
+            raise ValueError(f"unknown ISA {isa!r}; valid: {', '.join(ISAS)}")
+        if isa not in available_isas():
+            raise ValueError(f"this CPU cannot run ISA {isa!r}; available: {', '.join(available_isas())}")
+        self.isa = isa
+        self._isa_id = ISAS[isa]
+
+    # -------------------------------------------------------------------------------------------- packing
+    def pack_w8a8(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> CpuPackedW8A8:
+        n, k = weight.shape
+        check_k(k)
+        kp = (k + 3) // 4 * 4
+        nb = (n + 15) // 16
+        w = weight.contiguous()
+        packed = torch.empty(nb, kp // 4, 16, 4, dtype=torch.int8)
+        _C.pack_weight_u8s8(w.data_ptr(), n, k, packed.data_ptr(), kp)
+        colsum = _pad_to(w.to(torch.int32).sum(dim=1, dtype=torch.int32), nb * 16)
+        b = None if bias is None else bias.detach().to(torch.float32).contiguous()
+        return CpuPackedW8A8(packed, colsum, _pad_to(scale.to(torch.float32), nb * 16), b, n, k, kp)
+
+    def pack_w8a16(self, weight, scale, group_size, bias) -> CpuPackedW8A16:
+        n, k = weight.shape
+        nb = (n + 15) // 16
+        g = k // group_size
+        packed = torch.empty(nb, k, 16, dtype=torch.int8)
+        _C.pack_weight_wo(weight.contiguous().data_ptr(), n, k, packed.data_ptr())
+        sc = torch.zeros(nb * 16, g, dtype=torch.float32)
+        sc[:n] = scale.to(torch.float32).reshape(n, g)
+        sc = sc.reshape(nb, 16, g).transpose(1, 2).contiguous()  # (NB, G, 16)
+        b = None if bias is None else bias.detach().to(torch.float32).contiguous()
+        return CpuPackedW8A16(packed, sc, group_size, b, n, k)
+
+    # -------------------------------------------------------------------------------------------- ops
+    def _gemm(self, a_u8: torch.Tensor, offset: int, p: CpuPackedW8A8, row_scale: torch.Tensor | None,
+              row_scale0: float, out: torch.Tensor, acc_out: bool = False) -> None:
+        m = a_u8.shape[0]
+        _C.gemm_u8s8(
+            a_u8.data_ptr(), a_u8.stride(0), p.packed.data_ptr(), p.colsum.data_ptr(), offset,
+            _ptr(row_scale), row_scale0, p.scale.data_ptr(), _ptr(p.bias),
+            0 if acc_out else out.data_ptr(), out.data_ptr() if acc_out else 0, out.stride(0),
+            m, p.n, p.kp, self._isa_id, torch.get_num_threads(),
+        )
+
+    def int8_mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """(M, K) int8 @ (K, N) int8 -> (M, N) int32, exact (see module docstring)."""
+        check_int8_operands(a, b)
+        m, k = a.shape
+        p = self.pack_w8a8(b.T, torch.ones(b.shape[1]), None)
+        a_u8 = torch.full((m, p.kp), 128, dtype=torch.uint8)
+        a_u8[:, :k] = a.view(torch.uint8) ^ 0x80  # q + 128 as u8
+        out = torch.empty(m, p.n, dtype=torch.int32)
+        self._gemm(a_u8, 128, p, None, 1.0, out, acc_out=True)
+        return out
+
+    def quantize_per_token(self, x: torch.Tensor, kp: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, K) float32 -> ((M, K) int8, (M,) scales). Same rule and bits as the reference."""
+        a_u8, scale = self._quantize_rows(x, kp or x.shape[1])
+        return (a_u8[:, : x.shape[1]] ^ 0x80).view(torch.int8), scale
+
+    def _quantize_rows(self, x: torch.Tensor, kp: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = _as_f32_rows(x)
+        m, k = x.shape
+        a_u8 = torch.empty(m, kp, dtype=torch.uint8)
+        if kp != k:
+            a_u8[:, k:] = 128
+        scale = torch.empty(m, dtype=torch.float32)
+        _C.quantize_rows_dynamic(x.data_ptr(), x.stride(0), m, k, a_u8.data_ptr(), kp, scale.data_ptr(), self._isa_id)
+        return a_u8, scale
+
+    def linear_dynamic(self, x: torch.Tensor, p: CpuPackedW8A8) -> torch.Tensor:
+        a_u8, row_scale = self._quantize_rows(x, p.kp)
+        out = torch.empty(a_u8.shape[0], p.n, dtype=torch.float32)
+        self._gemm(a_u8, 128, p, row_scale, 1.0, out)
+        return out
+
+    def quantize_static_u8(self, x: torch.Tensor, kp: int, scale: float, zero_point: int, dtype: QDtype) -> torch.Tensor:
+        """(M, K) float -> (M, kp) u8 holding q (+128 for int8), the padding holding the zero-point."""
+        x = _as_f32_rows(x)
+        m, k = x.shape
+        qmin, qmax = dtype.qrange()
+        shift = 128 if dtype is QDtype.INT8 else 0
+        if kp == k:
+            a_u8 = torch.empty(m, kp, dtype=torch.uint8)
+            _C.quantize_static(x.data_ptr(), m * k, float(scale), int(zero_point), qmin, qmax, shift, a_u8.data_ptr())
+            return a_u8
+        a = torch.empty(m, k, dtype=torch.uint8)
+        _C.quantize_static(x.data_ptr(), m * k, float(scale), int(zero_point), qmin, qmax, shift, a.data_ptr())
+        a_u8 = torch.full((m, kp), zero_point + shift, dtype=torch.uint8)
+        a_u8[:, :k] = a
+        return a_u8
+
+    def linear_static(self, x: torch.Tensor, p: CpuPackedW8A8, in_scale: float, in_zero_point: int,
+                      in_dtype: QDtype) -> torch.Tensor:
+        a_u8 = self.quantize_static_u8(x, p.kp, in_scale, in_zero_point, in_dtype)
+        return self.linear_static_u8(a_u8, p, in_scale, in_zero_point, in_dtype)
+
+    def linear_static_u8(self, a_u8: torch.Tensor, p: CpuPackedW8A8, in_scale: float, in_zero_point: int,
+                         in_dtype: QDtype) -> torch.Tensor:
+        """GEMM on already quantized (M, kp) u8 activations (e.g. an im2col buffer)."""
+        offset = in_zero_point + (128 if in_dtype is QDtype.INT8 else 0)
+        out = torch.empty(a_u8.shape[0], p.n, dtype=torch.float32)
+        rs = float(torch.tensor(in_scale, dtype=torch.float32))
+        self._gemm(a_u8, offset, p, None, rs, out)
+        return out
+
+    def linear_weight_only(self, x: torch.Tensor, p: CpuPackedW8A16) -> torch.Tensor:
+        x = _as_f32_rows(x)
+        m = x.shape[0]
+        out = torch.empty(m, p.n, dtype=torch.float32)
+        _C.linear_wo(x.data_ptr(), x.stride(0), m, p.k, p.packed.data_ptr(), p.scale.data_ptr(), p.group_size,
+                     _ptr(p.bias), out.data_ptr(), out.stride(0), p.n, self._isa_id, torch.get_num_threads())
+        return out
+
+
+def _as_f32_rows(x: torch.Tensor) -> torch.Tensor:
+    if x.dim() != 2:
+        raise ValueError(f"expected a 2-D (M, K) activation, got shape {tuple(x.shape)}")
+    if x.device.type != "cpu":
+        raise ValueError(f"activation is on {x.device}; the cpu backend needs a cpu tensor")
+    x = x.to(torch.float32)
+    return x if x.stride(1) == 1 else x.contiguous()

@@ -1,0 +1,612 @@
+// octoquant CPU int8 kernels. Independent of torch's C++ API: every entry takes raw addresses and sizes;
+// the Python layer (octoquant/kernels/cpu.py) validates dtypes, shapes and contiguity before calling.
+//
+// Activations arrive as u8 "a" with an integer offset: real_q = a - offset (offset 128 for int8 data
+// stored as q + 128, or the zero-point of uint8 data). Weights are s8, packed by pack_weight_u8s8 into
+// 16-column blocks laid out [K/4][16][4] (4 consecutive k of one column in 4 bytes).
+//   S[m,n]   = sum_k a[m,k] * w[n,k]                   (u8 x s8 products, int32 sums)
+//   acc[m,n] = S[m,n] - offset * colsum[n]             = sum_k (a - offset) * w
+// Both sums wrap modulo 2^32 (vpdpbusd and vpaddd do not saturate), so acc is exact whenever the true
+// result fits in int32: |acc| <= K * 128 * 128 < 2^31 for K <= 131071 (the Python layer refuses more).
+// No vpmaddubsw anywhere: its int16 pair sums saturate (255*127*2 > 32767).
+// Epilogue (the spec in kernels/reference.py): y = float(acc) * (row_scale[m] * col_scale[n]) + bias[n],
+// as separate IEEE multiplies and an add (no FMA contraction), so results match the reference bit for bit.
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <immintrin.h>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace {
+
+// ------------------------------------------------------------------------------------------------ threads
+class ThreadPool {
+ public:
+  ~ThreadPool() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+      ++generation_;
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+  // Runs f(0..n-1), f(0) on the calling thread.
+  void run(int n, const std::function<void(int)>& f) {
+    if (n <= 1) {
+      f(0);
+      return;
+    }
+    ensure(n - 1);
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      task_ = &f;
+      active_ = n;
+      pending_ = n - 1;
+      ++generation_;
+    }
+    cv_.notify_all();
+    f(0);
+    std::unique_lock<std::mutex> lk(mu_);
+    done_cv_.wait(lk, [&] { return pending_ == 0; });
+    task_ = nullptr;
+  }
+
+ private:
+  void ensure(int count) {
+    while ((int)workers_.size() < count) {
+      int id = (int)workers_.size() + 1;
+      workers_.emplace_back([this, id] { loop(id); });
+    }
+  }
+  void loop(int id) {
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(int)>* task;
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [&] { return generation_ != seen; });
+        seen = generation_;
+        if (stop_) return;
+        if (id >= active_) continue;
+        task = task_;
+      }
+      (*task)(id);
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        if (--pending_ == 0) done_cv_.notify_one();
+      }
+    }
+  }
+  std::vector<std::thread> workers_;
+  std::mutex mu_;
+  std::condition_variable cv_, done_cv_;
+  const std::function<void(int)>* task_ = nullptr;
+  uint64_t generation_ = 0;
+  int active_ = 0, pending_ = 0;
+  bool stop_ = false;
+};
+
+ThreadPool& pool() {
+  static ThreadPool p;
+  return p;
+}
+
+// Split [0, total) into n nearly equal contiguous ranges.
+inline void split(int64_t total, int n, int i, int64_t* lo, int64_t* hi) {
+  int64_t base = total / n, rem = total % n;
+  *lo = i * base + std::min<int64_t>(i, rem);
+  *hi = *lo + base + (i < rem ? 1 : 0);
+}
+
+// ------------------------------------------------------------------------------------------------ features
+bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+bool has_avx512vnni() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
+enum Isa { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512VNNI = 2 };
+
+struct GemmArgs {
+  const uint8_t* a;      // (M, lda) u8, K padded to Kp (multiple of 4) with any value (weights are 0 there)
+  int64_t lda;
+  const int8_t* w;       // packed (NB, Kp/4, 16, 4)
+  const int32_t* colsum; // (NB*16,) sum_k w[n,k]
+  int32_t offset;
+  const float* row_scale;  // (M,) or null (then 1 value: row_scale0)
+  float row_scale0;
+  const float* col_scale;  // (NB*16,) padded
+  const float* bias;       // (N,) or null
+  float* y;                // (M, ldy) float, or null
+  int32_t* acc_out;        // (M, ldy) int32, or null
+  int64_t ldy;
+  int64_t M, N, Kp;
+};
+
+// Write one 16-column block of results for one row: lanes [n0, n0 + valid).
+inline void epilogue_scalar(const GemmArgs& g, int64_t m, int64_t n0, const int32_t* s16, int valid) {
+  for (int j = 0; j < valid; ++j) {
+    int64_t n = n0 + j;
+    int32_t acc = (int32_t)((uint32_t)s16[j] - (uint32_t)g.offset * (uint32_t)g.colsum[n]);
+    if (g.acc_out) {
+      g.acc_out[m * g.ldy + n] = acc;
+    } else {
+      float rs = g.row_scale ? g.row_scale[m] : g.row_scale0;
+      volatile float cs = rs * g.col_scale[n];  // volatile: keep mul and add separate (no FMA)
+      float v = (float)acc * cs;
+      if (g.bias) v = v + g.bias[n];
+      g.y[m * g.ldy + n] = v;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ scalar
+void gemm_scalar(const GemmArgs& g, int64_t nb_lo, int64_t nb_hi) {
+  int64_t K4 = g.Kp / 4;
+  for (int64_t m = 0; m < g.M; ++m) {
+    const uint8_t* a = g.a + m * g.lda;
+    for (int64_t nb = nb_lo; nb < nb_hi; ++nb) {
+      const int8_t* w = g.w + nb * K4 * 64;
+      int32_t s[16] = {0};
+      for (int64_t k4 = 0; k4 < K4; ++k4)
+        for (int j = 0; j < 16; ++j)
+          for (int t = 0; t < 4; ++t)
+            s[j] = (int32_t)((uint32_t)s[j] + (uint32_t)((int32_t)a[k4 * 4 + t] * (int32_t)w[k4 * 64 + j * 4 + t]));
+      int valid = (int)std::min<int64_t>(16, g.N - nb * 16);
+      epilogue_scalar(g, m, nb * 16, s, valid);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ AVX-512 VNNI
+#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,fma")))
+
+VNNI_TARGET inline void epilogue_vnni(const GemmArgs& g, int64_t m, int64_t n0, __m512i s, int valid) {
+  __m512i cs = _mm512_loadu_si512((const void*)(g.colsum + n0));
+  __m512i acc = _mm512_sub_epi32(s, _mm512_mullo_epi32(_mm512_set1_epi32(g.offset), cs));
+  __mmask16 mask = valid >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1);
+  if (g.acc_out) {
+    _mm512_mask_storeu_epi32(g.acc_out + m * g.ldy + n0, mask, acc);
+    return;
+  }
+  float rs = g.row_scale ? g.row_scale[m] : g.row_scale0;
+  __m512 scale = _mm512_mul_ps(_mm512_set1_ps(rs), _mm512_loadu_ps(g.col_scale + n0));
+  __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), scale);
+  if (g.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, g.bias + n0));
+  _mm512_mask_storeu_ps(g.y + m * g.ldy + n0, mask, v);
+}
+
+// MR rows x NBLK blocks of 16 columns, full K.
+template <int MR, int NBLK>
+VNNI_TARGET void tile_vnni(const GemmArgs& g, int64_t m0, int64_t nb0) {
+  const int64_t K4 = g.Kp / 4;
+  __m512i acc[MR][NBLK];
+  for (int r = 0; r < MR; ++r)
+    for (int b = 0; b < NBLK; ++b) acc[r][b] = _mm512_setzero_si512();
+  const int8_t* w = g.w + nb0 * K4 * 64;
+  const uint8_t* a = g.a + m0 * g.lda;
+  for (int64_t k4 = 0; k4 < K4; ++k4) {
+    __m512i wv[NBLK];
+    for (int b = 0; b < NBLK; ++b) wv[b] = _mm512_loadu_si512((const void*)(w + (b * K4 + k4) * 64));
+    for (int r = 0; r < MR; ++r) {
+      int32_t a4;
+      std::memcpy(&a4, a + r * g.lda + k4 * 4, 4);
+      __m512i av = _mm512_set1_epi32(a4);
+      for (int b = 0; b < NBLK; ++b) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], av, wv[b]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int b = 0; b < NBLK; ++b) {
+      int64_t n0 = (nb0 + b) * 16;
+      epilogue_vnni(g, m0 + r, n0, acc[r][b], (int)std::min<int64_t>(16, g.N - n0));
+    }
+}
+
+template <int NBLK>
+VNNI_TARGET void rows_vnni(const GemmArgs& g, int64_t m0, int64_t mr, int64_t nb) {
+  switch (mr) {
+    case 1: tile_vnni<1, NBLK>(g, m0, nb); break;
+    case 2: tile_vnni<2, NBLK>(g, m0, nb); break;
+    case 3: tile_vnni<3, NBLK>(g, m0, nb); break;
+    case 4: tile_vnni<4, NBLK>(g, m0, nb); break;
+    case 5: tile_vnni<5, NBLK>(g, m0, nb); break;
+    default: tile_vnni<6, NBLK>(g, m0, nb); break;
+  }
+}
+
+VNNI_TARGET void gemm_vnni(const GemmArgs& g, int64_t nb_lo, int64_t nb_hi) {
+  constexpr int64_t MR = 6;
+  // Rows in L2-sized blocks: the A block (mc x Kp bytes) stays in L2 while weight panels stream by.
+  int64_t mc = std::max<int64_t>(MR, ((256 * 1024) / std::max<int64_t>(g.Kp, 1)) / MR * MR);
+  if (g.M <= 4) {
+    // Decode / GEMV: 4 blocks (64 columns) per tile for more independent accumulator chains.
+    int64_t nb = nb_lo;
+    for (; nb + 4 <= nb_hi; nb += 4) {
+      switch (g.M) {
+        case 1: tile_vnni<1, 4>(g, 0, nb); break;
+        case 2: tile_vnni<2, 4>(g, 0, nb); break;
+        case 3: tile_vnni<3, 4>(g, 0, nb); break;
+        default: tile_vnni<4, 4>(g, 0, nb); break;
+      }
+    }
+    for (; nb < nb_hi; ++nb) rows_vnni<1>(g, 0, g.M, nb);
+    return;
+  }
+  for (int64_t mb = 0; mb < g.M; mb += mc) {
+    int64_t me = std::min(g.M, mb + mc);
+    int64_t nb = nb_lo;
+    for (; nb + 2 <= nb_hi; nb += 2)
+      for (int64_t m = mb; m < me; m += MR) rows_vnni<2>(g, m, std::min(MR, me - m), nb);
+    for (; nb < nb_hi; ++nb)
+      for (int64_t m = mb; m < me; m += MR) rows_vnni<1>(g, m, std::min(MR, me - m), nb);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ AVX2
+#define AVX2_TARGET __attribute__((target("avx2,fma")))
+
+// acc holds, for one 16-column block, 4 ymm of pair sums: ymm q covers columns 4q..4q+3, two lanes each.
+AVX2_TARGET inline void finish_block_avx2(const GemmArgs& g, int64_t m, int64_t n0, const __m256i* acc, int valid) {
+  const __m256i perm = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+  alignas(32) int32_t s[16];
+  __m256i lo = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(acc[0], acc[1]), perm);  // columns 0..7
+  __m256i hi = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(acc[2], acc[3]), perm);  // columns 8..15
+  _mm256_store_si256((__m256i*)s, lo);
+  _mm256_store_si256((__m256i*)(s + 8), hi);
+  if (valid == 16 && !g.acc_out) {
+    float rs = g.row_scale ? g.row_scale[m] : g.row_scale0;
+    for (int h = 0; h < 2; ++h) {
+      __m256i sv = _mm256_load_si256((const __m256i*)(s + 8 * h));
+      __m256i cs = _mm256_loadu_si256((const __m256i*)(g.colsum + n0 + 8 * h));
+      __m256i a = _mm256_sub_epi32(sv, _mm256_mullo_epi32(_mm256_set1_epi32(g.offset), cs));
+      __m256 scale = _mm256_mul_ps(_mm256_set1_ps(rs), _mm256_loadu_ps(g.col_scale + n0 + 8 * h));
+      __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(a), scale);
+      if (g.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(g.bias + n0 + 8 * h));
+      _mm256_storeu_ps(g.y + m * g.ldy + n0 + 8 * h, v);
+    }
+    return;
+  }
+  epilogue_scalar(g, m, n0, s, valid);
+}
+
+template <int MR>
+AVX2_TARGET void tile_avx2(const GemmArgs& g, int64_t m0, int64_t nb) {
+  const int64_t K4 = g.Kp / 4;
+  __m256i acc[MR][4];
+  for (int r = 0; r < MR; ++r)
+    for (int q = 0; q < 4; ++q) acc[r][q] = _mm256_setzero_si256();
+  const int8_t* w = g.w + nb * K4 * 64;
+  const uint8_t* a = g.a + m0 * g.lda;
+  for (int64_t k4 = 0; k4 < K4; ++k4) {
+    __m256i av[MR];
+    for (int r = 0; r < MR; ++r) {
+      int32_t a4;
+      std::memcpy(&a4, a + r * g.lda + k4 * 4, 4);
+      // 4 u8 -> 4 int16 (zero-extended), repeated: [a0 a1 a2 a3] x 4
+      __m128i a16 = _mm_cvtepu8_epi16(_mm_cvtsi32_si128(a4));
+      av[r] = _mm256_broadcastq_epi64(a16);
+    }
+    for (int q = 0; q < 4; ++q) {
+      // 16 s8 (columns 4q..4q+3 x k0..k3) sign-extended to int16; vpmaddwd: exact int32 pair sums
+      __m256i w16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w + k4 * 64 + q * 16)));
+      for (int r = 0; r < MR; ++r) acc[r][q] = _mm256_add_epi32(acc[r][q], _mm256_madd_epi16(w16, av[r]));
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    finish_block_avx2(g, m0 + r, nb * 16, acc[r], (int)std::min<int64_t>(16, g.N - nb * 16));
+}
+
+AVX2_TARGET void gemm_avx2(const GemmArgs& g, int64_t nb_lo, int64_t nb_hi) {
+  constexpr int64_t MR = 2;
+  int64_t mc = std::max<int64_t>(MR, ((256 * 1024) / std::max<int64_t>(g.Kp, 1)) / MR * MR);
+  for (int64_t mb = 0; mb < g.M; mb += mc) {
+    int64_t me = std::min(g.M, mb + mc);
+    for (int64_t nb = nb_lo; nb < nb_hi; ++nb)
+      for (int64_t m = mb; m < me; m += MR) {
+        if (me - m >= 2) tile_avx2<2>(g, m, nb);
+        else tile_avx2<1>(g, m, nb);
+      }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ dispatch
+int best_isa() {
+  static int isa = has_avx512vnni() ? ISA_AVX512VNNI : (has_avx2() ? ISA_AVX2 : ISA_SCALAR);
+  return isa;
+}
+
+int check_isa(int isa) {
+  if (isa < 0) return best_isa();
+  if (isa == ISA_AVX512VNNI && !has_avx512vnni()) throw std::invalid_argument("this CPU lacks AVX-512 VNNI");
+  if (isa == ISA_AVX2 && !has_avx2()) throw std::invalid_argument("this CPU lacks AVX2");
+  return isa;
+}
+
+int threads_for(int64_t macs, int64_t blocks, int nthreads) {
+  // Below ~1M multiply-adds a thread hand-off costs more than it saves.
+  int t = macs < (1 << 20) ? 1 : nthreads;
+  return (int)std::max<int64_t>(1, std::min<int64_t>(t, blocks));
+}
+
+void gemm(const GemmArgs& g, int isa, int nthreads) {
+  int64_t NB = (g.N + 15) / 16;
+  int t = threads_for(g.M * g.N * g.Kp, NB, nthreads);
+  // the 64-column GEMV tile wants block ranges in multiples of 4 per thread
+  int64_t unit = (isa == ISA_AVX512VNNI && g.M <= 4) ? 4 : (isa == ISA_AVX512VNNI ? 2 : 1);
+  int64_t units = (NB + unit - 1) / unit;
+  t = (int)std::max<int64_t>(1, std::min<int64_t>(t, units));
+  py::gil_scoped_release nogil;
+  pool().run(t, [&](int i) {
+    int64_t lo, hi;
+    split(units, t, i, &lo, &hi);
+    lo *= unit;
+    hi = std::min(NB, hi * unit);
+    if (lo >= hi) return;
+    if (isa == ISA_AVX512VNNI) gemm_vnni(g, lo, hi);
+    else if (isa == ISA_AVX2) gemm_avx2(g, lo, hi);
+    else gemm_scalar(g, lo, hi);
+  });
+}
+
+// ------------------------------------------------------------------------------------------------ quantize
+// Dynamic per-row symmetric int8, stored as u8 = q + 128. The rule of octoquant.qparams.symmetric_scale:
+// scale = absmax / 127 (float32 division), floored at FLT_MIN, and 1.0 for an all-zero row;
+// q = clamp(round_half_even(x / scale), -128, 127).
+float row_scale_from_absmax(float absmax) {
+  if (absmax == 0.0f) return 1.0f;
+  float s = absmax / 127.0f;
+  return s < 1.17549435e-38f ? 1.17549435e-38f : s;
+}
+
+inline uint8_t q_u8(float x, float scale, int32_t zp, int32_t qmin, int32_t qmax, int32_t shift) {
+  float r = std::nearbyint(x / scale);  // default rounding mode: to nearest, ties to even
+  float lo = (float)(qmin - zp), hi = (float)(qmax - zp);
+  r = r < lo ? lo : (r > hi ? hi : r);
+  return (uint8_t)((int32_t)r + zp + shift);
+}
+
+VNNI_TARGET void quantize_row_dynamic_avx512(const float* x, int64_t K, uint8_t* out, float* scale_out) {
+  __m512 mx = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  float absmax = _mm512_reduce_max_ps(mx);
+  for (; k < K; ++k) absmax = std::max(absmax, std::fabs(x[k]));
+  float s = row_scale_from_absmax(absmax);
+  *scale_out = s;
+  __m512 sv = _mm512_set1_ps(s);
+  __m512 lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
+  __m512i off = _mm512_set1_epi32(128);
+  k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 r = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + k), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
+    __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(r), off);
+    _mm_storeu_si128((__m128i*)(out + k), _mm512_cvtepi32_epi8(q));
+  }
+  for (; k < K; ++k) out[k] = q_u8(x[k], s, 0, -128, 127, 128);
+}
+
+AVX2_TARGET void quantize_row_dynamic_avx2(const float* x, int64_t K, uint8_t* out, float* scale_out) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 mx = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(x + k), absmask));
+  alignas(32) float tmp[8];
+  _mm256_store_ps(tmp, mx);
+  float absmax = 0.0f;
+  for (int i = 0; i < 8; ++i) absmax = std::max(absmax, tmp[i]);
+  for (; k < K; ++k) absmax = std::max(absmax, std::fabs(x[k]));
+  float s = row_scale_from_absmax(absmax);
+  *scale_out = s;
+  __m256 sv = _mm256_set1_ps(s), lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f);
+  __m256i off = _mm256_set1_epi32(128);
+  k = 0;
+  alignas(32) int32_t qi[8];
+  for (; k + 8 <= K; k += 8) {
+    __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + k), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm256_min_ps(_mm256_max_ps(r, lo), hi);
+    _mm256_store_si256((__m256i*)qi, _mm256_add_epi32(_mm256_cvtps_epi32(r), off));
+    for (int i = 0; i < 8; ++i) out[k + i] = (uint8_t)qi[i];
+  }
+  for (; k < K; ++k) out[k] = q_u8(x[k], s, 0, -128, 127, 128);
+}
+
+void quantize_row_dynamic_scalar(const float* x, int64_t K, uint8_t* out, float* scale_out) {
+  float absmax = 0.0f;
+  for (int64_t k = 0; k < K; ++k) absmax = std::max(absmax, std::fabs(x[k]));
+  float s = row_scale_from_absmax(absmax);
+  *scale_out = s;
+  for (int64_t k = 0; k < K; ++k) out[k] = q_u8(x[k], s, 0, -128, 127, 128);
+}
+
+// ------------------------------------------------------------------------------------------------ W8A16
+// Weight-only: float activations x (M, K) times int8 weights packed [NB][K][16], per-group scales
+// packed [NB][G][16]: y[m,n] = sum_g scale[n,g] * sum_{k in g} x[m,k] * w[n,k]  (+ bias[n]).
+template <int MR>
+VNNI_TARGET void wo_tile_avx512(const float* x, int64_t ldx, const int8_t* w, const float* sc, const float* bias,
+                                float* y, int64_t ldy, int64_t K, int64_t gs, int64_t n0, int64_t N) {
+  __m512 out[MR];
+  for (int r = 0; r < MR; ++r) out[r] = _mm512_setzero_ps();
+  int64_t G = K / gs;
+  for (int64_t gi = 0; gi < G; ++gi) {
+    __m512 part[MR];
+    for (int r = 0; r < MR; ++r) part[r] = _mm512_setzero_ps();
+    for (int64_t k = gi * gs; k < (gi + 1) * gs; ++k) {
+      __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + k * 16))));
+      for (int r = 0; r < MR; ++r) part[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k]), wv, part[r]);
+    }
+    __m512 s = _mm512_loadu_ps(sc + gi * 16);
+    for (int r = 0; r < MR; ++r) out[r] = _mm512_fmadd_ps(part[r], s, out[r]);
+  }
+  int valid = (int)std::min<int64_t>(16, N - n0);
+  __mmask16 mask = valid >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1);
+  __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
+  for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(y + r * ldy + n0, mask, _mm512_add_ps(out[r], b));
+}
+
+template <int MR>
+AVX2_TARGET void wo_tile_avx2(const float* x, int64_t ldx, const int8_t* w, const float* sc, const float* bias,
+                              float* y, int64_t ldy, int64_t K, int64_t gs, int64_t n0, int64_t N) {
+  __m256 out[MR][2];
+  for (int r = 0; r < MR; ++r) out[r][0] = out[r][1] = _mm256_setzero_ps();
+  int64_t G = K / gs;
+  for (int64_t gi = 0; gi < G; ++gi) {
+    __m256 part[MR][2];
+    for (int r = 0; r < MR; ++r) part[r][0] = part[r][1] = _mm256_setzero_ps();
+    for (int64_t k = gi * gs; k < (gi + 1) * gs; ++k) {
+      __m128i w16 = _mm_loadu_si128((const __m128i*)(w + k * 16));
+      __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(w16));
+      __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(w16, 8)));
+      for (int r = 0; r < MR; ++r) {
+        __m256 xv = _mm256_set1_ps(x[r * ldx + k]);
+        part[r][0] = _mm256_fmadd_ps(xv, w0, part[r][0]);
+        part[r][1] = _mm256_fmadd_ps(xv, w1, part[r][1]);
+      }
+    }
+    __m256 s0 = _mm256_loadu_ps(sc + gi * 16), s1 = _mm256_loadu_ps(sc + gi * 16 + 8);
+    for (int r = 0; r < MR; ++r) {
+      out[r][0] = _mm256_fmadd_ps(part[r][0], s0, out[r][0]);
+      out[r][1] = _mm256_fmadd_ps(part[r][1], s1, out[r][1]);
+    }
+  }
+  alignas(32) float tmp[16];
+  for (int r = 0; r < MR; ++r) {
+    _mm256_store_ps(tmp, out[r][0]);
+    _mm256_store_ps(tmp + 8, out[r][1]);
+    for (int j = 0; j < 16 && n0 + j < N; ++j) y[r * ldy + n0 + j] = tmp[j] + (bias ? bias[n0 + j] : 0.0f);
+  }
+}
+
+void wo_block_scalar(const float* x, int64_t ldx, int64_t mr, const int8_t* w, const float* sc, const float* bias,
+                     float* y, int64_t ldy, int64_t K, int64_t gs, int64_t n0, int64_t N) {
+  for (int64_t r = 0; r < mr; ++r)
+    for (int j = 0; j < 16 && n0 + j < N; ++j) {
+      float o = 0.0f;
+      for (int64_t gi = 0; gi < K / gs; ++gi) {
+        float p = 0.0f;
+        for (int64_t k = gi * gs; k < (gi + 1) * gs; ++k) p += x[r * ldx + k] * (float)w[k * 16 + j];
+        o += p * sc[gi * 16 + j];
+      }
+      y[r * ldy + n0 + j] = o + (bias ? bias[n0 + j] : 0.0f);
+    }
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------ bindings
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "octoquant CPU int8 kernels (raw-pointer interface; see octoquant/kernels/cpu.py)";
+
+  m.def("cpu_features", [] {
+    py::dict d;
+    d["avx2"] = has_avx2();
+    d["avx512vnni"] = has_avx512vnni();
+    return d;
+  });
+  m.def("best_isa", &best_isa);
+
+  m.def("pack_weight_u8s8", [](uintptr_t w_ptr, int64_t N, int64_t K, uintptr_t out_ptr, int64_t Kp) {
+    // w (N, K) s8 row-major -> (NB, Kp/4, 16, 4); padding (n >= N or k >= K) is 0.
+    const int8_t* w = (const int8_t*)w_ptr;
+    int8_t* out = (int8_t*)out_ptr;
+    int64_t NB = (N + 15) / 16, K4 = Kp / 4;
+    std::memset(out, 0, (size_t)(NB * K4 * 64));
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) out[((n / 16) * K4 + k / 4) * 64 + (n % 16) * 4 + (k % 4)] = w[n * K + k];
+  });
+
+  m.def("pack_weight_wo", [](uintptr_t w_ptr, int64_t N, int64_t K, uintptr_t out_ptr) {
+    // w (N, K) s8 -> (NB, K, 16); padding columns 0.
+    const int8_t* w = (const int8_t*)w_ptr;
+    int8_t* out = (int8_t*)out_ptr;
+    int64_t NB = (N + 15) / 16;
+    std::memset(out, 0, (size_t)(NB * K * 16));
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) out[((n / 16) * K + k) * 16 + (n % 16)] = w[n * K + k];
+  });
+
+  m.def(
+      "gemm_u8s8",
+      [](uintptr_t a, int64_t lda, uintptr_t w, uintptr_t colsum, int32_t offset, uintptr_t row_scale, float row_scale0,
+         uintptr_t col_scale, uintptr_t bias, uintptr_t y, uintptr_t acc_out, int64_t ldy, int64_t M, int64_t N,
+         int64_t Kp, int isa, int nthreads) {
+        GemmArgs g{(const uint8_t*)a, lda, (const int8_t*)w, (const int32_t*)colsum, offset,
+                   (const float*)row_scale, row_scale0, (const float*)col_scale, (const float*)bias,
+                   (float*)y, (int32_t*)acc_out, ldy, M, N, Kp};
+        gemm(g, check_isa(isa), nthreads);
+      });
+
+  m.def("quantize_rows_dynamic", [](uintptr_t x, int64_t ldx, int64_t M, int64_t K, uintptr_t out, int64_t ldo,
+                                    uintptr_t scales, int isa) {
+    isa = check_isa(isa);
+    py::gil_scoped_release nogil;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = (const float*)x + m * ldx;
+      uint8_t* o = (uint8_t*)out + m * ldo;
+      float* s = (float*)scales + m;
+      if (isa == ISA_AVX512VNNI) quantize_row_dynamic_avx512(xr, K, o, s);
+      else if (isa == ISA_AVX2) quantize_row_dynamic_avx2(xr, K, o, s);
+      else quantize_row_dynamic_scalar(xr, K, o, s);
+    }
+  });
+
+  m.def("quantize_static", [](uintptr_t x, int64_t n, float scale, int32_t zp, int32_t qmin, int32_t qmax,
+                              int32_t shift, uintptr_t out) {
+    // u8 out = clamp(round_half_even(x / scale) + zp, qmin, qmax) + shift   (shift 128 stores int8 as u8)
+    py::gil_scoped_release nogil;
+    const float* xf = (const float*)x;
+    uint8_t* o = (uint8_t*)out;
+    for (int64_t i = 0; i < n; ++i) o[i] = q_u8(xf[i], scale, zp, qmin, qmax, shift);
+  });
+
+  m.def("linear_wo", [](uintptr_t x, int64_t ldx, int64_t M, int64_t K, uintptr_t w, uintptr_t scales,
+                        int64_t group_size, uintptr_t bias, uintptr_t y, int64_t ldy, int64_t N, int isa,
+                        int nthreads) {
+    isa = check_isa(isa);
+    int64_t NB = (N + 15) / 16, G = K / group_size;
+    int t = threads_for(M * N * K, NB, nthreads);
+    py::gil_scoped_release nogil;
+    pool().run(t, [&](int i) {
+      int64_t lo, hi;
+      split(NB, t, i, &lo, &hi);
+      for (int64_t nb = lo; nb < hi; ++nb) {
+        const int8_t* wb = (const int8_t*)w + nb * K * 16;
+        const float* sb = (const float*)scales + nb * G * 16;
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+          int64_t mr = std::min<int64_t>(4, M - m0);
+          const float* xr = (const float*)x + m0 * ldx;
+          float* yr = (float*)y + m0 * ldy;
+          const float* b = (const float*)bias;
+          if (isa == ISA_AVX512VNNI) {
+            switch (mr) {
+              case 1: wo_tile_avx512<1>(xr, ldx, wb, sb, b, yr, ldy, K, group_size, nb * 16, N); break;
+              case 2: wo_tile_avx512<2>(xr, ldx, wb, sb, b, yr, ldy, K, group_size, nb * 16, N); break;
+              case 3: wo_tile_avx512<3>(xr, ldx, wb, sb, b, yr, ldy, K, group_size, nb * 16, N); break;
+              default: wo_tile_avx512<4>(xr, ldx, wb, sb, b, yr, ldy, K, group_size, nb * 16, N); break;
+            }
+          } else if (isa == ISA_AVX2) {
+            switch (mr) {
+              case 1: wo_tile_avx2<1>(xr, ldx, wb, sb, b, yr, ldy, K, group_size, nb * 16, N); break;
+              case 2: wo_tile_avx2<2>(xr, ldx, wb, sb, b, yr, ldy, K, group_size, nb * 16, N); break;
+              case 3: wo_tile_avx2<3>(xr, ldx, wb, sb, b, yr, ldy, K, group_size, nb * 16, N); break;
+              default: wo_tile_avx2<4>(xr, ldx, wb, sb, b, yr, ldy, K, group_size, nb * 16, N); break;
+            }
+          } else {
+            wo_block_scalar(xr, ldx, mr, wb, sb, b, yr, ldy, K, group_size, nb * 16, N);
+          }
+        }
+      }
+    });
+  });
+}

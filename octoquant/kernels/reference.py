@@ -1,0 +1,114 @@
+"""The reference backend: pure torch, exact, the spec every fast backend is tested against.
+
+Integer products are summed in float64, exact for |sum| < 2**53 (far beyond the int32 bound we accept).
+Rescale rule, the same in every backend: y = float32(acc) * (row_scale * col_scale) + bias.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..config import PerGroup, PerTensor, PerToken, QDtype
+from ..functional import dequantize, quantize, quantize_dynamic
+
+# int32 accumulation is exact while K * 128 * 128 < 2**31.
+MAX_K = (2**31 - 1) // (128 * 128)
+
+
+def check_k(k: int) -> None:
+    if k > MAX_K:
+        raise ValueError(
+            f"K = {k} exceeds {MAX_K}: int8 x int8 sums could overflow int32 (K * 128 * 128 >= 2**31); "
+            "split the reduction dimension"
+        )
+
+
+def check_int8_operands(a: torch.Tensor, b: torch.Tensor) -> None:
+    for name, t in (("a", a), ("b", b)):
+        if t.dtype != torch.int8:
+            raise ValueError(f"int8_mm: {name} must be int8, got {t.dtype}")
+        if t.dim() != 2:
+            raise ValueError(f"int8_mm: {name} must be 2-D, got shape {tuple(t.shape)}")
+        if t.device.type != "cpu":
+            raise ValueError(f"int8_mm: {name} is on {t.device}; this backend runs on cpu")
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"int8_mm: shapes {tuple(a.shape)} and {tuple(b.shape)} do not chain (K mismatch)")
+    check_k(a.shape[1])
+
+
+def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(M, K) int8 @ (K, N) int8 -> (M, N) int32, exact."""
+    check_int8_operands(a, b)
+    return torch.mm(a.to(torch.float64), b.to(torch.float64)).to(torch.int32)
+
+
+def int_mm_offset(a: torch.Tensor, zero_point: int, w: torch.Tensor) -> torch.Tensor:
+    """(a - zero_point) @ w.T for integer a (M, K), int8 w (N, K) -> int32, exact."""
+    check_k(a.shape[1])
+    return torch.mm(a.to(torch.float64) - zero_point, w.to(torch.float64).T).to(torch.int32)
+
+
+def rescale(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """float32(acc) * (row_scale[:, None] * col_scale[None, :]) + bias."""
+    rs = row_scale.reshape(-1, 1) if row_scale.dim() else row_scale
+    y = acc.to(torch.float32) * (rs * col_scale.reshape(1, -1))
+    return y + bias if bias is not None else y
+
+
+@dataclass(frozen=True)
+class PackedW8A8:
+    """Weights for an int8 x int8 linear, in the reference layout: (N, K) int8 as given."""
+
+    weight: torch.Tensor  # (N, K) int8
+    scale: torch.Tensor  # (N,) float32
+    bias: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class PackedW8A16:
+    weight: torch.Tensor  # (N, K) int8
+    scale: torch.Tensor  # (N, G) float32, G = K // group_size
+    group_size: int
+    bias: torch.Tensor | None
+
+
+class ReferenceBackend:
+    name = "reference"
+    isa = "torch"
+
+    def int8_mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return int8_mm(a, b)
+
+    def quantize_per_token(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, K) float -> (M, K) int8, (M,) float32 scales: symmetric absmax per row."""
+        q, scale, _ = quantize_dynamic(x, PerToken(), QDtype.INT8, symmetric=True)
+        return q, scale
+
+    def pack_w8a8(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> PackedW8A8:
+        check_k(weight.shape[1])
+        return PackedW8A8(weight, scale.to(torch.float32), None if bias is None else bias.to(torch.float32))
+
+    def pack_w8a16(self, weight, scale, group_size, bias) -> PackedW8A16:
+        return PackedW8A16(weight, scale.to(torch.float32).reshape(weight.shape[0], -1), group_size,
+                           None if bias is None else bias.to(torch.float32))
+
+    def linear_dynamic(self, x: torch.Tensor, packed: PackedW8A8) -> torch.Tensor:
+        """Per-token int8 activations x per-channel int8 weights -> float32 (M, N)."""
+        q, row_scale = self.quantize_per_token(x)
+        acc = int_mm_offset(q, 0, packed.weight)  # (M, N) int32
+        return rescale(acc, row_scale, packed.scale, packed.bias)
+
+    def linear_static(self, x: torch.Tensor, packed: PackedW8A8, in_scale: float, in_zero_point: int,
+                      in_dtype: QDtype) -> torch.Tensor:
+        """Per-tensor calibrated activations (scale, zero-point, int8 or uint8) x int8 weights."""
+        s = torch.tensor(in_scale, dtype=torch.float32)
+        q = quantize(x, s, in_zero_point, PerTensor(), in_dtype)
+        acc = int_mm_offset(q, in_zero_point, packed.weight)
+        return rescale(acc, s, packed.scale, packed.bias)
+
+    def linear_weight_only(self, x: torch.Tensor, packed: PackedW8A16) -> torch.Tensor:
+        w = dequantize(packed.weight, packed.scale, 0, PerGroup(packed.group_size))
+        return F.linear(x.to(torch.float32), w, packed.bias)
