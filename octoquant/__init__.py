@@ -1,8 +1,8 @@
 """octoquant: INT8 post-training quantization for PyTorch.
 
-    import octoquant as oq
-    scale, zp = oq.choose_qparams(x.min(), x.max())
-    x_hat = oq.fake_quantize(x, scale, zp)
+import octoquant as oq
+scale, zp = oq.choose_qparams(x.min(), x.max())
+x_hat = oq.fake_quantize(x, scale, zp)
 """
 
 from .config import Granularity, PerChannel, PerGroup, PerTensor, PerToken, QDtype, QScheme

@@ -15,6 +15,7 @@ __all__ = [
     "PerGroup",
     "Granularity",
     "QScheme",
+    "QuantMode",
 ]
 
 
@@ -105,3 +106,20 @@ class QScheme:
 
     def replace(self, **changes) -> QScheme:
         return replace(self, **changes)
+
+
+class QuantMode(enum.Enum):
+    """How a quantized layer computes."""
+
+    W8A8_STATIC = "w8a8_static"  # int8 weights (per channel), activations with calibrated per-tensor qparams
+    W8A8_DYNAMIC = "w8a8_dynamic"  # int8 weights, activations quantized per token at run time
+    W8A16 = "w8a16"  # int8 weights (per channel or per group), float activations
+
+    @classmethod
+    def parse(cls, value: QuantMode | str) -> QuantMode:
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"unknown quant mode {value!r}; valid: {', '.join(m.value for m in cls)}") from None

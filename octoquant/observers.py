@@ -306,7 +306,9 @@ class EntropyObserver(_HistogramObserver):
 
     def __init__(self, scheme: QScheme = QScheme(), name: str = "tensor", bins: int | None = None) -> None:
         if not isinstance(scheme.granularity, PerTensor):
-            raise ValueError("EntropyObserver supports PerTensor only; per-channel calibrators: minmax, percentile, mse")
+            raise ValueError(
+                "EntropyObserver supports PerTensor only; per-channel calibrators: minmax, percentile, mse"
+            )
         super().__init__(scheme, name, bins)
 
     def _range(self) -> tuple[torch.Tensor, torch.Tensor]:

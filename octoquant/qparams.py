@@ -60,9 +60,7 @@ def choose_qparams(
         raise ValueError("choose_qparams: clip range contains NaN or Inf")
     if (lo > hi).any():
         bad = torch.nonzero(lo > hi)[0].tolist()
-        raise ValueError(
-            f"choose_qparams: min > max at index {bad}: {lo[tuple(bad)].item()} > {hi[tuple(bad)].item()}"
-        )
+        raise ValueError(f"choose_qparams: min > max at index {bad}: {lo[tuple(bad)].item()} > {hi[tuple(bad)].item()}")
     qmin, qmax = qdtype.qrange(narrow_range)
     lo = lo.clamp_max(0.0)
     hi = hi.clamp_min(0.0)

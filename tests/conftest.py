@@ -16,4 +16,5 @@ def _seed():
 
 
 def pytest_report_header(config):
-    return f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu {torch.backends.cpu.get_cpu_capability()}, load {os.getloadavg()[0]:.2f}"
+    cpu = torch.backends.cpu.get_cpu_capability()
+    return f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu {cpu}, load {os.getloadavg()[0]:.2f}"

@@ -39,7 +39,9 @@ def _expand(p, x, g):
 @pytest.mark.parametrize("dtype", [QDtype.INT8, QDtype.UINT8], ids=lambda d: d.value)
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @settings(max_examples=40, deadline=None)
-@given(data=hnp.arrays(np.float32, st.tuples(st.integers(1, 5), st.integers(1, 3).map(lambda n: 4 * n)), elements=finite))
+@given(
+    data=hnp.arrays(np.float32, st.tuples(st.integers(1, 5), st.integers(1, 3).map(lambda n: 4 * n)), elements=finite)
+)
 def test_roundtrip_error_within_half_scale(granularity, dtype, symmetric, data):
     x = torch.from_numpy(data)
     scale, zp = _qparams(x, granularity, dtype, symmetric)

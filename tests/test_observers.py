@@ -125,7 +125,7 @@ def test_order_and_batch_size_independent(kind, scheme):
         b_obs.update(b)
     ra, rb = a.compute_range(), b_obs.compute_range()
     assert torch.equal(ra[0], rb[0]) and torch.equal(ra[1], rb[1])
-    assert all(torch.equal(p, q) for p, q in zip(a.qparams(), b_obs.qparams()))
+    assert all(torch.equal(p, q) for p, q in zip(a.qparams(), b_obs.qparams(), strict=True))
 
 
 @pytest.mark.parametrize("kind", list(OBSERVERS))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from octoquant import QDtype, choose_qparams, dequantize, quantize
+from octoquant import PerChannel, QDtype, choose_qparams, dequantize, quantize
 
 
 @pytest.mark.parametrize("dtype", [QDtype.INT8, QDtype.UINT8], ids=lambda d: d.value)
@@ -14,9 +14,9 @@ def test_zero_exactly_representable_and_zp_in_range(dtype, symmetric, narrow):
     qmin, qmax = dtype.qrange(narrow)
     assert zp.dtype == torch.int32 and (zp >= qmin).all() and (zp <= qmax).all()
     assert (scale > 0).all() and torch.isfinite(scale).all()
-    q = quantize(torch.zeros(5), scale, zp, dtype=dtype, narrow_range=narrow, granularity=__import__("octoquant").PerChannel(0))
+    q = quantize(torch.zeros(5), scale, zp, dtype=dtype, narrow_range=narrow, granularity=PerChannel(0))
     assert torch.equal(q.to(torch.int32), zp)
-    assert torch.equal(dequantize(q, scale, zp, __import__("octoquant").PerChannel(0)), torch.zeros(5))
+    assert torch.equal(dequantize(q, scale, zp, PerChannel(0)), torch.zeros(5))
 
 
 def test_symmetric_int8_scale_is_absmax_over_127():
@@ -35,8 +35,8 @@ def test_all_zero_range_gives_valid_scale():
     scale, zp = choose_qparams(torch.zeros(3), torch.zeros(3), QDtype.INT8, symmetric=False)
     assert torch.equal(scale, torch.ones(3))
     x = torch.zeros(3)
-    q = quantize(x, scale, zp, __import__("octoquant").PerChannel(0))
-    assert torch.equal(dequantize(q, scale, zp, __import__("octoquant").PerChannel(0)), x)
+    q = quantize(x, scale, zp, PerChannel(0))
+    assert torch.equal(dequantize(q, scale, zp, PerChannel(0)), x)
 
 
 @pytest.mark.parametrize(

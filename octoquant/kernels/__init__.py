@@ -48,5 +48,4 @@ def default_backend() -> object:
     return get_backend("reference")
 
 
-__all__ = ["BACKENDS", "get_backend", "default_backend", "CpuBackend", "ReferenceBackend", "available_isas",
-           "MAX_K"]
+__all__ = ["BACKENDS", "get_backend", "default_backend", "CpuBackend", "ReferenceBackend", "available_isas", "MAX_K"]

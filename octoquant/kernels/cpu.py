@@ -59,6 +59,17 @@ class CpuPackedW8A16:
     k: int
 
 
+@dataclass(frozen=True)
+class CpuPackedConv:
+    groups: int
+    kernel_size: tuple[int, int]
+    out_channels: int
+    depthwise_weight: torch.Tensor | None  # (kh, kw, C) int32, depthwise only
+    scale: torch.Tensor  # (O,) float32
+    bias: torch.Tensor | None
+    gemms: tuple[CpuPackedW8A8, ...]  # one per group (K order kh, kw, C/groups), empty for depthwise
+
+
 def _pad_to(t: torch.Tensor, n: int) -> torch.Tensor:
     out = torch.zeros(n, dtype=t.dtype)
     out[: t.numel()] = t
@@ -105,14 +116,35 @@ class CpuBackend:
         return CpuPackedW8A16(packed, sc, group_size, b, n, k)
 
     # -------------------------------------------------------------------------------------------- ops
-    def _gemm(self, a_u8: torch.Tensor, offset: int, p: CpuPackedW8A8, row_scale: torch.Tensor | None,
-              row_scale0: float, out: torch.Tensor, acc_out: bool = False) -> None:
+    def _gemm(
+        self,
+        a_u8: torch.Tensor,
+        offset: int,
+        p: CpuPackedW8A8,
+        row_scale: torch.Tensor | None,
+        row_scale0: float,
+        out: torch.Tensor,
+        acc_out: bool = False,
+    ) -> None:
         m = a_u8.shape[0]
         _C.gemm_u8s8(
-            a_u8.data_ptr(), a_u8.stride(0), p.packed.data_ptr(), p.colsum.data_ptr(), offset,
-            _ptr(row_scale), row_scale0, p.scale.data_ptr(), _ptr(p.bias),
-            0 if acc_out else out.data_ptr(), out.data_ptr() if acc_out else 0, out.stride(0),
-            m, p.n, p.kp, self._isa_id, torch.get_num_threads(),
+            a_u8.data_ptr(),
+            a_u8.stride(0),
+            p.packed.data_ptr(),
+            p.colsum.data_ptr(),
+            offset,
+            _ptr(row_scale),
+            row_scale0,
+            p.scale.data_ptr(),
+            _ptr(p.bias),
+            0 if acc_out else out.data_ptr(),
+            out.data_ptr() if acc_out else 0,
+            out.stride(0),
+            m,
+            p.n,
+            p.kp,
+            self._isa_id,
+            torch.get_num_threads(),
         )
 
     def int8_mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -147,7 +179,9 @@ class CpuBackend:
         self._gemm(a_u8, 128, p, row_scale, 1.0, out)
         return out
 
-    def quantize_static_u8(self, x: torch.Tensor, kp: int, scale: float, zero_point: int, dtype: QDtype) -> torch.Tensor:
+    def quantize_static_u8(
+        self, x: torch.Tensor, kp: int, scale: float, zero_point: int, dtype: QDtype
+    ) -> torch.Tensor:
         """(M, K) float -> (M, kp) u8 holding q (+128 for int8), the padding holding the zero-point."""
         x = _as_f32_rows(x)
         m, k = x.shape
@@ -163,13 +197,15 @@ class CpuBackend:
         a_u8[:, :k] = a
         return a_u8
 
-    def linear_static(self, x: torch.Tensor, p: CpuPackedW8A8, in_scale: float, in_zero_point: int,
-                      in_dtype: QDtype) -> torch.Tensor:
+    def linear_static(
+        self, x: torch.Tensor, p: CpuPackedW8A8, in_scale: float, in_zero_point: int, in_dtype: QDtype
+    ) -> torch.Tensor:
         a_u8 = self.quantize_static_u8(x, p.kp, in_scale, in_zero_point, in_dtype)
         return self.linear_static_u8(a_u8, p, in_scale, in_zero_point, in_dtype)
 
-    def linear_static_u8(self, a_u8: torch.Tensor, p: CpuPackedW8A8, in_scale: float, in_zero_point: int,
-                         in_dtype: QDtype) -> torch.Tensor:
+    def linear_static_u8(
+        self, a_u8: torch.Tensor, p: CpuPackedW8A8, in_scale: float, in_zero_point: int, in_dtype: QDtype
+    ) -> torch.Tensor:
         """GEMM on already quantized (M, kp) u8 activations (e.g. an im2col buffer)."""
         offset = in_zero_point + (128 if in_dtype is QDtype.INT8 else 0)
         out = torch.empty(a_u8.shape[0], p.n, dtype=torch.float32)
@@ -181,9 +217,109 @@ class CpuBackend:
         x = _as_f32_rows(x)
         m = x.shape[0]
         out = torch.empty(m, p.n, dtype=torch.float32)
-        _C.linear_wo(x.data_ptr(), x.stride(0), m, p.k, p.packed.data_ptr(), p.scale.data_ptr(), p.group_size,
-                     _ptr(p.bias), out.data_ptr(), out.stride(0), p.n, self._isa_id, torch.get_num_threads())
+        _C.linear_wo(
+            x.data_ptr(),
+            x.stride(0),
+            m,
+            p.k,
+            p.packed.data_ptr(),
+            p.scale.data_ptr(),
+            p.group_size,
+            _ptr(p.bias),
+            out.data_ptr(),
+            out.stride(0),
+            p.n,
+            self._isa_id,
+            torch.get_num_threads(),
+        )
         return out
+
+    def pack_conv(self, weight, scale, bias, groups) -> CpuPackedConv:
+        o, cg, kh, kw = weight.shape
+        check_k(cg * kh * kw)
+        b = None if bias is None else bias.detach().to(torch.float32).contiguous()
+        s = scale.to(torch.float32).contiguous()
+        if groups > 1 and cg == 1 and o == groups:
+            dw = weight[:, 0].permute(1, 2, 0).to(torch.int32).contiguous()  # (kh, kw, C)
+            return CpuPackedConv(groups, (kh, kw), o, dw, s, b, ())
+        og = o // groups
+        gemms = tuple(
+            self.pack_w8a8(
+                weight[g * og : (g + 1) * og].permute(0, 2, 3, 1).reshape(og, kh * kw * cg),
+                s[g * og : (g + 1) * og],
+                None if b is None else b[g * og : (g + 1) * og],
+            )
+            for g in range(groups)
+        )
+        return CpuPackedConv(groups, (kh, kw), o, None, s, b, gemms)
+
+    def conv2d_static(self, x, p: CpuPackedConv, stride, padding, dilation, in_scale, in_zero_point, in_dtype):
+        """NHWC int8 conv: quantize once, pad with the zero-point, im2col (none for 1x1 stride 1), int8 GEMM.
+
+        Returns an NCHW tensor in channels_last memory (no copy back to NCHW).
+        """
+        if x.dim() != 4:
+            raise ValueError(f"QConv2d expects (N, C, H, W) input, got shape {tuple(x.shape)}")
+        n, c, h, w = x.shape
+        kh, kw = p.kernel_size
+        (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+        shift = 128 if in_dtype is QDtype.INT8 else 0
+        pad_value = in_zero_point + shift
+        x_nhwc = x.to(torch.float32).permute(0, 2, 3, 1).contiguous()  # no copy if x is channels_last
+        a = self.quantize_static_u8(x_nhwc.reshape(1, -1), x_nhwc.numel(), in_scale, in_zero_point, in_dtype)
+        a = a.reshape(n, h, w, c)
+        if ph or pw:
+            a = torch.nn.functional.pad(a, (0, 0, pw, pw, ph, ph), value=pad_value)
+        hp, wp = a.shape[1], a.shape[2]
+        ho = (hp - dh * (kh - 1) - 1) // sh + 1
+        wo = (wp - dw * (kw - 1) - 1) // sw + 1
+        rs = float(torch.tensor(in_scale, dtype=torch.float32))
+        if p.depthwise_weight is not None:
+            y = torch.empty(n, ho, wo, c, dtype=torch.float32)
+            _C.depthwise_conv_u8(
+                a.data_ptr(),
+                n,
+                hp,
+                wp,
+                c,
+                p.depthwise_weight.data_ptr(),
+                kh,
+                kw,
+                sh,
+                sw,
+                dh,
+                dw,
+                ho,
+                wo,
+                pad_value,
+                rs,
+                p.scale.data_ptr(),
+                _ptr(p.bias),
+                y.data_ptr(),
+                self._isa_id,
+                torch.get_num_threads(),
+            )
+            return y.permute(0, 3, 1, 2)
+        cg = c // p.groups
+        m = n * ho * wo
+        outs = []
+        for g, gemm in enumerate(p.gemms):
+            if kh == kw == 1 and sh == sw == 1 and p.groups == 1 and gemm.kp == c:
+                cols = a.reshape(m, c)  # 1x1 stride 1 in NHWC: the activation already is the GEMM operand
+            else:
+                cols = torch.empty(m, gemm.kp, dtype=torch.uint8)
+                if gemm.kp != gemm.k:
+                    cols[:, gemm.k :] = pad_value
+                st = a.stride()
+                patches = a.as_strided(
+                    (n, ho, wo, kh, kw, cg),
+                    (st[0], sh * st[1], sw * st[2], dh * st[1], dw * st[2], 1),
+                    a.storage_offset() + g * cg,
+                )
+                cols[:, : gemm.k].view(n, ho, wo, kh, kw, cg).copy_(patches)
+            outs.append(self.linear_static_u8(cols, gemm, rs, in_zero_point, in_dtype))
+        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        return y.reshape(n, ho, wo, p.out_channels).permute(0, 3, 1, 2)
 
 
 def _as_f32_rows(x: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,9 @@ def int_mm_offset(a: torch.Tensor, zero_point: int, w: torch.Tensor) -> torch.Te
     return torch.mm(a.to(torch.float64) - zero_point, w.to(torch.float64).T).to(torch.int32)
 
 
-def rescale(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def rescale(
+    acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """float32(acc) * (row_scale[:, None] * col_scale[None, :]) + bias."""
     rs = row_scale.reshape(-1, 1) if row_scale.dim() else row_scale
     y = acc.to(torch.float32) * (rs * col_scale.reshape(1, -1))
@@ -75,6 +77,18 @@ class PackedW8A16:
     bias: torch.Tensor | None
 
 
+@dataclass(frozen=True)
+class PackedConv:
+    weight: torch.Tensor  # (O, C/groups, kh, kw) int8
+    scale: torch.Tensor  # (O,) float32
+    bias: torch.Tensor | None
+    groups: int
+
+
+def conv_out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
+    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+
+
 class ReferenceBackend:
     name = "reference"
     isa = "torch"
@@ -92,8 +106,12 @@ class ReferenceBackend:
         return PackedW8A8(weight, scale.to(torch.float32), None if bias is None else bias.to(torch.float32))
 
     def pack_w8a16(self, weight, scale, group_size, bias) -> PackedW8A16:
-        return PackedW8A16(weight, scale.to(torch.float32).reshape(weight.shape[0], -1), group_size,
-                           None if bias is None else bias.to(torch.float32))
+        return PackedW8A16(
+            weight,
+            scale.to(torch.float32).reshape(weight.shape[0], -1),
+            group_size,
+            None if bias is None else bias.to(torch.float32),
+        )
 
     def linear_dynamic(self, x: torch.Tensor, packed: PackedW8A8) -> torch.Tensor:
         """Per-token int8 activations x per-channel int8 weights -> float32 (M, N)."""
@@ -101,8 +119,9 @@ class ReferenceBackend:
         acc = int_mm_offset(q, 0, packed.weight)  # (M, N) int32
         return rescale(acc, row_scale, packed.scale, packed.bias)
 
-    def linear_static(self, x: torch.Tensor, packed: PackedW8A8, in_scale: float, in_zero_point: int,
-                      in_dtype: QDtype) -> torch.Tensor:
+    def linear_static(
+        self, x: torch.Tensor, packed: PackedW8A8, in_scale: float, in_zero_point: int, in_dtype: QDtype
+    ) -> torch.Tensor:
         """Per-tensor calibrated activations (scale, zero-point, int8 or uint8) x int8 weights."""
         s = torch.tensor(in_scale, dtype=torch.float32)
         q = quantize(x, s, in_zero_point, PerTensor(), in_dtype)
@@ -112,3 +131,15 @@ class ReferenceBackend:
     def linear_weight_only(self, x: torch.Tensor, packed: PackedW8A16) -> torch.Tensor:
         w = dequantize(packed.weight, packed.scale, 0, PerGroup(packed.group_size))
         return F.linear(x.to(torch.float32), w, packed.bias)
+
+    def pack_conv(self, weight, scale, bias, groups) -> PackedConv:
+        check_k(weight[0].numel())
+        return PackedConv(weight, scale.to(torch.float32), None if bias is None else bias.to(torch.float32), groups)
+
+    def conv2d_static(self, x, p: PackedConv, stride, padding, dilation, in_scale, in_zero_point, in_dtype):
+        """Static-quantized conv: exact integer conv of (q - zp) and w (float64 holds the integers exactly)."""
+        s = torch.tensor(in_scale, dtype=torch.float32)
+        q = quantize(x, s, in_zero_point, PerTensor(), in_dtype).to(torch.float64) - in_zero_point
+        acc = F.conv2d(q, p.weight.to(torch.float64), None, stride, padding, dilation, p.groups).to(torch.int32)
+        y = acc.to(torch.float32) * (s * p.scale).reshape(1, -1, 1, 1)
+        return y + p.bias.reshape(1, -1, 1, 1) if p.bias is not None else y

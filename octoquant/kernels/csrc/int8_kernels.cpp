@@ -502,6 +502,86 @@ void wo_block_scalar(const float* x, int64_t ldx, int64_t mr, const int8_t* w, c
     }
 }
 
+// ------------------------------------------------------------------------------------------------ depthwise
+// Depthwise conv on NHWC u8 input already padded with the zero-point: (N, Hp, Wp, C); weights int32
+// (kh, kw, C) (int8 values widened once at pack time). acc[c] = sum_taps (x - offset) * w in int32: exact
+// (|acc| <= taps * 255 * 128). Epilogue as the GEMM's: y = float(acc) * (in_scale * col_scale[c]) + bias[c].
+struct DwArgs {
+  const uint8_t* x; int64_t N, Hp, Wp, C;
+  const int32_t* w; int64_t kh, kw, sh, sw, dh, dw, Ho, Wo;
+  int32_t offset; float in_scale; const float* col_scale; const float* bias; float* y;
+};
+
+inline void dw_pixel_scalar(const DwArgs& a, const uint8_t* base, float* out, int64_t c0, int64_t c1) {
+  for (int64_t c = c0; c < c1; ++c) {
+    int32_t acc = 0;
+    for (int64_t i = 0; i < a.kh; ++i)
+      for (int64_t j = 0; j < a.kw; ++j)
+        acc += ((int32_t)base[(i * a.dh * a.Wp + j * a.dw) * a.C + c] - a.offset) * a.w[(i * a.kw + j) * a.C + c];
+    volatile float cs = a.in_scale * a.col_scale[c];
+    float v = (float)acc * cs;
+    out[c] = a.bias ? v + a.bias[c] : v;
+  }
+}
+
+VNNI_TARGET void dw_pixel_avx512(const DwArgs& a, const uint8_t* base, float* out) {
+  int64_t c = 0;
+  __m512i off = _mm512_set1_epi32(a.offset);
+  __m512 rs = _mm512_set1_ps(a.in_scale);
+  for (; c + 16 <= a.C; c += 16) {
+    __m512i acc = _mm512_setzero_si512();
+    for (int64_t i = 0; i < a.kh; ++i)
+      for (int64_t j = 0; j < a.kw; ++j) {
+        __m512i xv = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(base + (i * a.dh * a.Wp + j * a.dw) * a.C + c)));
+        __m512i wv = _mm512_loadu_si512((const void*)(a.w + (i * a.kw + j) * a.C + c));
+        acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(_mm512_sub_epi32(xv, off), wv));
+      }
+    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(rs, _mm512_loadu_ps(a.col_scale + c)));
+    if (a.bias) v = _mm512_add_ps(v, _mm512_loadu_ps(a.bias + c));
+    _mm512_storeu_ps(out + c, v);
+  }
+  dw_pixel_scalar(a, base, out, c, a.C);
+}
+
+AVX2_TARGET void dw_pixel_avx2(const DwArgs& a, const uint8_t* base, float* out) {
+  int64_t c = 0;
+  __m256i off = _mm256_set1_epi32(a.offset);
+  __m256 rs = _mm256_set1_ps(a.in_scale);
+  for (; c + 8 <= a.C; c += 8) {
+    __m256i acc = _mm256_setzero_si256();
+    for (int64_t i = 0; i < a.kh; ++i)
+      for (int64_t j = 0; j < a.kw; ++j) {
+        __m256i xv = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(base + (i * a.dh * a.Wp + j * a.dw) * a.C + c)));
+        __m256i wv = _mm256_loadu_si256((const __m256i*)(a.w + (i * a.kw + j) * a.C + c));
+        acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(_mm256_sub_epi32(xv, off), wv));
+      }
+    __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_mul_ps(rs, _mm256_loadu_ps(a.col_scale + c)));
+    if (a.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(a.bias + c));
+    _mm256_storeu_ps(out + c, v);
+  }
+  dw_pixel_scalar(a, base, out, c, a.C);
+}
+
+void depthwise(const DwArgs& a, int isa, int nthreads) {
+  int64_t rows = a.N * a.Ho;
+  int t = threads_for(rows * a.Wo * a.C * a.kh * a.kw * 8, rows, nthreads);
+  py::gil_scoped_release nogil;
+  pool().run(t, [&](int ti) {
+    int64_t lo, hi;
+    split(rows, t, ti, &lo, &hi);
+    for (int64_t r = lo; r < hi; ++r) {
+      int64_t n = r / a.Ho, ho = r % a.Ho;
+      for (int64_t wo = 0; wo < a.Wo; ++wo) {
+        const uint8_t* base = a.x + ((n * a.Hp + ho * a.sh) * a.Wp + wo * a.sw) * a.C;
+        float* out = a.y + ((n * a.Ho + ho) * a.Wo + wo) * a.C;
+        if (isa == ISA_AVX512VNNI) dw_pixel_avx512(a, base, out);
+        else if (isa == ISA_AVX2) dw_pixel_avx2(a, base, out);
+        else dw_pixel_scalar(a, base, out, 0, a.C);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------------------------------------ bindings
@@ -568,6 +648,15 @@ PYBIND11_MODULE(_C, m) {
     const float* xf = (const float*)x;
     uint8_t* o = (uint8_t*)out;
     for (int64_t i = 0; i < n; ++i) o[i] = q_u8(xf[i], scale, zp, qmin, qmax, shift);
+  });
+
+  m.def("depthwise_conv_u8", [](uintptr_t x, int64_t N, int64_t Hp, int64_t Wp, int64_t C, uintptr_t w, int64_t kh,
+                                int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t Ho, int64_t Wo,
+                                int32_t offset, float in_scale, uintptr_t col_scale, uintptr_t bias, uintptr_t y,
+                                int isa, int nthreads) {
+    DwArgs a{(const uint8_t*)x, N, Hp, Wp, C, (const int32_t*)w, kh, kw, sh, sw, dh, dw, Ho, Wo, offset, in_scale,
+             (const float*)col_scale, (const float*)bias, (float*)y};
+    depthwise(a, check_isa(isa), nthreads);
   });
 
   m.def("linear_wo", [](uintptr_t x, int64_t ldx, int64_t M, int64_t K, uintptr_t w, uintptr_t scales,

@@ -1,0 +1,6 @@
+"""Quantized modules: int8 weights and scales as plain buffers; forward is one call into a kernel backend."""
+
+from .conv import QConv2d
+from .linear import QLinear
+
+__all__ = ["QLinear", "QConv2d"]

@@ -1,0 +1,63 @@
+"""What QLinear and QConv2d share: backend choice, the packed-weight cache, weight quantization."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import Granularity, PerChannel, QDtype, QScheme
+from ..functional import check_finite, quantize, reduce_minmax
+from ..kernels import default_backend, get_backend
+from ..qparams import choose_qparams
+
+# Weights: symmetric int8, zero-point 0 (what int8 GEMMs, compressed-tensors and ONNX QDQ expect).
+WEIGHT_SCHEME = QScheme(QDtype.INT8, symmetric=True, granularity=PerChannel(0))
+
+
+def quantize_weight(
+    weight: torch.Tensor, granularity: Granularity, name: str, weight_range: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float weight -> (int8 weight, float32 scale) with symmetric per-channel or per-group scales.
+
+    `weight_range` (min, max) per channel, e.g. from an MSE observer, overrides plain min-max.
+    """
+    w = weight.detach().to(torch.float32)
+    check_finite(w, f"weight of {name!r}")
+    lo, hi = weight_range if weight_range is not None else reduce_minmax(w, granularity)
+    scale, _ = choose_qparams(lo, hi, QDtype.INT8, symmetric=True)
+    return quantize(w, scale, 0, granularity, QDtype.INT8), scale
+
+
+def input_qparams(input_range: tuple[float, float], input_dtype: QDtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor activation qparams: int8 symmetric, or uint8 asymmetric (the natural fit after ReLU)."""
+    lo, hi = (torch.as_tensor(v, dtype=torch.float32) for v in input_range)
+    return choose_qparams(lo, hi, input_dtype, symmetric=input_dtype is QDtype.INT8)
+
+
+class QuantizedModule(nn.Module):
+    """Keeps a backend-specific packed copy of the weights, rebuilt after loading or moving the buffers."""
+
+    def __init__(self, backend: str | None) -> None:
+        super().__init__()
+        self.backend_name = backend
+        self._packed = None
+
+    @property
+    def backend(self):
+        return default_backend() if self.backend_name is None else get_backend(self.backend_name)
+
+    def packed(self):
+        if self._packed is None:
+            self._packed = self._pack(self.backend)
+        return self._packed
+
+    def _pack(self, backend):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._packed = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        self._packed = None
+        return super()._apply(fn, recurse)

@@ -1,0 +1,109 @@
+"""QConv2d: static W8A8 convolution on integer kernels (NHWC im2col + int8 GEMM, or a depthwise kernel)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.modules.utils import _pair
+
+from ..config import PerChannel, QDtype
+from ._base import QuantizedModule, input_qparams, quantize_weight
+
+
+class QConv2d(QuantizedModule):
+    """Conv2d with int8 per-output-channel weights and calibrated per-tensor activations.
+
+    Buffers: weight (O, C/groups, kh, kw) int8; weight_scale (O,) float32; bias (O,) float32 (optional);
+    input_scale () float32; input_zero_point () int32. Output: float, NCHW shape in channels_last memory.
+    """
+
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups=1,
+        bias=True,
+        input_dtype: QDtype | str = QDtype.UINT8,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__(backend)
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
+        self.padding, self.dilation = _pair(padding), _pair(dilation)
+        self.input_dtype = QDtype.parse(input_dtype)
+        kh, kw = self.kernel_size
+        self.register_buffer("weight", torch.zeros(out_channels, in_channels // groups, kh, kw, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_channels, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out_channels) if bias else None)
+        self.register_buffer("input_scale", torch.ones((), dtype=torch.float32))
+        self.register_buffer("input_zero_point", torch.zeros((), dtype=torch.int32))
+
+    @classmethod
+    def from_float(
+        cls,
+        module: nn.Conv2d,
+        *,
+        input_range: tuple[float, float],
+        input_dtype: QDtype | str = QDtype.UINT8,
+        weight_range: tuple[torch.Tensor, torch.Tensor] | None = None,
+        backend: str | None = None,
+        name: str = "conv",
+    ) -> QConv2d:
+        """Quantize a float Conv2d given the calibrated (min, max) of its input."""
+        if not isinstance(module, nn.Conv2d):
+            raise TypeError(f"QConv2d.from_float expects nn.Conv2d, got {type(module).__name__}")
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            raise ValueError(
+                f"{name!r}: only explicit zero padding is supported, got {module.padding!r}/{module.padding_mode}"
+            )
+        q = cls(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.groups,
+            module.bias is not None,
+            input_dtype,
+            backend,
+        )
+        wq, ws = quantize_weight(module.weight, PerChannel(0), name, weight_range)
+        q.weight.copy_(wq)
+        q.weight_scale.copy_(ws)
+        if module.bias is not None:
+            q.bias.copy_(module.bias.detach().to(torch.float32))
+        s, zp = input_qparams(input_range, q.input_dtype)
+        q.input_scale.copy_(s)
+        q.input_zero_point.copy_(zp)
+        return q
+
+    def _pack(self, backend):
+        return backend.pack_conv(self.weight, self.weight_scale, self.bias, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"QConv2d expects (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        y = self.backend.conv2d_static(
+            x,
+            self.packed(),
+            self.stride,
+            self.padding,
+            self.dilation,
+            float(self.input_scale),
+            int(self.input_zero_point),
+            self.input_dtype,
+        )
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, groups={self.groups}, input_dtype={self.input_dtype.value}"
+        )

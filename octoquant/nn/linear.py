@@ -1,0 +1,116 @@
+"""QLinear: int8 weights (N, K) + scales; static W8A8, dynamic W8A8 (per-token) or W8A16."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import PerChannel, PerGroup, QDtype, QuantMode
+from ._base import QuantizedModule, input_qparams, quantize_weight
+
+
+def _float_weight(module: nn.Module) -> torch.Tensor:
+    """(out, in) weight of nn.Linear, or of Hugging Face GPT-2's Conv1D (stored transposed, (in, out))."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return module.weight.T
+    raise TypeError(f"QLinear.from_float expects nn.Linear or transformers Conv1D, got {type(module).__name__}")
+
+
+class QLinear(QuantizedModule):
+    """A Linear layer with int8 weights.
+
+    Buffers (a plain state dict, 1:1 with safetensors / compressed-tensors names):
+        weight (N, K) int8; weight_scale (N,) float32, or (N, K // group_size) for per-group W8A16;
+        bias (N,) float32 (optional); input_scale () float32 and input_zero_point () int32 (static only).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        mode: QuantMode | str = QuantMode.W8A8_DYNAMIC,
+        group_size: int | None = None,
+        input_dtype: QDtype | str = QDtype.INT8,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__(backend)
+        self.in_features, self.out_features = in_features, out_features
+        self.mode = QuantMode.parse(mode)
+        self.input_dtype = QDtype.parse(input_dtype)
+        if group_size is not None and self.mode is not QuantMode.W8A16:
+            raise ValueError("per-group weights (group_size) are supported in W8A16 mode only")
+        if group_size is not None and in_features % group_size:
+            raise ValueError(f"group size {group_size} does not divide in_features {in_features}")
+        self.group_size = group_size
+        groups = 1 if group_size is None else in_features // group_size
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        scale_shape = (out_features,) if group_size is None else (out_features, groups)
+        self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        if self.mode is QuantMode.W8A8_STATIC:
+            self.register_buffer("input_scale", torch.ones((), dtype=torch.float32))
+            self.register_buffer("input_zero_point", torch.zeros((), dtype=torch.int32))
+
+    @classmethod
+    def from_float(
+        cls,
+        module: nn.Module,
+        mode: QuantMode | str = QuantMode.W8A8_DYNAMIC,
+        *,
+        input_range: tuple[float, float] | None = None,
+        input_dtype: QDtype | str = QDtype.INT8,
+        weight_range: tuple[torch.Tensor, torch.Tensor] | None = None,
+        group_size: int | None = None,
+        backend: str | None = None,
+        name: str = "linear",
+    ) -> QLinear:
+        """Quantize a float Linear (or GPT-2 Conv1D).
+
+        Args:
+            mode: static W8A8 needs `input_range` (calibrated min, max of the input activation).
+            input_dtype: static activations as int8 (symmetric) or uint8 (asymmetric).
+            weight_range: per-channel (min, max) of the weight from an observer; default min-max.
+            group_size: per-group weight scales along the input dim (W8A16 only).
+        """
+        mode = QuantMode.parse(mode)
+        w = _float_weight(module)
+        out_f, in_f = w.shape
+        q = cls(in_f, out_f, module.bias is not None, mode, group_size, input_dtype, backend)
+        gran = PerChannel(0) if group_size is None else PerGroup(group_size)
+        wq, ws = quantize_weight(w, gran, name, weight_range)
+        q.weight.copy_(wq)
+        q.weight_scale.copy_(ws)
+        if module.bias is not None:
+            q.bias.copy_(module.bias.detach().to(torch.float32))
+        if mode is QuantMode.W8A8_STATIC:
+            if input_range is None:
+                raise ValueError(f"{name!r}: static W8A8 needs a calibrated input_range (min, max)")
+            s, zp = input_qparams(input_range, q.input_dtype)
+            q.input_scale.copy_(s)
+            q.input_zero_point.copy_(zp)
+        return q
+
+    def _pack(self, backend):
+        if self.mode is QuantMode.W8A16:
+            return backend.pack_w8a16(self.weight, self.weight_scale, self.group_size or self.in_features, self.bias)
+        return backend.pack_w8a8(self.weight, self.weight_scale, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"QLinear expects last dim {self.in_features}, got input shape {tuple(x.shape)}")
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        be, p = self.backend, self.packed()
+        if self.mode is QuantMode.W8A8_DYNAMIC:
+            y = be.linear_dynamic(x2, p)
+        elif self.mode is QuantMode.W8A8_STATIC:
+            y = be.linear_static(x2, p, float(self.input_scale), int(self.input_zero_point), self.input_dtype)
+        else:
+            y = be.linear_weight_only(x2, p)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)  # (..., N)
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.group_size}" if self.group_size else ""
+        return f"{self.in_features}, {self.out_features}, mode={self.mode.value}{g}, bias={self.bias is not None}"

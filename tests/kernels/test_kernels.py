@@ -1,0 +1,192 @@
+"""Every fast backend row against the reference: int32 results bit-equal, rescaled results within 1 LSB."""
+
+import logging
+
+import pytest
+import torch
+
+import octoquant.kernels as kernels
+from octoquant.config import QDtype
+from octoquant.kernels import MAX_K, available_isas, get_backend
+from octoquant.kernels.cpu import CpuBackend
+
+REF = get_backend("reference")
+FAST = {f"cpu-{isa}": CpuBackend(isa) for isa in available_isas()}
+
+
+@pytest.fixture(params=list(FAST), ids=list(FAST))
+def fast(request):
+    return FAST[request.param]
+
+
+def rand_i8(*shape):
+    return torch.randint(-128, 128, shape, dtype=torch.int8)
+
+
+SHAPES = [(1, 1, 1), (1, 4096, 1), (1, 17, 33), (3, 5, 7), (7, 1, 9), (16, 64, 16), (33, 100, 47), (70, 257, 130)]
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES, ids=[f"{m}x{k}x{n}" for m, k, n in SHAPES])
+def test_int8_mm_bit_equal_random(fast, m, k, n):
+    a, b = rand_i8(m, k), rand_i8(k, n)
+    assert torch.equal(fast.int8_mm(a, b), REF.int8_mm(a, b))
+
+
+EXTREMES = {
+    "all-minus128": (-128, -128),
+    "all-127": (127, 127),
+    "minus128-x-127": (-128, 127),
+    "127-x-minus128": (127, -128),
+}
+
+
+@pytest.mark.parametrize("av,bv", list(EXTREMES.values()), ids=list(EXTREMES))
+def test_int8_mm_extremes_no_saturation(fast, av, bv):
+    # u8 255 x s8 127 pair sums are what saturate vpmaddubsw; 1024 terms keep the test fast
+    a = torch.full((3, 1024), av, dtype=torch.int8)
+    b = torch.full((1024, 5), bv, dtype=torch.int8)
+    out = fast.int8_mm(a, b)
+    assert torch.equal(out, torch.full((3, 5), av * bv * 1024, dtype=torch.int32))
+
+
+def test_int8_mm_at_the_int32_bound(fast):
+    """K = MAX_K with all -128: 131071 * 16384 = 2147467264, the largest sum that must still be exact."""
+    a = torch.full((1, MAX_K), -128, dtype=torch.int8)
+    b = torch.full((MAX_K, 2), -128, dtype=torch.int8)
+    assert fast.int8_mm(a, b).tolist() == [[MAX_K * 16384] * 2]
+
+
+@pytest.mark.parametrize("backend", ["reference", *FAST])
+def test_k_beyond_int32_bound_refused(backend):
+    be = REF if backend == "reference" else FAST[backend]
+    with pytest.raises(ValueError, match="exceeds 131071"):
+        be.int8_mm(torch.zeros(1, MAX_K + 1, dtype=torch.int8), torch.zeros(MAX_K + 1, 1, dtype=torch.int8))
+
+
+@pytest.mark.parametrize(
+    "a,b,match",
+    [
+        (torch.zeros(2, 3), torch.zeros(3, 2, dtype=torch.int8), "a must be int8"),
+        (torch.zeros(2, 3, dtype=torch.int8), torch.zeros(3, 2, dtype=torch.uint8), "b must be int8"),
+        (torch.zeros(2, 3, 1, dtype=torch.int8), torch.zeros(3, 2, dtype=torch.int8), "must be 2-D"),
+        (torch.zeros(2, 3, dtype=torch.int8), torch.zeros(4, 2, dtype=torch.int8), "K mismatch"),
+    ],
+    ids=["float-a", "uint8-b", "3d", "k-mismatch"],
+)
+def test_bad_operands(fast, a, b, match):
+    with pytest.raises(ValueError, match=match):
+        fast.int8_mm(a, b)
+
+
+def test_wrong_device_rejected(fast):
+    meta = torch.zeros(2, 2, dtype=torch.int8, device="meta")
+    with pytest.raises(ValueError, match="meta"):
+        fast.int8_mm(meta, torch.zeros(2, 2, dtype=torch.int8))
+
+
+def _activations():
+    x = torch.randn(9, 67) * 3
+    x[1] = 0.0  # all-zero row: scale 1.0
+    x[2] = 1e-30  # tiny values
+    x[3, :5] = torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5])  # ties after division
+    x[4] *= 1e6
+    return x
+
+
+def test_quantize_per_token_bit_equal(fast):
+    x = _activations()
+    q_ref, s_ref = REF.quantize_per_token(x)
+    q, s = fast.quantize_per_token(x)
+    assert torch.equal(s, s_ref) and torch.equal(q, q_ref)
+
+
+def _one_lsb(row_scale, col_scale):
+    """One unit of the int32 accumulator after rescale, per output element."""
+    return row_scale.reshape(-1, 1) * col_scale.reshape(1, -1)
+
+
+@pytest.mark.parametrize("k", [64, 67, 1], ids=["k64", "k67", "k1"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_linear_dynamic_within_one_lsb(fast, k, with_bias):
+    x = _activations()[:, :k] if k <= 67 else torch.randn(9, k)
+    w = rand_i8(37, k)
+    ws = torch.rand(37) * 0.01
+    bias = torch.randn(37) if with_bias else None
+    y_ref = REF.linear_dynamic(x, REF.pack_w8a8(w, ws, bias))
+    y = fast.linear_dynamic(x, fast.pack_w8a8(w, ws, bias))
+    _, row_scale = REF.quantize_per_token(x)
+    assert (y - y_ref).abs().le(_one_lsb(row_scale, ws) + 1e-6).all()
+
+
+@pytest.mark.parametrize(
+    "dtype,zp", [(QDtype.INT8, 0), (QDtype.UINT8, 0), (QDtype.UINT8, 117)], ids=["s8", "u8-zp0", "u8-zp117"]
+)
+def test_linear_static_within_one_lsb(fast, dtype, zp):
+    x = torch.randn(21, 50) * 2
+    w, ws, bias = rand_i8(19, 50), torch.rand(19) * 0.01, torch.randn(19)
+    y_ref = REF.linear_static(x, REF.pack_w8a8(w, ws, bias), 0.03, zp, dtype)
+    y = fast.linear_static(x, fast.pack_w8a8(w, ws, bias), 0.03, zp, dtype)
+    assert (y - y_ref).abs().le(_one_lsb(torch.tensor([0.03]), ws) + 1e-6).all()
+
+
+# W8A16 sums float products in another order than the reference: float32 accumulation error only.
+W8A16_RTOL = 1e-5
+
+
+@pytest.mark.parametrize("m", [1, 3, 4, 9])
+@pytest.mark.parametrize("group_size", [None, 16], ids=["per-channel", "group16"])
+def test_linear_weight_only_matches_reference(fast, m, group_size):
+    k, n = 64, 35
+    x, w = torch.randn(m, k), rand_i8(n, k)
+    ws = torch.rand(n, k // (group_size or k)) * 0.01
+    bias = torch.randn(n)
+    y_ref = REF.linear_weight_only(x, REF.pack_w8a16(w, ws, group_size or k, bias))
+    y = fast.linear_weight_only(x, fast.pack_w8a16(w, ws, group_size or k, bias))
+    assert torch.allclose(y, y_ref, rtol=W8A16_RTOL, atol=W8A16_RTOL * y_ref.abs().max().item())
+
+
+CONVS = {
+    # name: (C, O, k, stride, pad, dilation, groups)
+    "stem-3x3-s2": (3, 8, 3, 2, 1, 1, 1),
+    "pointwise": (32, 24, 1, 1, 0, 1, 1),
+    "pointwise-s2": (32, 24, 1, 2, 0, 1, 1),
+    "depthwise-s1": (16, 16, 3, 1, 1, 1, 16),
+    "depthwise-s2": (24, 24, 3, 2, 1, 1, 24),
+    "depthwise-5x5": (20, 20, 5, 1, 2, 1, 20),
+    "grouped-dilated": (8, 12, 3, 1, 2, 2, 2),
+    "k-not-mult-4": (5, 7, 3, 1, 1, 1, 1),
+}
+
+
+@pytest.mark.parametrize("cfg", list(CONVS.values()), ids=list(CONVS))
+@pytest.mark.parametrize("dtype,zp,scale", [(QDtype.UINT8, 100, 0.03), (QDtype.INT8, 0, 0.02)], ids=["u8", "s8"])
+def test_conv2d_bit_equal(fast, cfg, dtype, zp, scale):
+    c, o, k, s, p, d, g = cfg
+    x = torch.randn(2, c, 9, 11)
+    w, ws, bias = rand_i8(o, c // g, k, k), torch.rand(o) * 0.01, torch.randn(o)
+    args = ((s, s), (p, p), (d, d), scale, zp, dtype)
+    y_ref = REF.conv2d_static(x, REF.pack_conv(w, ws, bias, g), *args)
+    y = fast.conv2d_static(x, fast.pack_conv(w, ws, bias, g), *args)
+    assert y.shape == y_ref.shape and torch.equal(y.contiguous(), y_ref.contiguous())
+
+
+def test_unknown_backend_lists_valid():
+    with pytest.raises(ValueError, match="valid: reference, cpu"):
+        get_backend("cuda-fast")
+
+
+def test_unknown_isa_lists_valid():
+    with pytest.raises(ValueError, match="valid: scalar, avx2, avx512vnni"):
+        CpuBackend("neon")
+
+
+def test_fallback_without_avx2_warns_once(monkeypatch, caplog):
+    monkeypatch.setattr(kernels, "best_isa", lambda: "scalar")
+    kernels.default_backend.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="octoquant.kernels"):
+            first, second = kernels.default_backend(), kernels.default_backend()
+        assert first is second and first.name == "reference"
+        assert sum("reference kernels" in r.message for r in caplog.records) == 1
+    finally:
+        kernels.default_backend.cache_clear()  # the next caller re-detects the real CPU
