@@ -7,6 +7,8 @@ epilogue performs the reference's rescale as the same float32 operations.
 
 from __future__ import annotations
 
+import ctypes
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +20,37 @@ try:
     from .. import _C
 except ImportError:  # extension not built (no compiler at install time)
     _C = None
+
+log = logging.getLogger("octoquant.kernels")
+
+
+def _share_torch_openmp() -> str:
+    """Run octoquant's parallel loops on the OpenMP runtime torch already loaded (see _C.use_openmp).
+
+    Two thread pools on few cores stall each other: torch's OpenMP workers spin after every op. The
+    runtime is found among this process's mapped libraries; without one, octoquant keeps its own pool.
+    """
+    if _C is None:
+        return "none"
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libgomp" in line or "/libiomp" in line}
+    except OSError:
+        paths = set()
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)  # already loaded: returns the same instance
+            fn = ctypes.cast(lib.GOMP_parallel, ctypes.c_void_p).value
+            tid = ctypes.cast(lib.omp_get_thread_num, ctypes.c_void_p).value
+        except (OSError, AttributeError):
+            continue
+        _C.use_openmp(fn, tid)
+        return _C.threading()
+    log.info("octoquant: no OpenMP runtime found in this process; using octoquant's own thread pool")
+    return _C.threading()
+
+
+THREADING = _share_torch_openmp()
 
 ISAS = {"scalar": 0, "avx2": 1, "avx512vnni": 2}
 
@@ -40,9 +73,9 @@ def _ptr(t: torch.Tensor | None) -> int:
 
 @dataclass(frozen=True)
 class CpuPackedW8A8:
-    packed: torch.Tensor  # (NB, Kp/4, 16, 4) int8
-    colsum: torch.Tensor  # (NB*16,) int32
-    scale: torch.Tensor  # (NB*16,) float32, padded with 0
+    packed: torch.Tensor  # (T, Kp/4, 4, 16, 4) int8, T = ceil(N / 64) tiles of 64 columns
+    colsum: torch.Tensor  # (T*64,) int32
+    scale: torch.Tensor  # (T*64,) float32, padded with 0
     bias: torch.Tensor | None  # (N,) float32
     n: int
     k: int
@@ -95,13 +128,13 @@ class CpuBackend:
         n, k = weight.shape
         check_k(k)
         kp = (k + 3) // 4 * 4
-        nb = (n + 15) // 16
+        tiles = (n + 63) // 64
         w = weight.contiguous()
-        packed = torch.empty(nb, kp // 4, 16, 4, dtype=torch.int8)
+        packed = torch.empty(tiles, kp // 4, 4, 16, 4, dtype=torch.int8)
         _C.pack_weight_u8s8(w.data_ptr(), n, k, packed.data_ptr(), kp)
-        colsum = _pad_to(w.to(torch.int32).sum(dim=1, dtype=torch.int32), nb * 16)
+        colsum = _pad_to(w.to(torch.int32).sum(dim=1, dtype=torch.int32), tiles * 64)
         b = None if bias is None else bias.detach().to(torch.float32).contiguous()
-        return CpuPackedW8A8(packed, colsum, _pad_to(scale.to(torch.float32), nb * 16), b, n, k, kp)
+        return CpuPackedW8A8(packed, colsum, _pad_to(scale.to(torch.float32), tiles * 64), b, n, k, kp)
 
     def pack_w8a16(self, weight, scale, group_size, bias) -> CpuPackedW8A16:
         n, k = weight.shape
@@ -189,10 +222,32 @@ class CpuBackend:
         shift = 128 if dtype is QDtype.INT8 else 0
         if kp == k:
             a_u8 = torch.empty(m, kp, dtype=torch.uint8)
-            _C.quantize_static(x.data_ptr(), m * k, float(scale), int(zero_point), qmin, qmax, shift, a_u8.data_ptr())
+            _C.quantize_static(
+                x.data_ptr(),
+                m * k,
+                float(scale),
+                int(zero_point),
+                qmin,
+                qmax,
+                shift,
+                a_u8.data_ptr(),
+                self._isa_id,
+                torch.get_num_threads(),
+            )
             return a_u8
         a = torch.empty(m, k, dtype=torch.uint8)
-        _C.quantize_static(x.data_ptr(), m * k, float(scale), int(zero_point), qmin, qmax, shift, a.data_ptr())
+        _C.quantize_static(
+            x.data_ptr(),
+            m * k,
+            float(scale),
+            int(zero_point),
+            qmin,
+            qmax,
+            shift,
+            a.data_ptr(),
+            self._isa_id,
+            torch.get_num_threads(),
+        )
         a_u8 = torch.full((m, kp), zero_point + shift, dtype=torch.uint8)
         a_u8[:, :k] = a
         return a_u8

@@ -5,6 +5,7 @@ import logging
 import pytest
 import torch
 
+import octoquant as oq
 import octoquant.kernels as kernels
 from octoquant.config import QDtype
 from octoquant.kernels import MAX_K, available_isas, get_backend
@@ -190,3 +191,33 @@ def test_fallback_without_avx2_warns_once(monkeypatch, caplog):
         assert sum("reference kernels" in r.message for r in caplog.records) == 1
     finally:
         kernels.default_backend.cache_clear()  # the next caller re-detects the real CPU
+
+
+@pytest.mark.parametrize("dtype,zp", [(QDtype.INT8, 0), (QDtype.UINT8, 37)], ids=["s8", "u8-zp37"])
+def test_quantize_static_bit_equal_large(fast, dtype, zp):
+    """> 64k values: the threaded, vectorised path; ties x.5 round half to even like torch.round."""
+    x = torch.randn(3, 40_000) * 4
+    x[0, :6] = torch.tensor([0.25, 0.75, -0.25, 1.25, 100.0, -100.0])  # scale 0.5: exact ties, saturation
+    scale = 0.5
+    q_ref = oq.quantize(x, torch.tensor(scale), zp, dtype=dtype)
+    shift = 128 if dtype is QDtype.INT8 else 0
+    q = fast.quantize_static_u8(x, x.shape[1], scale, zp, dtype)
+    assert torch.equal((q.to(torch.int32) - shift), q_ref.to(torch.int32))
+
+
+def test_own_thread_pool_and_openmp_agree():
+    """Results do not depend on which thread pool runs the loops (torch's OpenMP or octoquant's own)."""
+    from octoquant.kernels import cpu
+
+    if not FAST:
+        pytest.skip("no fast backend")
+    be = next(iter(FAST.values()))
+    a, b = rand_i8(64, 300), rand_i8(300, 1000)
+    with_omp = be.int8_mm(a, b)
+    cpu._C.use_openmp(0, 0)
+    try:
+        assert cpu._C.threading() == "own-pool"
+        assert torch.equal(be.int8_mm(a, b), with_omp)
+    finally:
+        cpu._share_torch_openmp()
+    assert cpu._C.threading() == cpu.THREADING

@@ -3,7 +3,8 @@
 //
 // Activations arrive as u8 "a" with an integer offset: real_q = a - offset (offset 128 for int8 data
 // stored as q + 128, or the zero-point of uint8 data). Weights are s8, packed by pack_weight_u8s8 into
-// 16-column blocks laid out [K/4][16][4] (4 consecutive k of one column in 4 bytes).
+// 64-column tiles laid out [tile][K/4][4 blocks][16][4] (4 consecutive k of one column in 4 bytes): each
+// tile is one contiguous stream, 256 bytes per step of 4 k, which DRAM prefetchers follow well.
 //   S[m,n]   = sum_k a[m,k] * w[n,k]                   (u8 x s8 products, int32 sums)
 //   acc[m,n] = S[m,n] - offset * colsum[n]             = sum_k (a - offset) * w
 // Both sums wrap modulo 2^32 (vpdpbusd and vpaddd do not saturate), so acc is exact whenever the true
@@ -97,8 +98,39 @@ class ThreadPool {
   bool stop_ = false;
 };
 
-ThreadPool& pool() {
+ThreadPool& own_pool() {
   static ThreadPool p;
+  return p;
+}
+
+// The host's OpenMP runtime (the libgomp torch loaded), reached through its C ABI: GOMP_parallel(fn, data,
+// num_threads, flags) runs fn(data) on the calling thread and num_threads - 1 pool threads. Running our
+// loops on torch's own pool avoids two thread pools fighting for the same cores: after every torch op,
+// OpenMP workers spin for a while, and a second pool's worker would wait for them.
+using GompParallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
+using OmpThreadNum = int (*)();
+GompParallel g_gomp_parallel = nullptr;
+OmpThreadNum g_omp_thread_num = nullptr;
+
+struct OmpTask {
+  const std::function<void(int)>* f;
+};
+
+void omp_trampoline(void* data) { (*static_cast<OmpTask*>(data)->f)(g_omp_thread_num()); }
+
+struct Pool {
+  void run(int n, const std::function<void(int)>& f) {
+    if (n > 1 && g_gomp_parallel != nullptr) {
+      OmpTask task{&f};
+      g_gomp_parallel(omp_trampoline, &task, (unsigned)n, 0);
+      return;
+    }
+    own_pool().run(n, f);
+  }
+};
+
+Pool& pool() {
+  static Pool p;
   return p;
 }
 
@@ -121,18 +153,25 @@ enum Isa { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512VNNI = 2 };
 struct GemmArgs {
   const uint8_t* a;      // (M, lda) u8, K padded to Kp (multiple of 4) with any value (weights are 0 there)
   int64_t lda;
-  const int8_t* w;       // packed (NB, Kp/4, 16, 4)
-  const int32_t* colsum; // (NB*16,) sum_k w[n,k]
+  const int8_t* w;       // packed (T, Kp/4, 4, 16, 4), T = ceil(N / 64)
+  const int32_t* colsum; // (T*64,) sum_k w[n,k]
   int32_t offset;
   const float* row_scale;  // (M,) or null (then 1 value: row_scale0)
   float row_scale0;
-  const float* col_scale;  // (NB*16,) padded
+  const float* col_scale;  // (T*64,) padded
   const float* bias;       // (N,) or null
   float* y;                // (M, ldy) float, or null
   int32_t* acc_out;        // (M, ldy) int32, or null
   int64_t ldy;
   int64_t M, N, Kp;
 };
+
+constexpr int64_t TILE_BLOCKS = 4;  // 16-column blocks per packed tile
+
+// Address of the 64 bytes of 16-column block `nb` at step k4.
+inline const int8_t* wblock(const GemmArgs& g, int64_t nb, int64_t k4) {
+  return g.w + (((nb / TILE_BLOCKS) * (g.Kp / 4) + k4) * TILE_BLOCKS + nb % TILE_BLOCKS) * 64;
+}
 
 // Write one 16-column block of results for one row: lanes [n0, n0 + valid).
 inline void epilogue_scalar(const GemmArgs& g, int64_t m, int64_t n0, const int32_t* s16, int valid) {
@@ -157,12 +196,13 @@ void gemm_scalar(const GemmArgs& g, int64_t nb_lo, int64_t nb_hi) {
   for (int64_t m = 0; m < g.M; ++m) {
     const uint8_t* a = g.a + m * g.lda;
     for (int64_t nb = nb_lo; nb < nb_hi; ++nb) {
-      const int8_t* w = g.w + nb * K4 * 64;
       int32_t s[16] = {0};
-      for (int64_t k4 = 0; k4 < K4; ++k4)
+      for (int64_t k4 = 0; k4 < K4; ++k4) {
+        const int8_t* w = wblock(g, nb, k4);
         for (int j = 0; j < 16; ++j)
           for (int t = 0; t < 4; ++t)
-            s[j] = (int32_t)((uint32_t)s[j] + (uint32_t)((int32_t)a[k4 * 4 + t] * (int32_t)w[k4 * 64 + j * 4 + t]));
+            s[j] = (int32_t)((uint32_t)s[j] + (uint32_t)((int32_t)a[k4 * 4 + t] * (int32_t)w[j * 4 + t]));
+      }
       int valid = (int)std::min<int64_t>(16, g.N - nb * 16);
       epilogue_scalar(g, m, nb * 16, s, valid);
     }
@@ -187,69 +227,90 @@ VNNI_TARGET inline void epilogue_vnni(const GemmArgs& g, int64_t m, int64_t n0, 
   _mm512_mask_storeu_ps(g.y + m * g.ldy + n0, mask, v);
 }
 
-// MR rows x NBLK blocks of 16 columns, full K.
-template <int MR, int NBLK>
-VNNI_TARGET void tile_vnni(const GemmArgs& g, int64_t m0, int64_t nb0) {
+// MR rows x one 64-column tile (4 blocks), k steps [k4_lo, k4_hi). 4*MR int32 accumulators (<= 16 zmm).
+// Partial sums live in `part` (MR x 64 int32) between K chunks; the last chunk runs the epilogue.
+template <int MR>
+VNNI_TARGET void tile_vnni(const GemmArgs& g, int64_t m0, int64_t t, int64_t k4_lo, int64_t k4_hi, int32_t* part,
+                           bool first, bool last, int64_t pf) {
   const int64_t K4 = g.Kp / 4;
-  __m512i acc[MR][NBLK];
+  __m512i acc[MR][4];
   for (int r = 0; r < MR; ++r)
-    for (int b = 0; b < NBLK; ++b) acc[r][b] = _mm512_setzero_si512();
-  const int8_t* w = g.w + nb0 * K4 * 64;
+    for (int b = 0; b < 4; ++b)
+      acc[r][b] = first ? _mm512_setzero_si512() : _mm512_loadu_si512((const void*)(part + r * 64 + b * 16));
+  const int8_t* w = g.w + t * K4 * 256;
   const uint8_t* a = g.a + m0 * g.lda;
-  for (int64_t k4 = 0; k4 < K4; ++k4) {
-    __m512i wv[NBLK];
-    for (int b = 0; b < NBLK; ++b) wv[b] = _mm512_loadu_si512((const void*)(w + (b * K4 + k4) * 64));
+  for (int64_t k4 = k4_lo; k4 < k4_hi; ++k4) {
+    const int8_t* wk = w + k4 * 256;
+    // pf bytes ahead (see gemm_vnni); prefetching past the end of the weights is harmless (no fault)
+    for (int l = 0; l < 4; ++l) _mm_prefetch((const char*)(wk + pf + 64 * l), _MM_HINT_T1);
+    __m512i w0 = _mm512_loadu_si512((const void*)(wk));
+    __m512i w1 = _mm512_loadu_si512((const void*)(wk + 64));
+    __m512i w2 = _mm512_loadu_si512((const void*)(wk + 128));
+    __m512i w3 = _mm512_loadu_si512((const void*)(wk + 192));
     for (int r = 0; r < MR; ++r) {
       int32_t a4;
       std::memcpy(&a4, a + r * g.lda + k4 * 4, 4);
       __m512i av = _mm512_set1_epi32(a4);
-      for (int b = 0; b < NBLK; ++b) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], av, wv[b]);
+      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], av, w0);
+      acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], av, w1);
+      acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], av, w2);
+      acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], av, w3);
     }
   }
   for (int r = 0; r < MR; ++r)
-    for (int b = 0; b < NBLK; ++b) {
-      int64_t n0 = (nb0 + b) * 16;
-      epilogue_vnni(g, m0 + r, n0, acc[r][b], (int)std::min<int64_t>(16, g.N - n0));
-    }
-}
-
-template <int NBLK>
-VNNI_TARGET void rows_vnni(const GemmArgs& g, int64_t m0, int64_t mr, int64_t nb) {
-  switch (mr) {
-    case 1: tile_vnni<1, NBLK>(g, m0, nb); break;
-    case 2: tile_vnni<2, NBLK>(g, m0, nb); break;
-    case 3: tile_vnni<3, NBLK>(g, m0, nb); break;
-    case 4: tile_vnni<4, NBLK>(g, m0, nb); break;
-    case 5: tile_vnni<5, NBLK>(g, m0, nb); break;
-    default: tile_vnni<6, NBLK>(g, m0, nb); break;
-  }
-}
-
-VNNI_TARGET void gemm_vnni(const GemmArgs& g, int64_t nb_lo, int64_t nb_hi) {
-  constexpr int64_t MR = 6;
-  // Rows in L2-sized blocks: the A block (mc x Kp bytes) stays in L2 while weight panels stream by.
-  int64_t mc = std::max<int64_t>(MR, ((256 * 1024) / std::max<int64_t>(g.Kp, 1)) / MR * MR);
-  if (g.M <= 4) {
-    // Decode / GEMV: 4 blocks (64 columns) per tile for more independent accumulator chains.
-    int64_t nb = nb_lo;
-    for (; nb + 4 <= nb_hi; nb += 4) {
-      switch (g.M) {
-        case 1: tile_vnni<1, 4>(g, 0, nb); break;
-        case 2: tile_vnni<2, 4>(g, 0, nb); break;
-        case 3: tile_vnni<3, 4>(g, 0, nb); break;
-        default: tile_vnni<4, 4>(g, 0, nb); break;
+    for (int b = 0; b < 4; ++b) {
+      if (!last) {
+        _mm512_storeu_si512((void*)(part + r * 64 + b * 16), acc[r][b]);
+        continue;
       }
+      int64_t n0 = (t * 4 + b) * 16;
+      if (n0 < g.N) epilogue_vnni(g, m0 + r, n0, acc[r][b], (int)std::min<int64_t>(16, g.N - n0));
     }
-    for (; nb < nb_hi; ++nb) rows_vnni<1>(g, 0, g.M, nb);
-    return;
+}
+
+VNNI_TARGET void rows_vnni(const GemmArgs& g, int64_t m0, int64_t mr, int64_t t, int64_t k4_lo, int64_t k4_hi,
+                           int32_t* part, bool first, bool last, int64_t pf) {
+  switch (mr) {
+    case 1: tile_vnni<1>(g, m0, t, k4_lo, k4_hi, part, first, last, pf); break;
+    case 2: tile_vnni<2>(g, m0, t, k4_lo, k4_hi, part, first, last, pf); break;
+    case 3: tile_vnni<3>(g, m0, t, k4_lo, k4_hi, part, first, last, pf); break;
+    default: tile_vnni<4>(g, m0, t, k4_lo, k4_hi, part, first, last, pf); break;
   }
+}
+
+// Tiles [t_lo, t_hi). Rows in L2-sized blocks (mc x Kp bytes of A stay in L2). Within a block, each tile is
+// walked in K chunks of 64 KiB of weights: every row tile consumes a chunk while it is in L1/L2, so the
+// weights come from DRAM once per row block, in one sequential stream.
+VNNI_TARGET void gemm_vnni(const GemmArgs& g, int64_t t_lo, int64_t t_hi) {
+  constexpr int64_t MR = 4;  // 4 rows x 4 blocks = 16 accumulators; 6 rows (24) spills to the stack
+  // k4 steps per chunk: 256 * 256 B = 64 KiB of a tile (measured best of 16/64/256 KiB and no chunking)
+  constexpr int64_t KC4 = 256;
+  const int64_t K4 = g.Kp / 4;
+  int64_t mc = std::max<int64_t>(MR, ((256 * 1024) / std::max<int64_t>(g.Kp, 1)) / MR * MR);
+  mc = std::min<int64_t>(mc, 256);
+  std::vector<int32_t> part((size_t)(mc * 64));
   for (int64_t mb = 0; mb < g.M; mb += mc) {
     int64_t me = std::min(g.M, mb + mc);
-    int64_t nb = nb_lo;
-    for (; nb + 2 <= nb_hi; nb += 2)
-      for (int64_t m = mb; m < me; m += MR) rows_vnni<2>(g, m, std::min(MR, me - m), nb);
-    for (; nb < nb_hi; ++nb)
-      for (int64_t m = mb; m < me; m += MR) rows_vnni<1>(g, m, std::min(MR, me - m), nb);
+    int64_t rows = me - mb;
+    int64_t ntiles = (rows + MR - 1) / MR;
+    int64_t kc = ntiles == 1 ? K4 : KC4;  // a single row tile needs no chunking
+    // Prefetch distance: one row tile streams (2 KiB ahead covers DRAM latency); several row tiles prefetch
+    // the next chunk (tiles are contiguous, so past a tile's end comes the next tile) while computing on
+    // this one, so DRAM traffic overlaps the compute of all row tiles instead of adding to it.
+    int64_t pf = ntiles == 1 ? 2048 : kc * 256;
+    for (int64_t t = t_lo; t < t_hi; ++t) {
+      for (int64_t k4 = 0; k4 < K4; k4 += kc) {
+        int64_t k4e = std::min(K4, k4 + kc);
+        bool first = k4 == 0, last = k4e == K4;
+        // split rows evenly into tiles of <= MR (6 rows -> 3 + 3, not 4 + 2)
+        int64_t m = mb;
+        for (int64_t i = 0; i < ntiles; ++i) {
+          int64_t mr = (rows - (m - mb) + (ntiles - i) - 1) / (ntiles - i);
+          rows_vnni(g, m, mr, t, k4, k4e, part.data() + (m - mb) * 64, first, last, pf);
+          m += mr;
+        }
+      }
+    }
   }
 }
 
@@ -286,9 +347,9 @@ AVX2_TARGET void tile_avx2(const GemmArgs& g, int64_t m0, int64_t nb) {
   __m256i acc[MR][4];
   for (int r = 0; r < MR; ++r)
     for (int q = 0; q < 4; ++q) acc[r][q] = _mm256_setzero_si256();
-  const int8_t* w = g.w + nb * K4 * 64;
   const uint8_t* a = g.a + m0 * g.lda;
   for (int64_t k4 = 0; k4 < K4; ++k4) {
+    const int8_t* w = wblock(g, nb, k4);
     __m256i av[MR];
     for (int r = 0; r < MR; ++r) {
       int32_t a4;
@@ -299,7 +360,7 @@ AVX2_TARGET void tile_avx2(const GemmArgs& g, int64_t m0, int64_t nb) {
     }
     for (int q = 0; q < 4; ++q) {
       // 16 s8 (columns 4q..4q+3 x k0..k3) sign-extended to int16; vpmaddwd: exact int32 pair sums
-      __m256i w16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w + k4 * 64 + q * 16)));
+      __m256i w16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w + q * 16)));
       for (int r = 0; r < MR; ++r) acc[r][q] = _mm256_add_epi32(acc[r][q], _mm256_madd_epi16(w16, av[r]));
     }
   }
@@ -341,11 +402,10 @@ int threads_for(int64_t macs, int64_t blocks, int nthreads) {
 
 void gemm(const GemmArgs& g, int isa, int nthreads) {
   int64_t NB = (g.N + 15) / 16;
-  int t = threads_for(g.M * g.N * g.Kp, NB, nthreads);
-  // the 64-column GEMV tile wants block ranges in multiples of 4 per thread
-  int64_t unit = (isa == ISA_AVX512VNNI && g.M <= 4) ? 4 : (isa == ISA_AVX512VNNI ? 2 : 1);
+  // threads own whole 64-column tiles
+  const int64_t unit = TILE_BLOCKS;
   int64_t units = (NB + unit - 1) / unit;
-  t = (int)std::max<int64_t>(1, std::min<int64_t>(t, units));
+  int t = threads_for(g.M * g.N * g.Kp, units, nthreads);
   py::gil_scoped_release nogil;
   pool().run(t, [&](int i) {
     int64_t lo, hi;
@@ -353,7 +413,7 @@ void gemm(const GemmArgs& g, int isa, int nthreads) {
     lo *= unit;
     hi = std::min(NB, hi * unit);
     if (lo >= hi) return;
-    if (isa == ISA_AVX512VNNI) gemm_vnni(g, lo, hi);
+    if (isa == ISA_AVX512VNNI) gemm_vnni(g, lo / unit, (hi + unit - 1) / unit);
     else if (isa == ISA_AVX2) gemm_avx2(g, lo, hi);
     else gemm_scalar(g, lo, hi);
   });
@@ -428,6 +488,38 @@ void quantize_row_dynamic_scalar(const float* x, int64_t K, uint8_t* out, float*
   float s = row_scale_from_absmax(absmax);
   *scale_out = s;
   for (int64_t k = 0; k < K; ++k) out[k] = q_u8(x[k], s, 0, -128, 127, 128);
+}
+
+// Static: u8 = clamp(round_half_even(x / scale) + zp, qmin, qmax) + shift, the reference's rule
+// (clamping r to [qmin - zp, qmax - zp] before adding zp is the same thing in exact integers).
+VNNI_TARGET void quantize_static_avx512(const float* x, int64_t n, float scale, int32_t zp, int32_t qmin, int32_t qmax,
+                                        int32_t shift, uint8_t* out) {
+  __m512 sv = _mm512_set1_ps(scale);
+  __m512 lo = _mm512_set1_ps((float)(qmin - zp)), hi = _mm512_set1_ps((float)(qmax - zp));
+  __m512i off = _mm512_set1_epi32(zp + shift);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m512 r = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + i), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
+    _mm_storeu_si128((__m128i*)(out + i), _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(r), off)));
+  }
+  for (; i < n; ++i) out[i] = q_u8(x[i], scale, zp, qmin, qmax, shift);
+}
+
+AVX2_TARGET void quantize_static_avx2(const float* x, int64_t n, float scale, int32_t zp, int32_t qmin, int32_t qmax,
+                                      int32_t shift, uint8_t* out) {
+  __m256 sv = _mm256_set1_ps(scale);
+  __m256 lo = _mm256_set1_ps((float)(qmin - zp)), hi = _mm256_set1_ps((float)(qmax - zp));
+  __m256i off = _mm256_set1_epi32(zp + shift);
+  alignas(32) int32_t qi[8];
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + i), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm256_min_ps(_mm256_max_ps(r, lo), hi);
+    _mm256_store_si256((__m256i*)qi, _mm256_add_epi32(_mm256_cvtps_epi32(r), off));
+    for (int j = 0; j < 8; ++j) out[i + j] = (uint8_t)qi[j];
+  }
+  for (; i < n; ++i) out[i] = q_u8(x[i], scale, zp, qmin, qmax, shift);
 }
 
 // ------------------------------------------------------------------------------------------------ W8A16
@@ -595,15 +687,22 @@ PYBIND11_MODULE(_C, m) {
     return d;
   });
   m.def("best_isa", &best_isa);
+  m.def("use_openmp", [](uintptr_t gomp_parallel, uintptr_t omp_get_thread_num) {
+    // 0, 0 returns to octoquant's own thread pool
+    g_gomp_parallel = (GompParallel)gomp_parallel;
+    g_omp_thread_num = (OmpThreadNum)omp_get_thread_num;
+  });
+  m.def("threading", [] { return std::string(g_gomp_parallel ? "openmp" : "own-pool"); });
 
   m.def("pack_weight_u8s8", [](uintptr_t w_ptr, int64_t N, int64_t K, uintptr_t out_ptr, int64_t Kp) {
-    // w (N, K) s8 row-major -> (NB, Kp/4, 16, 4); padding (n >= N or k >= K) is 0.
+    // w (N, K) s8 row-major -> (T, Kp/4, 4, 16, 4) with T = ceil(N / 64); padding (n >= N or k >= K) is 0.
     const int8_t* w = (const int8_t*)w_ptr;
     int8_t* out = (int8_t*)out_ptr;
-    int64_t NB = (N + 15) / 16, K4 = Kp / 4;
-    std::memset(out, 0, (size_t)(NB * K4 * 64));
+    int64_t T = (N + 63) / 64, K4 = Kp / 4;
+    std::memset(out, 0, (size_t)(T * K4 * 256));
     for (int64_t n = 0; n < N; ++n)
-      for (int64_t k = 0; k < K; ++k) out[((n / 16) * K4 + k / 4) * 64 + (n % 16) * 4 + (k % 4)] = w[n * K + k];
+      for (int64_t k = 0; k < K; ++k)
+        out[(((n / 64) * K4 + k / 4) * 4 + (n % 64) / 16) * 64 + (n % 16) * 4 + (k % 4)] = w[n * K + k];
   });
 
   m.def("pack_weight_wo", [](uintptr_t w_ptr, int64_t N, int64_t K, uintptr_t out_ptr) {
@@ -642,12 +741,22 @@ PYBIND11_MODULE(_C, m) {
   });
 
   m.def("quantize_static", [](uintptr_t x, int64_t n, float scale, int32_t zp, int32_t qmin, int32_t qmax,
-                              int32_t shift, uintptr_t out) {
+                              int32_t shift, uintptr_t out, int isa, int nthreads) {
     // u8 out = clamp(round_half_even(x / scale) + zp, qmin, qmax) + shift   (shift 128 stores int8 as u8)
-    py::gil_scoped_release nogil;
+    isa = check_isa(isa);
     const float* xf = (const float*)x;
     uint8_t* o = (uint8_t*)out;
-    for (int64_t i = 0; i < n; ++i) o[i] = q_u8(xf[i], scale, zp, qmin, qmax, shift);
+    int t = n < (1 << 16) ? 1 : nthreads;
+    py::gil_scoped_release nogil;
+    pool().run(t, [&](int i) {
+      int64_t lo, hi;
+      split(n / 64, t, i, &lo, &hi);
+      lo *= 64;
+      hi = (i == t - 1) ? n : hi * 64;
+      if (isa == ISA_AVX512VNNI) quantize_static_avx512(xf + lo, hi - lo, scale, zp, qmin, qmax, shift, o + lo);
+      else if (isa == ISA_AVX2) quantize_static_avx2(xf + lo, hi - lo, scale, zp, qmin, qmax, shift, o + lo);
+      else for (int64_t j = lo; j < hi; ++j) o[j] = q_u8(xf[j], scale, zp, qmin, qmax, shift);
+    });
   });
 
   m.def("depthwise_conv_u8", [](uintptr_t x, int64_t N, int64_t Hp, int64_t Wp, int64_t C, uintptr_t w, int64_t kh,

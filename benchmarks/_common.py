@@ -1,0 +1,75 @@
+"""Shared benchmark plumbing: interleaved timing, medians, machine facts, cold-weight cycling."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+COLD_BYTES = 256 * 2**20  # cycle weights through >= 256 MiB so each call reads them from DRAM
+
+
+def machine_info() -> dict:
+    import octoquant.kernels as k
+
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "octoquant_isa": k.best_isa(),
+        "loadavg_start": os.getloadavg(),
+    }
+
+
+def copies_for(nbytes: int, cold: bool) -> int:
+    return max(1, -(-COLD_BYTES // max(nbytes, 1))) if cold else 1
+
+
+def interleaved(fns: dict[str, Callable[[int], object]], reps: int, budget_s: float = 20.0) -> dict[str, float]:
+    """Median seconds per call of each fn, timed round-robin (A B C A B C ...) so drift hits all alike.
+
+    Each fn takes the call index (to cycle through cold weight copies).
+    """
+    for f in fns.values():  # warm-up (packing, allocator, thread pools)
+        f(0)
+        f(1)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    i = 0
+    while i < reps or (i < 3):
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            f(i)
+            times[name].append(time.perf_counter() - t0)
+        i += 1
+        if time.perf_counter() - start > budget_s and i >= 3:
+            break
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def read_bandwidth_gbs(threads: int) -> float:
+    """DRAM read GB/s: sum over a 512 MiB tensor (memory-bound), median of 5."""
+    torch.set_num_threads(threads)
+    x = torch.ones(128 * 2**20, dtype=torch.float32)
+    x.sum()
+    ts = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x.sum()
+        ts.append(time.perf_counter() - t0)
+    return x.numel() * 4 / statistics.median(ts) / 1e9
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)

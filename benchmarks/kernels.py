@@ -1,0 +1,194 @@
+"""Kernel benchmark: octoquant QLinear modes vs FP32 and peers, side by side in one process.
+
+    python benchmarks/kernels.py [--quick] [--out bench-results/kernels.json]
+
+Per shape (M x K -> N), hot (one weight copy, cache-resident when it fits) and cold (weights cycled through
+>= 256 MiB, read from DRAM as in a real model), 1 and 2 threads, median seconds of interleaved runs of:
+  fp32         torch F.linear
+  ort_fp32     ONNX Runtime MatMul(+Add), prepacked constant weight (often the best FP32 on small M)
+  fbgemm_dyn   torch.ops.quantized.linear_dynamic (torch.ao dynamic int8; u8s8, saturating on AVX2)
+  ort_dqmm     ONNX Runtime DynamicQuantizeMatMul (int8 per-column weights)
+  oq_w8a8_dyn  octoquant dynamic W8A8 (per-token int8, exact)
+  oq_w8a8_st   octoquant static W8A8 (per-tensor int8 activations, exact)
+  oq_w8a16     octoquant weight-only int8
+Ratios are FP32 time / method time (> 1: faster than FP32). M=1 also reports GB/s of int8 weights read vs a
+measured DRAM read bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import copies_for, interleaved, machine_info, read_bandwidth_gbs, write_json  # noqa: E402
+
+import octoquant as oq  # noqa: E402
+from octoquant.nn import QLinear  # noqa: E402
+
+warnings.filterwarnings("ignore", category=UserWarning)
+
+SHAPES_KN = [(4096, 4096), (4096, 11008), (384, 1536), (768, 768)]
+MS = [1, 8, 32, 512]
+
+
+def _ort_session(model_bytes: bytes, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # do not steal torch's cores
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+
+
+def ort_fp32_model(w: torch.Tensor, b: torch.Tensor) -> bytes:
+    from onnx import TensorProto, helper, numpy_helper
+
+    k = w.shape[1]
+    nodes = [helper.make_node("MatMul", ["x", "wt"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["y"])]
+    graph = helper.make_graph(
+        nodes,
+        "fp32",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", w.shape[0]])],
+        [numpy_helper.from_array(w.T.contiguous().numpy(), "wt"), numpy_helper.from_array(b.numpy(), "b")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def ort_dqmm_model(wq: torch.Tensor, ws: torch.Tensor, b: torch.Tensor) -> bytes:
+    from onnx import TensorProto, helper, numpy_helper
+
+    n, k = wq.shape
+    node = helper.make_node("DynamicQuantizeMatMul", ["x", "wq", "ws", "wzp", "b"], ["y"], domain="com.microsoft")
+    graph = helper.make_graph(
+        [node],
+        "dqmm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])],
+        [
+            numpy_helper.from_array(wq.T.contiguous().numpy(), "wq"),
+            numpy_helper.from_array(ws.numpy(), "ws"),
+            numpy_helper.from_array(torch.zeros(n, dtype=torch.int8).numpy(), "wzp"),
+            numpy_helper.from_array(b.numpy(), "b"),
+        ],
+    )
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    ).SerializeToString()
+
+
+def bench_shape(m, k, n, threads, cold, reps, with_ort):
+    torch.set_num_threads(threads)
+    lin = torch.nn.Linear(k, n)
+    x = torch.randn(m, k)
+    q_dyn = QLinear.from_float(lin, "w8a8_dynamic")
+    q_st = QLinear.from_float(lin, "w8a8_static", input_range=(float(x.min()), float(x.max())))
+    q_wo = QLinear.from_float(lin, "w8a16")
+    w, b = lin.weight.detach(), lin.bias.detach()
+    w_int8, w_scale = q_dyn.weight.clone(), q_dyn.weight_scale.clone()  # for the peers, before packing
+    fns = {}
+
+    c_fp = copies_for(w.numel() * 4, cold)
+    ws_fp = [w.clone() for _ in range(c_fp)]
+    fns["fp32"] = lambda i: F.linear(x, ws_fp[i % c_fp], b)
+
+    c_i8 = copies_for(w.numel(), cold)
+    mods = {"oq_w8a8_dyn": q_dyn, "oq_w8a8_st": q_st, "oq_w8a16": q_wo}
+    for name, mod in mods.items():
+        copies = [mod] + [
+            QLinear.from_float(lin, mod.mode, input_range=(float(x.min()), float(x.max())))
+            if mod.mode.value == "w8a8_static"
+            else QLinear.from_float(lin, mod.mode)
+            for _ in range(c_i8 - 1)
+        ]
+        for c in copies:
+            c.packed()
+            c.weight = torch.empty(0, dtype=torch.int8)  # drop the unpacked copy: only packed bytes are read
+        fns[name] = (lambda cs: lambda i: cs[i % len(cs)](x))(copies)
+
+    wq_pc = torch.quantize_per_channel(w, w_scale.double(), torch.zeros(n, dtype=torch.long), 0, torch.qint8)
+    fb = [torch.ops.quantized.linear_prepack(wq_pc.clone() if j else wq_pc, b) for j in range(c_i8)]
+    fns["fbgemm_dyn"] = lambda i: torch.ops.quantized.linear_dynamic(x, fb[i % c_i8], True)
+
+    if with_ort:
+        xn = x.numpy()
+        fp_model = ort_fp32_model(w, b)
+        s_fp = [_ort_session(fp_model, threads) for _ in range(c_fp)]
+        fns["ort_fp32"] = lambda i: s_fp[i % c_fp].run(None, {"x": xn})
+        dq_model = ort_dqmm_model(w_int8, w_scale, b)
+        s_dq = [_ort_session(dq_model, threads) for _ in range(c_i8)]
+        fns["ort_dqmm"] = lambda i: s_dq[i % c_i8].run(None, {"x": xn})
+
+    # correctness of what we time (not a test; a guard against benchmarking garbage)
+    ref = F.linear(x, w, b)
+    for name in mods:
+        assert oq.sqnr_db(ref, fns[name](0)) > 25, name
+
+    t = interleaved(fns, reps)
+    row = {"M": m, "K": k, "N": n, "threads": threads, "cold": cold, "seconds": t}
+    row["speedup_vs_fp32"] = {name: t["fp32"] / v for name, v in t.items()}
+    best_fp32 = min(t["fp32"], t.get("ort_fp32", float("inf")))
+    row["speedup_vs_best_fp32"] = {name: best_fp32 / v for name, v in t.items()}
+    peers = [t[p] for p in ("fbgemm_dyn", "ort_dqmm") if p in t]
+    row["fastest_peer_s"] = min(peers)
+    if m == 1:
+        row["gbs_int8_weights"] = {name: n * k / t[name] / 1e9 for name in ("oq_w8a8_dyn", "oq_w8a16", "fbgemm_dyn")}
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="2 threads, cold, fewer shapes")
+    ap.add_argument("--out", default="bench-results/kernels.json")
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--no-ort", action="store_true")
+    args = ap.parse_args()
+    try:
+        import onnxruntime  # noqa: F401
+
+        with_ort = not args.no_ort
+    except ImportError:
+        with_ort = False
+    info = machine_info()
+    threads_list = [2] if args.quick else [1, 2]
+    colds = [True] if args.quick else [True, False]
+    shapes = [(4096, 4096), (384, 1536)] if args.quick else SHAPES_KN
+    info["dram_read_gbs"] = {t: read_bandwidth_gbs(t) for t in threads_list}
+    rows = []
+    print(f"machine: {info}")
+    hdr = f"{'M':>4} {'K':>5} {'N':>6} thr cache  fp32(ms) " + " ".join(
+        f"{n:>11}" for n in ["oq_w8a8_dyn", "oq_w8a8_st", "oq_w8a16", "fbgemm_dyn", "ort_dqmm", "ort_fp32"]
+    )
+    print("ratios: FP32 torch time / method time")
+    print(hdr)
+    for threads in threads_list:
+        for cold in colds:
+            for k, n in shapes:
+                for m in MS:
+                    r = bench_shape(m, k, n, threads, cold, args.reps, with_ort)
+                    rows.append(r)
+                    sp = r["speedup_vs_fp32"]
+                    cells = " ".join(
+                        f"{sp.get(name, float('nan')):>10.2f}x"
+                        for name in ["oq_w8a8_dyn", "oq_w8a8_st", "oq_w8a16", "fbgemm_dyn", "ort_dqmm", "ort_fp32"]
+                    )
+                    print(
+                        f"{m:>4} {k:>5} {n:>6} {threads:>3} {'cold' if cold else 'hot ':>5} "
+                        f"{r['seconds']['fp32'] * 1e3:>8.3f} {cells}",
+                        flush=True,
+                    )
+    info["loadavg_end"] = os.getloadavg()
+    write_json(args.out, {"machine": info, "rows": rows})
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
