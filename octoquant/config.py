@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import fnmatch
 from dataclasses import dataclass, replace
 
 import torch
@@ -16,6 +17,11 @@ __all__ = [
     "Granularity",
     "QScheme",
     "QuantMode",
+    "Calibrator",
+    "Config",
+    "W8A8",
+    "W8A8_DYNAMIC",
+    "W8A16",
 ]
 
 
@@ -123,3 +129,90 @@ class QuantMode(enum.Enum):
             return cls(value)
         except ValueError:
             raise ValueError(f"unknown quant mode {value!r}; valid: {', '.join(m.value for m in cls)}") from None
+
+
+class Calibrator(enum.Enum):
+    """How a static activation range is chosen from calibration data."""
+
+    MINMAX = "minmax"
+    MOVING_AVERAGE = "moving_average"
+    PERCENTILE = "percentile"
+    ENTROPY = "entropy"
+    MSE = "mse"
+    AUTO = "auto"  # per tensor: whichever of the above gives the smallest layer-output error vs FP32
+
+    @classmethod
+    def parse(cls, value: Calibrator | str) -> Calibrator:
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"unknown calibrator {value!r}; valid: {', '.join(m.value for m in cls)}") from None
+
+
+@dataclass(frozen=True)
+class Config:
+    """What `oq.quantize` does to each layer. Vary presets with `.replace(...)`; strings are accepted for enums.
+
+    Attributes:
+        mode: static W8A8, dynamic W8A8 (per-token activations) or weight-only W8A16.
+        weight_granularity: PerChannel(0) (default) or PerTensor(); PerGroup(size) in W8A16 only.
+        weight_calibrator: "minmax" or "mse" for the per-channel weight clip.
+        activation_dtype: static activations as "uint8" (asymmetric, default) or "int8" (symmetric).
+        calibrator: static activation range: minmax, moving_average, percentile, entropy, mse or auto.
+        percentile: the percentile of the percentile calibrator.
+        bias_correction: static W8A8: shift each layer's bias by the mean output error seen in calibration.
+        overrides: (glob, Config) pairs: a module whose name matches uses that config (the last match wins).
+    """
+
+    mode: QuantMode = QuantMode.W8A8_STATIC
+    weight_granularity: Granularity = PerChannel(0)
+    weight_calibrator: Calibrator = Calibrator.MINMAX
+    activation_dtype: QDtype = QDtype.UINT8
+    calibrator: Calibrator = Calibrator.AUTO
+    percentile: float = 99.99
+    bias_correction: bool = True
+    overrides: tuple[tuple[str, Config], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", QuantMode.parse(self.mode))
+        object.__setattr__(self, "calibrator", Calibrator.parse(self.calibrator))
+        object.__setattr__(self, "weight_calibrator", Calibrator.parse(self.weight_calibrator))
+        object.__setattr__(self, "activation_dtype", QDtype.parse(self.activation_dtype))
+        g = self.weight_granularity
+        if isinstance(g, PerChannel) and g.axis != 0:
+            raise ValueError(f"weights are quantized per output channel (axis 0), got {g!r}")
+        if isinstance(g, PerGroup) and self.mode is not QuantMode.W8A16:
+            raise ValueError("per-group weights are supported in W8A16 mode only")
+        if not isinstance(g, PerTensor | PerChannel | PerGroup):
+            raise ValueError(f"weight_granularity must be PerTensor(), PerChannel(0) or PerGroup(size), got {g!r}")
+        if self.weight_calibrator not in (Calibrator.MINMAX, Calibrator.MSE):
+            raise ValueError(f"weight_calibrator must be minmax or mse, got {self.weight_calibrator.value}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+        pairs = tuple(self.overrides.items()) if isinstance(self.overrides, dict) else tuple(self.overrides)
+        for pair in pairs:
+            if len(pair) != 2 or not isinstance(pair[0], str) or not isinstance(pair[1], Config):
+                raise ValueError(f"overrides must be (glob, Config) pairs, got {pair!r}")
+        object.__setattr__(self, "overrides", pairs)
+
+    def replace(self, **changes) -> Config:
+        return replace(self, **changes)
+
+    def for_module(self, name: str) -> Config:
+        """The config that applies to module `name` (the last matching override, else self)."""
+        chosen = self
+        for pattern, cfg in self.overrides:
+            if fnmatch.fnmatchcase(name, pattern):
+                chosen = cfg
+        return chosen
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.mode is QuantMode.W8A8_STATIC or any(c.needs_calibration for _, c in self.overrides)
+
+
+W8A8 = Config()
+W8A8_DYNAMIC = Config(mode=QuantMode.W8A8_DYNAMIC)
+W8A16 = Config(mode=QuantMode.W8A16)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from ..config import PerChannel, QDtype
+from ..config import PerChannel, QDtype, QuantMode
 from ._base import QuantizedModule, input_qparams, quantize_weight
 
 
@@ -49,13 +49,15 @@ class QConv2d(QuantizedModule):
         cls,
         module: nn.Conv2d,
         *,
-        input_range: tuple[float, float],
+        input_range: tuple[float, float] | None = None,
+        mode: QuantMode | str = QuantMode.W8A8_STATIC,
         input_dtype: QDtype | str = QDtype.UINT8,
         weight_range: tuple[torch.Tensor, torch.Tensor] | None = None,
         backend: str | None = None,
         name: str = "conv",
     ) -> QConv2d:
-        """Quantize a float Conv2d given the calibrated (min, max) of its input."""
+        """Quantize a float Conv2d; static mode needs the calibrated (min, max) of its input."""
+        mode = QuantMode.parse(mode)
         if not isinstance(module, nn.Conv2d):
             raise TypeError(f"QConv2d.from_float expects nn.Conv2d, got {type(module).__name__}")
         if module.padding_mode != "zeros" or isinstance(module.padding, str):
@@ -73,15 +75,19 @@ class QConv2d(QuantizedModule):
             module.bias is not None,
             input_dtype,
             backend,
+            mode,
         )
         wq, ws = quantize_weight(module.weight, PerChannel(0), name, weight_range)
         q.weight.copy_(wq)
         q.weight_scale.copy_(ws)
         if module.bias is not None:
             q.bias.copy_(module.bias.detach().to(torch.float32))
-        s, zp = input_qparams(input_range, q.input_dtype)
-        q.input_scale.copy_(s)
-        q.input_zero_point.copy_(zp)
+        if mode is QuantMode.W8A8_STATIC:
+            if input_range is None:
+                raise ValueError(f"{name!r}: static W8A8 needs a calibrated input_range (min, max)")
+            s, zp = input_qparams(input_range, q.input_dtype)
+            q.input_scale.copy_(s)
+            q.input_zero_point.copy_(zp)
         return q
 
     def _pack(self, backend):

@@ -525,21 +525,42 @@ AVX2_TARGET void quantize_static_avx2(const float* x, int64_t n, float scale, in
 // ------------------------------------------------------------------------------------------------ W8A16
 // Weight-only: float activations x (M, K) times int8 weights packed [NB][K][16], per-group scales
 // packed [NB][G][16]: y[m,n] = sum_g scale[n,g] * sum_{k in g} x[m,k] * w[n,k]  (+ bias[n]).
+// U independent accumulator chains per row (FMA latency 4, throughput 2/cycle: MR * U >= 4 keeps the FMA
+// units busy); 4 k per step from one 64-byte load.
 template <int MR>
 VNNI_TARGET void wo_tile_avx512(const float* x, int64_t ldx, const int8_t* w, const float* sc, const float* bias,
                                 float* y, int64_t ldy, int64_t K, int64_t gs, int64_t n0, int64_t N) {
+  constexpr int U = MR >= 4 ? 1 : (MR >= 2 ? 2 : 4);
   __m512 out[MR];
   for (int r = 0; r < MR; ++r) out[r] = _mm512_setzero_ps();
   int64_t G = K / gs;
   for (int64_t gi = 0; gi < G; ++gi) {
-    __m512 part[MR];
-    for (int r = 0; r < MR; ++r) part[r] = _mm512_setzero_ps();
-    for (int64_t k = gi * gs; k < (gi + 1) * gs; ++k) {
+    __m512 part[MR][U];
+    for (int r = 0; r < MR; ++r)
+      for (int u = 0; u < U; ++u) part[r][u] = _mm512_setzero_ps();
+    int64_t k = gi * gs, ke = (gi + 1) * gs;
+    for (; k + 4 <= ke; k += 4) {
+      _mm_prefetch((const char*)(w + k * 16 + 2048), _MM_HINT_T0);
+      __m512i w64 = _mm512_loadu_si512((const void*)(w + k * 16));  // 4 k x 16 columns
+      __m512 wv[4];
+      wv[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(w64)));
+      wv[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(w64, 1)));
+      wv[2] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(w64, 2)));
+      wv[3] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(w64, 3)));
+      for (int r = 0; r < MR; ++r)
+        for (int j = 0; j < 4; ++j)
+          part[r][j % U] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k + j]), wv[j], part[r][j % U]);
+    }
+    for (; k < ke; ++k) {
       __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + k * 16))));
-      for (int r = 0; r < MR; ++r) part[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k]), wv, part[r]);
+      for (int r = 0; r < MR; ++r) part[r][0] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k]), wv, part[r][0]);
     }
     __m512 s = _mm512_loadu_ps(sc + gi * 16);
-    for (int r = 0; r < MR; ++r) out[r] = _mm512_fmadd_ps(part[r], s, out[r]);
+    for (int r = 0; r < MR; ++r) {
+      __m512 p = part[r][0];
+      for (int u = 1; u < U; ++u) p = _mm512_add_ps(p, part[r][u]);
+      out[r] = _mm512_fmadd_ps(p, s, out[r]);
+    }
   }
   int valid = (int)std::min<int64_t>(16, N - n0);
   __mmask16 mask = valid >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1);
@@ -550,26 +571,34 @@ VNNI_TARGET void wo_tile_avx512(const float* x, int64_t ldx, const int8_t* w, co
 template <int MR>
 AVX2_TARGET void wo_tile_avx2(const float* x, int64_t ldx, const int8_t* w, const float* sc, const float* bias,
                               float* y, int64_t ldy, int64_t K, int64_t gs, int64_t n0, int64_t N) {
+  constexpr int U = MR >= 3 ? 1 : 2;  // independent chains per row and half (see the AVX-512 variant)
   __m256 out[MR][2];
   for (int r = 0; r < MR; ++r) out[r][0] = out[r][1] = _mm256_setzero_ps();
   int64_t G = K / gs;
   for (int64_t gi = 0; gi < G; ++gi) {
-    __m256 part[MR][2];
-    for (int r = 0; r < MR; ++r) part[r][0] = part[r][1] = _mm256_setzero_ps();
+    __m256 part[MR][2][U];
+    for (int r = 0; r < MR; ++r)
+      for (int u = 0; u < U; ++u) part[r][0][u] = part[r][1][u] = _mm256_setzero_ps();
     for (int64_t k = gi * gs; k < (gi + 1) * gs; ++k) {
       __m128i w16 = _mm_loadu_si128((const __m128i*)(w + k * 16));
       __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(w16));
       __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(w16, 8)));
+      const int u = (int)(k % U);
       for (int r = 0; r < MR; ++r) {
         __m256 xv = _mm256_set1_ps(x[r * ldx + k]);
-        part[r][0] = _mm256_fmadd_ps(xv, w0, part[r][0]);
-        part[r][1] = _mm256_fmadd_ps(xv, w1, part[r][1]);
+        part[r][0][u] = _mm256_fmadd_ps(xv, w0, part[r][0][u]);
+        part[r][1][u] = _mm256_fmadd_ps(xv, w1, part[r][1][u]);
       }
     }
     __m256 s0 = _mm256_loadu_ps(sc + gi * 16), s1 = _mm256_loadu_ps(sc + gi * 16 + 8);
     for (int r = 0; r < MR; ++r) {
-      out[r][0] = _mm256_fmadd_ps(part[r][0], s0, out[r][0]);
-      out[r][1] = _mm256_fmadd_ps(part[r][1], s1, out[r][1]);
+      __m256 p0 = part[r][0][0], p1 = part[r][1][0];
+      for (int u = 1; u < U; ++u) {
+        p0 = _mm256_add_ps(p0, part[r][0][u]);
+        p1 = _mm256_add_ps(p1, part[r][1][u]);
+      }
+      out[r][0] = _mm256_fmadd_ps(p0, s0, out[r][0]);
+      out[r][1] = _mm256_fmadd_ps(p1, s1, out[r][1]);
     }
   }
   alignas(32) float tmp[16];

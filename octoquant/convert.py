@@ -1,0 +1,470 @@
+"""oq.quantize: prepare (fold BatchNorm), calibrate (observe each layer's input), swap in int8 modules.
+
+Every quantized layer quantizes its own *input*, so ranges are observed where the integer kernel needs them:
+after a ReLU/ReLU6 the observed range starts at 0 (uint8 with zero-point 0 uses all 256 levels), after a
+residual add it covers the sum. Data flows one way: Config -> observers -> qparams -> modules -> kernels.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import W8A8, Calibrator, Config, PerChannel, PerTensor, QScheme, QuantMode
+from .functional import check_finite, sqnr_db
+from .nn import QConv2d, QLinear
+from .nn._base import QuantizedModule
+from .observers import CalibrationError, MSEObserver, Observer, make_observer
+
+log = logging.getLogger("octoquant")
+
+__all__ = ["quantize", "sensitivity", "summary", "LayerRecord"]
+
+# Calibrators `auto` chooses among, and the percentile it tries.
+AUTO_CANDIDATES = (Calibrator.MINMAX, Calibrator.PERCENTILE, Calibrator.ENTROPY, Calibrator.MSE)
+# Elements of one layer's input kept (as whole rows or images) for auto selection, bias correction and SQNR.
+SAMPLE_BUDGET = 4_000_000
+SAMPLE_UNITS_MAX = 512
+
+
+@dataclass
+class LayerRecord:
+    """One row of `oq.summary`: what happened to a quantizable layer."""
+
+    name: str
+    kind: str
+    status: str  # "int8" or "float"
+    reason: str = ""  # why it stayed float
+    mode: str = ""
+    weight_granularity: str = ""
+    calibrator: str = ""
+    clip_range: tuple[float, float] | None = None
+    sqnr_db: float | None = None  # layer output vs FP32 on the calibration sample
+    weight_sqnr_db: float | None = None
+    bytes: int = 0
+    float_bytes: int = 0
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and hasattr(m, "weight")
+
+
+def _is_candidate(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear | nn.Conv2d) or _is_conv1d(m)
+
+
+def _unsupported(m: nn.Module) -> bool:
+    """Layers with weights we do not quantize: listed as float in the summary."""
+    return isinstance(m, nn.Conv1d | nn.Conv3d | nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d)
+
+
+def _float_reason(m: nn.Module, cfg: Config) -> str | None:
+    if isinstance(m, nn.Conv2d):
+        if cfg.mode is QuantMode.W8A16:
+            return "no weight-only conv kernel (W8A16 is for Linear)"
+        if m.padding_mode != "zeros" or isinstance(m.padding, str):
+            return f"padding {m.padding!r}/{m.padding_mode} not supported"
+    return None
+
+
+def _select(model: nn.Module, config: Config, exclude: Sequence[str]) -> tuple[dict, dict[str, LayerRecord]]:
+    targets: dict[str, tuple[nn.Module, Config]] = {}
+    floats: dict[str, LayerRecord] = {}
+    used = dict.fromkeys(exclude, False)
+    for name, m in model.named_modules():
+        if isinstance(m, QuantizedModule):
+            raise ValueError(f"{name!r} is already quantized: oq.quantize expects a float model")
+        if _unsupported(m):
+            floats[name] = LayerRecord(name, type(m).__name__, "float", "unsupported layer type",
+                                       float_bytes=_param_bytes(m))
+            continue
+        if not _is_candidate(m):
+            continue
+        hit = [p for p in exclude if fnmatch.fnmatchcase(name, p)]
+        for p in hit:
+            used[p] = True
+        cfg = config.for_module(name)
+        reason = "excluded" if hit else _float_reason(m, cfg)
+        if reason:
+            floats[name] = LayerRecord(name, type(m).__name__, "float", reason, float_bytes=_param_bytes(m))
+        else:
+            targets[name] = (m, cfg)
+    for pattern, matched in used.items():
+        if not matched:
+            log.warning("octoquant: exclude pattern %r matches no quantizable layer", pattern)
+    return targets, floats
+
+
+def _param_bytes(m: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
+
+
+def _run(model: nn.Module, batch) -> object:
+    """Call the model on one calibration batch: a tensor, a tuple/list of positional args, or a mapping."""
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, tuple | list):
+        return model(*batch)
+    raise TypeError(f"calibration batches must be tensors, tuples/lists or dicts, got {type(batch).__name__}")
+
+
+def first_tensor(out: object) -> torch.Tensor:
+    """The main output: the tensor itself, a ModelOutput's first field (logits, last_hidden_state), out[0]."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping):
+        return first_tensor(next(iter(out.values())))
+    if isinstance(out, tuple | list) and out:
+        return first_tensor(out[0])
+    raise TypeError(f"cannot find a tensor in model output of type {type(out).__name__}")
+
+
+def _materialize(calib: Iterable | None) -> list | None:
+    if calib is None:
+        return None
+    if isinstance(calib, torch.Tensor | Mapping):
+        calib = [calib]
+    batches = list(calib)
+    if not batches:
+        raise CalibrationError("calib is empty: give at least one batch of representative inputs")
+    return batches
+
+
+class _SampleSketch:
+    """Keeps the k units (rows of a Linear input, images of a Conv input) with the smallest content hash.
+
+    A bottom-k sketch: the kept set depends only on the multiset of units seen, not on batch order or size.
+    """
+
+    def __init__(self, unit_dims: int) -> None:
+        self.unit_dims = unit_dims
+        self.keys: torch.Tensor | None = None
+        self.units: torch.Tensor | None = None
+        self.k = 0
+        self._probe: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        units = x.detach().to(torch.float32).reshape(-1, *x.shape[x.dim() - self.unit_dims:])
+        flat = units.reshape(units.shape[0], -1)
+        if self._probe is None:
+            n = flat.shape[1]
+            self.k = int(max(2, min(SAMPLE_UNITS_MAX, SAMPLE_BUDGET // max(n, 1))))
+            step = max(1, n // 1024)
+            self._idx = torch.arange(0, n, step)[:1024]
+            self._probe = torch.randn(len(self._idx), generator=torch.Generator().manual_seed(1234), dtype=torch.float64)
+        keys = flat[:, self._idx].to(torch.float64) @ self._probe
+        keys = keys + 1e-9 * flat.to(torch.float64).sum(dim=1)  # separate units that agree on the probe
+        if self.keys is not None:
+            keys, units = torch.cat([self.keys, keys]), torch.cat([self.units, units])
+        order = torch.argsort(keys, stable=True)[: self.k]
+        self.keys, self.units = keys[order], units[order].clone()
+
+
+class _Recorder:
+    """Forward pre-hook: feeds a layer's input to its observers and sample sketch."""
+
+    def __init__(self, name: str, module: nn.Module, cfg: Config) -> None:
+        self.name = name
+        scheme = QScheme(cfg.activation_dtype, symmetric=cfg.activation_dtype.value == "int8")
+        cals = AUTO_CANDIDATES if cfg.calibrator is Calibrator.AUTO else (cfg.calibrator,)
+        self.observers: dict[Calibrator, Observer] = {}
+        for c in cals:
+            kwargs = {"percentile": cfg.percentile} if c is Calibrator.PERCENTILE else {}
+            self.observers[c] = make_observer(c.value, scheme, f"{name} (input)", **kwargs)
+        self.sketch = _SampleSketch(3 if isinstance(module, nn.Conv2d) else 1)
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if not args or not isinstance(args[0], torch.Tensor):
+            raise CalibrationError(f"{self.name!r}: expected a tensor input during calibration")
+        x = args[0]
+        check_finite(x, f"calibration input of layer {self.name!r}")
+        for obs in self.observers.values():
+            obs.update(x)
+        self.sketch.add(x)
+
+
+@torch.no_grad()
+def _calibrate(model: nn.Module, targets: dict, batches: list, progress: bool) -> dict[str, _Recorder]:
+    recorders = {name: _Recorder(name, m, cfg) for name, (m, cfg) in targets.items()}
+    handles = [m.register_forward_pre_hook(recorders[name]) for name, (m, _) in targets.items()]
+    try:
+        for batch in tqdm(batches, desc="calibrating", disable=not progress, leave=False):
+            _run(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return recorders
+
+
+def _weight_range(w: torch.Tensor, cfg: Config, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-output-channel (min, max) for the weight, or None for plain per-channel min-max."""
+    w2 = w.detach().to(torch.float32).reshape(w.shape[0], -1)
+    check_finite(w2, f"weight of {name!r}")
+    if isinstance(cfg.weight_granularity, PerTensor):
+        lo, hi = w2.min(), w2.max()
+        return lo.expand(w.shape[0]).clone(), hi.expand(w.shape[0]).clone()
+    if cfg.weight_calibrator is Calibrator.MSE and isinstance(cfg.weight_granularity, PerChannel):
+        obs = MSEObserver(QScheme(granularity=PerChannel(0)), f"{name} (weight)")
+        obs.update(w2)
+        return obs.compute_range()
+    return None
+
+
+def _granularity_name(cfg: Config, m: nn.Module) -> str:
+    g = cfg.weight_granularity
+    if isinstance(g, PerTensor):
+        return "per-tensor"
+    if isinstance(g, PerChannel):
+        return "per-channel"
+    return f"per-group({g.group_size})"
+
+
+def _build(name: str, m: nn.Module, cfg: Config, rec: _Recorder | None, backend: str | None
+           ) -> tuple[QuantizedModule, LayerRecord]:
+    """The quantized replacement of one layer, and its summary row."""
+    is_conv = isinstance(m, nn.Conv2d)
+    w = m.weight if not _is_conv1d(m) else m.weight.T
+    wr = _weight_range(w, cfg, name)
+    group = cfg.weight_granularity.group_size if cfg.mode is QuantMode.W8A16 and hasattr(cfg.weight_granularity, "group_size") else None
+
+    def make(input_range):
+        if is_conv:
+            return QConv2d.from_float(m, input_range=input_range, mode=cfg.mode, input_dtype=cfg.activation_dtype,
+                                      weight_range=wr, backend=backend, name=name)
+        return QLinear.from_float(m, cfg.mode, input_range=input_range, input_dtype=cfg.activation_dtype,
+                                  weight_range=wr, group_size=group, backend=backend, name=name)
+
+    record = LayerRecord(name, type(m).__name__, "int8", mode=cfg.mode.value,
+                         weight_granularity=_granularity_name(cfg, m), float_bytes=_param_bytes(m))
+    sample = rec.sketch.units if rec is not None else None
+    ref = m(sample) if sample is not None else None
+    if cfg.mode is QuantMode.W8A8_STATIC:
+        if rec is None:
+            raise CalibrationError(f"{name!r}: static W8A8 needs calibration data (calib=...)")
+        best = None
+        for cal, obs in rec.observers.items():
+            lo, hi = obs.compute_range()
+            q = make((float(lo), float(hi)))
+            err = float((q(sample) - ref).pow(2).mean()) if len(rec.observers) > 1 else 0.0
+            if best is None or err < best[0]:
+                best = (err, cal, q, (float(lo), float(hi)))
+        _, cal, q, rng = best
+        record.calibrator = cal.value + (" (auto)" if cfg.calibrator is Calibrator.AUTO else "")
+        record.clip_range = rng
+        if cfg.bias_correction:
+            _correct_bias(q, ref - q(sample), is_conv)
+    else:
+        q = make(None)
+        record.calibrator = "dynamic" if cfg.mode is QuantMode.W8A8_DYNAMIC else "-"
+    if sample is not None:
+        record.sqnr_db = sqnr_db(ref, q(sample))
+    from .functional import dequantize
+
+    wq = dequantize(q.weight, q.weight_scale, 0, PerChannel(0) if q.weight_scale.dim() == 1 else
+                    __import__("octoquant").PerGroup(q.group_size))
+    record.weight_sqnr_db = sqnr_db(w.detach().reshape(w.shape[0], -1), wq.reshape(w.shape[0], -1))
+    record.bytes = sum(b.numel() * b.element_size() for b in q.buffers())
+    return q, record
+
+
+def _correct_bias(q: QuantizedModule, error: torch.Tensor, is_conv: bool) -> None:
+    """Empirical bias correction: add the mean output error (FP32 - int8) per output channel to the bias."""
+    dims = [0, 2, 3] if is_conv else list(range(error.dim() - 1))
+    delta = error.to(torch.float64).mean(dim=dims).to(torch.float32)  # (out_channels,)
+    if q.bias is None:
+        q.bias = torch.zeros_like(delta)
+    q.bias.add_(delta)
+    q._packed = None
+
+
+def _swap(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old
+
+
+def _output_error(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
+    """Noise-to-signal power ratio of the model outputs (10 ** (-SQNR / 10))."""
+    num = sum(float((a.double() - b.double()).pow(2).sum()) for a, b in zip(ref, out, strict=True))
+    den = sum(float(a.double().pow(2).sum()) for a in ref)
+    return num / den if den > 0 else float("inf")
+
+
+@torch.no_grad()
+def _outputs(model: nn.Module, batches: list) -> list[torch.Tensor]:
+    return [first_tensor(_run(model, b)).detach().float() for b in batches]
+
+
+def _prepare(model, config, calib, exclude, inplace, backend, progress):
+    if not isinstance(config, Config):
+        raise TypeError(f"config must be an oq.Config (e.g. oq.W8A8), got {type(config).__name__}")
+    work = model if inplace else copy.deepcopy(model)
+    work.eval()
+    targets, floats = _select(work, config, list(exclude))
+    if not targets:
+        raise ValueError("the model has no quantizable layer (nn.Linear, nn.Conv2d, transformers Conv1D)")
+    from .transforms import fold_batchnorm
+
+    fold_batchnorm(work)
+    batches = _materialize(calib)
+    static = [n for n, (_, c) in targets.items() if c.mode is QuantMode.W8A8_STATIC]
+    if static and batches is None:
+        raise CalibrationError(f"static W8A8 needs calibration data (calib=...) for {len(static)} layers, "
+                               "e.g. a few batches of representative inputs; or use oq.W8A8_DYNAMIC")
+    recorders = _calibrate(work, targets, batches, progress) if batches is not None else {}
+    built = {}
+    for name, (m, cfg) in tqdm(targets.items(), desc="quantizing", disable=not progress, leave=False):
+        built[name] = _build(name, m, cfg, recorders.get(name), backend)
+    return work, targets, floats, batches, built
+
+
+def quantize(
+    model: nn.Module,
+    config: Config = W8A8,
+    calib: Iterable | None = None,
+    *,
+    exclude: Sequence[str] = (),
+    inplace: bool = False,
+    max_error: float | None = None,
+    keep_float: int = 0,
+    eval_batches: int = 8,
+    backend: str | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Quantize a float model to INT8.
+
+    Args:
+        model: a float PyTorch model (eval-mode semantics are used).
+        config: `oq.W8A8` (static, calibrated), `oq.W8A8_DYNAMIC`, `oq.W8A16`, or any `oq.Config`.
+        calib: iterable of batches (tensors, tuples of args, dicts such as a tokenizer's BatchEncoding, or a
+            DataLoader); needed for static W8A8 and for the accuracy fallback.
+        exclude: glob patterns of module names to keep in float (e.g. ``["classifier.*"]``).
+        inplace: modify `model` itself instead of a deep copy.
+        max_error: accuracy-aware fallback: keep the most sensitive layers in float until the model output's
+            noise-to-signal power ratio on the calibration batches is <= max_error (0.01 = 20 dB SQNR).
+        keep_float: keep this many of the most sensitive layers in float.
+        eval_batches: calibration batches used to measure the output error for the fallback.
+
+    Returns:
+        The model with Linear / Conv2d / Conv1D layers replaced by `QLinear` / `QConv2d`; `oq.summary(model)`
+        lists every layer.
+    """
+    work, targets, floats, batches, built = _prepare(model, config, calib, exclude, inplace, backend, progress)
+    records = dict(floats)
+    for name, (q, rec) in built.items():
+        _swap(work, name, q)
+        records[name] = rec
+    if max_error is not None or keep_float:
+        if batches is None:
+            raise CalibrationError("max_error / keep_float need calibration batches (calib=...) to measure error")
+        _fallback(work, targets, built, records, batches[:eval_batches], max_error, keep_float, progress)
+    work.octoquant_layers = records
+    return work
+
+
+def _fallback(work, targets, built, records, batches, max_error, keep_float, progress) -> None:
+    """Return the most sensitive layers to float until the output error target (or the budget) holds."""
+    # reference outputs with every layer in float
+    originals = {name: _swap(work, name, m) for name, (m, _) in targets.items()}
+    ref = _outputs(work, batches)
+    scores = {}
+    for name in tqdm(targets, desc="sensitivity", disable=not progress, leave=False):
+        _swap(work, name, built[name][0])
+        scores[name] = _output_error(ref, _outputs(work, batches))
+        _swap(work, name, originals[name])
+    for name, (q, _) in built.items():
+        _swap(work, name, q)
+    order = sorted(scores, key=lambda n: -scores[n])  # most sensitive first
+    kept = 0
+    err = _output_error(ref, _outputs(work, batches))
+    while order and (kept < keep_float or (max_error is not None and err > max_error)):
+        name = order.pop(0)
+        _swap(work, name, originals[name])
+        rec = records[name]
+        records[name] = LayerRecord(name, rec.kind, "float", f"sensitive (alone: {_db(scores[name]):.1f} dB)",
+                                    float_bytes=rec.float_bytes, sqnr_db=rec.sqnr_db)
+        kept += 1
+        err = _output_error(ref, _outputs(work, batches))
+    log.info("octoquant: %d layers kept in float; output SQNR %.1f dB", kept, _db(err))
+    work.octoquant_output_sqnr_db = _db(err)
+
+
+def _db(noise_ratio: float) -> float:
+    return float("inf") if noise_ratio == 0 else -10 * math.log10(noise_ratio)
+
+
+def sensitivity(
+    model: nn.Module,
+    config: Config = W8A8,
+    calib: Iterable | None = None,
+    metric: Callable[[torch.Tensor, torch.Tensor], float] | None = None,
+    *,
+    exclude: Sequence[str] = (),
+    eval_batches: int = 8,
+    backend: str | None = None,
+    progress: bool = True,
+) -> list[tuple[str, float]]:
+    """Per-layer sensitivity: the model output's metric when only that layer is quantized.
+
+    One calibration pass, then one forward pass over `eval_batches` batches per layer. The default metric is
+    the output SQNR in dB (lower = more sensitive). Returns (layer name, value), most sensitive first.
+    """
+    metric = metric or (lambda ref, out: sqnr_db(ref, out))
+    work, targets, _, batches, built = _prepare(model, config, calib, exclude, False, backend, progress)
+    if batches is None:
+        raise CalibrationError("sensitivity needs calibration batches (calib=...)")
+    batches = batches[:eval_batches]
+    ref = torch.cat([o.reshape(-1) for o in _outputs(work, batches)])
+    out = []
+    for name in tqdm(targets, desc="sensitivity", disable=not progress, leave=False):
+        old = _swap(work, name, built[name][0])
+        got = torch.cat([o.reshape(-1) for o in _outputs(work, batches)])
+        _swap(work, name, old)
+        out.append((name, float(metric(ref, got))))
+    return sorted(out, key=lambda t: t[1])
+
+
+def summary(qmodel: nn.Module, print_table: bool = True) -> list[LayerRecord]:
+    """Every quantizable layer of a model returned by `oq.quantize`: mode, granularity, range, SQNR, bytes."""
+    records = getattr(qmodel, "octoquant_layers", None)
+    if records is None:
+        raise ValueError("summary() expects a model returned by oq.quantize")
+    order = {name: i for i, (name, _) in enumerate(qmodel.named_modules())}
+    rows = sorted(records.values(), key=lambda r: order.get(r.name, len(order)))
+    if print_table:
+        print(format_summary(rows))
+    return rows
+
+
+def format_summary(rows: list[LayerRecord]) -> str:
+    head = f"{'layer':<34}{'type':<8}{'mode':<14}{'weights':<14}{'calibrator':<18}{'clip range':<20}" \
+           f"{'SQNR dB':>8}{'bytes':>11}"
+    lines = [head, "-" * len(head)]
+    total_q = total_f = 0
+    for r in rows:
+        rng = f"[{r.clip_range[0]:.3g}, {r.clip_range[1]:.3g}]" if r.clip_range else ""
+        sq = f"{r.sqnr_db:.1f}" if r.sqnr_db is not None else ""
+        if r.status == "float":
+            lines.append(f"{r.name:<34}{r.kind:<8}{'float':<14}{r.reason:<52}{sq:>8}{r.float_bytes:>11,}")
+            total_q += r.float_bytes
+        else:
+            lines.append(f"{r.name:<34}{r.kind:<8}{r.mode:<14}{r.weight_granularity:<14}{r.calibrator:<18}{rng:<20}"
+                         f"{sq:>8}{r.bytes:>11,}")
+            total_q += r.bytes
+        total_f += r.float_bytes
+    n_int8 = sum(r.status == "int8" for r in rows)
+    lines.append(f"{n_int8}/{len(rows)} layers int8; layer bytes {total_q:,} vs FP32 {total_f:,} "
+                 f"({total_f / max(total_q, 1):.2f}x smaller)")
+    return "\n".join(lines)
