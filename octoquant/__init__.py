@@ -5,24 +5,50 @@ scale, zp = oq.choose_qparams(x.min(), x.max())
 x_hat = oq.fake_quantize(x, scale, zp)
 """
 
-from .config import Granularity, PerChannel, PerGroup, PerTensor, PerToken, QDtype, QScheme
+from . import evaluate
+from .config import (
+    W8A8,
+    W8A8_DYNAMIC,
+    W8A16,
+    Calibrator,
+    Config,
+    Granularity,
+    PerChannel,
+    PerGroup,
+    PerTensor,
+    PerToken,
+    QDtype,
+    QScheme,
+    QuantMode,
+)
+from .convert import quantize, sensitivity, summary
 from .functional import (
     check_finite,
     cosine_similarity,
     dequantize,
     fake_quantize,
     max_abs_error,
-    quantize,
     quantize_dynamic,
     reduce_minmax,
     sqnr_db,
 )
+from .functional import quantize as quantize_tensor
 from .observers import CalibrationError, make_observer
 from .qparams import choose_qparams
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "quantize",
+    "sensitivity",
+    "summary",
+    "evaluate",
+    "Config",
+    "W8A8",
+    "W8A8_DYNAMIC",
+    "W8A16",
+    "QuantMode",
+    "Calibrator",
     "QDtype",
     "QScheme",
     "Granularity",
@@ -31,7 +57,7 @@ __all__ = [
     "PerToken",
     "PerGroup",
     "choose_qparams",
-    "quantize",
+    "quantize_tensor",
     "dequantize",
     "fake_quantize",
     "quantize_dynamic",

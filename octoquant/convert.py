@@ -18,11 +18,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import W8A8, Calibrator, Config, PerChannel, PerTensor, QScheme, QuantMode
+from .config import W8A8, Calibrator, Config, PerChannel, PerTensor, QScheme, QuantMode, Rounding
 from .functional import check_finite, sqnr_db
 from .nn import QConv2d, QLinear
 from .nn._base import QuantizedModule
 from .observers import CalibrationError, MSEObserver, Observer, make_observer
+from .rounding import gptq_round, input_hessian_update
 
 log = logging.getLogger("octoquant")
 
@@ -83,8 +84,9 @@ def _select(model: nn.Module, config: Config, exclude: Sequence[str]) -> tuple[d
         if isinstance(m, QuantizedModule):
             raise ValueError(f"{name!r} is already quantized: oq.quantize expects a float model")
         if _unsupported(m):
-            floats[name] = LayerRecord(name, type(m).__name__, "float", "unsupported layer type",
-                                       float_bytes=_param_bytes(m))
+            floats[name] = LayerRecord(
+                name, type(m).__name__, "float", "unsupported layer type", float_bytes=_param_bytes(m)
+            )
             continue
         if not _is_candidate(m):
             continue
@@ -154,14 +156,16 @@ class _SampleSketch:
         self._probe: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor) -> None:
-        units = x.detach().to(torch.float32).reshape(-1, *x.shape[x.dim() - self.unit_dims:])
+        units = x.detach().to(torch.float32).reshape(-1, *x.shape[x.dim() - self.unit_dims :])
         flat = units.reshape(units.shape[0], -1)
         if self._probe is None:
             n = flat.shape[1]
             self.k = int(max(2, min(SAMPLE_UNITS_MAX, SAMPLE_BUDGET // max(n, 1))))
             step = max(1, n // 1024)
             self._idx = torch.arange(0, n, step)[:1024]
-            self._probe = torch.randn(len(self._idx), generator=torch.Generator().manual_seed(1234), dtype=torch.float64)
+            self._probe = torch.randn(
+                len(self._idx), generator=torch.Generator().manual_seed(1234), dtype=torch.float64
+            )
         keys = flat[:, self._idx].to(torch.float64) @ self._probe
         keys = keys + 1e-9 * flat.to(torch.float64).sum(dim=1)  # separate units that agree on the probe
         if self.keys is not None:
@@ -182,6 +186,9 @@ class _Recorder:
             kwargs = {"percentile": cfg.percentile} if c is Calibrator.PERCENTILE else {}
             self.observers[c] = make_observer(c.value, scheme, f"{name} (input)", **kwargs)
         self.sketch = _SampleSketch(3 if isinstance(module, nn.Conv2d) else 1)
+        self.module = module
+        self.hessian: torch.Tensor | None = None
+        self.wants_hessian = cfg.weight_rounding is Rounding.GPTQ
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         if not args or not isinstance(args[0], torch.Tensor):
@@ -191,6 +198,8 @@ class _Recorder:
         for obs in self.observers.values():
             obs.update(x)
         self.sketch.add(x)
+        if self.wants_hessian:
+            self.hessian = input_hessian_update(self.hessian, x, self.module)
 
 
 @torch.no_grad()
@@ -229,23 +238,64 @@ def _granularity_name(cfg: Config, m: nn.Module) -> str:
     return f"per-group({g.group_size})"
 
 
-def _build(name: str, m: nn.Module, cfg: Config, rec: _Recorder | None, backend: str | None
-           ) -> tuple[QuantizedModule, LayerRecord]:
+def _build(
+    name: str, m: nn.Module, cfg: Config, rec: _Recorder | None, backend: str | None
+) -> tuple[QuantizedModule, LayerRecord]:
     """The quantized replacement of one layer, and its summary row."""
     is_conv = isinstance(m, nn.Conv2d)
     w = m.weight if not _is_conv1d(m) else m.weight.T
     wr = _weight_range(w, cfg, name)
-    group = cfg.weight_granularity.group_size if cfg.mode is QuantMode.W8A16 and hasattr(cfg.weight_granularity, "group_size") else None
+    group = (
+        cfg.weight_granularity.group_size
+        if cfg.mode is QuantMode.W8A16 and hasattr(cfg.weight_granularity, "group_size")
+        else None
+    )
+
+    gptq_codes = None
+    if cfg.weight_rounding is Rounding.GPTQ:
+        if rec is None or rec.hessian is None:
+            raise CalibrationError(f"{name!r}: gptq rounding needs calibration data (calib=...)")
 
     def make(input_range):
+        nonlocal gptq_codes
         if is_conv:
-            return QConv2d.from_float(m, input_range=input_range, mode=cfg.mode, input_dtype=cfg.activation_dtype,
-                                      weight_range=wr, backend=backend, name=name)
-        return QLinear.from_float(m, cfg.mode, input_range=input_range, input_dtype=cfg.activation_dtype,
-                                  weight_range=wr, group_size=group, backend=backend, name=name)
+            q = QConv2d.from_float(
+                m,
+                input_range=input_range,
+                mode=cfg.mode,
+                input_dtype=cfg.activation_dtype,
+                weight_range=wr,
+                backend=backend,
+                name=name,
+            )
+        else:
+            q = QLinear.from_float(
+                m,
+                cfg.mode,
+                input_range=input_range,
+                input_dtype=cfg.activation_dtype,
+                weight_range=wr,
+                group_size=group,
+                backend=backend,
+                name=name,
+            )
+        if cfg.weight_rounding is Rounding.GPTQ:
+            if gptq_codes is None:  # the same codes for every activation candidate
+                groups = rec.hessian.shape[0]
+                w3 = w.detach().reshape(groups, w.shape[0] // groups, -1)
+                gptq_codes = gptq_round(w3, q.weight_scale.reshape(groups, -1), rec.hessian).reshape(q.weight.shape)
+            q.weight.copy_(gptq_codes)
+            q._packed = None
+        return q
 
-    record = LayerRecord(name, type(m).__name__, "int8", mode=cfg.mode.value,
-                         weight_granularity=_granularity_name(cfg, m), float_bytes=_param_bytes(m))
+    record = LayerRecord(
+        name,
+        type(m).__name__,
+        "int8",
+        mode=cfg.mode.value,
+        weight_granularity=_granularity_name(cfg, m),
+        float_bytes=_param_bytes(m),
+    )
     sample = rec.sketch.units if rec is not None else None
     ref = m(sample) if sample is not None else None
     if cfg.mode is QuantMode.W8A8_STATIC:
@@ -255,7 +305,7 @@ def _build(name: str, m: nn.Module, cfg: Config, rec: _Recorder | None, backend:
         for cal, obs in rec.observers.items():
             lo, hi = obs.compute_range()
             q = make((float(lo), float(hi)))
-            err = float((q(sample) - ref).pow(2).mean()) if len(rec.observers) > 1 else 0.0
+            err = _residual_error(ref - q(sample), is_conv, cfg.bias_correction) if len(rec.observers) > 1 else 0.0
             if best is None or err < best[0]:
                 best = (err, cal, q, (float(lo), float(hi)))
         _, cal, q, rng = best
@@ -270,17 +320,31 @@ def _build(name: str, m: nn.Module, cfg: Config, rec: _Recorder | None, backend:
         record.sqnr_db = sqnr_db(ref, q(sample))
     from .functional import dequantize
 
-    wq = dequantize(q.weight, q.weight_scale, 0, PerChannel(0) if q.weight_scale.dim() == 1 else
-                    __import__("octoquant").PerGroup(q.group_size))
+    wq = dequantize(
+        q.weight,
+        q.weight_scale,
+        0,
+        PerChannel(0) if q.weight_scale.dim() == 1 else __import__("octoquant").PerGroup(q.group_size),
+    )
     record.weight_sqnr_db = sqnr_db(w.detach().reshape(w.shape[0], -1), wq.reshape(w.shape[0], -1))
     record.bytes = sum(b.numel() * b.element_size() for b in q.buffers())
     return q, record
 
 
+def _channel_dims(error: torch.Tensor, is_conv: bool) -> list[int]:
+    return [0, 2, 3] if is_conv else list(range(error.dim() - 1))
+
+
+def _residual_error(error: torch.Tensor, is_conv: bool, bias_corrected: bool) -> float:
+    """Mean squared output error that remains after (optional) bias correction removes its channel means."""
+    if bias_corrected:
+        error = error - error.mean(dim=_channel_dims(error, is_conv), keepdim=True)
+    return float(error.pow(2).mean())
+
+
 def _correct_bias(q: QuantizedModule, error: torch.Tensor, is_conv: bool) -> None:
     """Empirical bias correction: add the mean output error (FP32 - int8) per output channel to the bias."""
-    dims = [0, 2, 3] if is_conv else list(range(error.dim() - 1))
-    delta = error.to(torch.float64).mean(dim=dims).to(torch.float32)  # (out_channels,)
+    delta = error.to(torch.float64).mean(dim=_channel_dims(error, is_conv)).to(torch.float32)  # (out_channels,)
     if q.bias is None:
         q.bias = torch.zeros_like(delta)
     q.bias.add_(delta)
@@ -307,6 +371,7 @@ def _outputs(model: nn.Module, batches: list) -> list[torch.Tensor]:
     return [first_tensor(_run(model, b)).detach().float() for b in batches]
 
 
+@torch.no_grad()
 def _prepare(model, config, calib, exclude, inplace, backend, progress):
     if not isinstance(config, Config):
         raise TypeError(f"config must be an oq.Config (e.g. oq.W8A8), got {type(config).__name__}")
@@ -315,14 +380,23 @@ def _prepare(model, config, calib, exclude, inplace, backend, progress):
     targets, floats = _select(work, config, list(exclude))
     if not targets:
         raise ValueError("the model has no quantizable layer (nn.Linear, nn.Conv2d, transformers Conv1D)")
-    from .transforms import fold_batchnorm
+    from .transforms import equalize_depthwise, fold_batchnorm
 
     fold_batchnorm(work)
     batches = _materialize(calib)
+    if batches is not None and config.equalize_depthwise and config.mode is not QuantMode.W8A16:
+
+        def calibration_pass():
+            for b in batches:
+                _run(work, b)
+
+        equalize_depthwise(work, calibration_pass)
     static = [n for n, (_, c) in targets.items() if c.mode is QuantMode.W8A8_STATIC]
     if static and batches is None:
-        raise CalibrationError(f"static W8A8 needs calibration data (calib=...) for {len(static)} layers, "
-                               "e.g. a few batches of representative inputs; or use oq.W8A8_DYNAMIC")
+        raise CalibrationError(
+            f"static W8A8 needs calibration data (calib=...) for {len(static)} layers, "
+            "e.g. a few batches of representative inputs; or use oq.W8A8_DYNAMIC"
+        )
     recorders = _calibrate(work, targets, batches, progress) if batches is not None else {}
     built = {}
     for name, (m, cfg) in tqdm(targets.items(), desc="quantizing", disable=not progress, leave=False):
@@ -376,14 +450,15 @@ def quantize(
 
 def _fallback(work, targets, built, records, batches, max_error, keep_float, progress) -> None:
     """Return the most sensitive layers to float until the output error target (or the budget) holds."""
-    # reference outputs with every layer in float
-    originals = {name: _swap(work, name, m) for name, (m, _) in targets.items()}
-    ref = _outputs(work, batches)
+    floats = {name: m for name, (m, _) in targets.items()}  # the (BatchNorm-folded) float layers
+    for name, m in floats.items():
+        _swap(work, name, m)
+    ref = _outputs(work, batches)  # every layer in float
     scores = {}
     for name in tqdm(targets, desc="sensitivity", disable=not progress, leave=False):
         _swap(work, name, built[name][0])
         scores[name] = _output_error(ref, _outputs(work, batches))
-        _swap(work, name, originals[name])
+        _swap(work, name, floats[name])
     for name, (q, _) in built.items():
         _swap(work, name, q)
     order = sorted(scores, key=lambda n: -scores[n])  # most sensitive first
@@ -391,10 +466,16 @@ def _fallback(work, targets, built, records, batches, max_error, keep_float, pro
     err = _output_error(ref, _outputs(work, batches))
     while order and (kept < keep_float or (max_error is not None and err > max_error)):
         name = order.pop(0)
-        _swap(work, name, originals[name])
+        _swap(work, name, floats[name])
         rec = records[name]
-        records[name] = LayerRecord(name, rec.kind, "float", f"sensitive (alone: {_db(scores[name]):.1f} dB)",
-                                    float_bytes=rec.float_bytes, sqnr_db=rec.sqnr_db)
+        records[name] = LayerRecord(
+            name,
+            rec.kind,
+            "float",
+            f"sensitive (alone: {_db(scores[name]):.1f} dB)",
+            float_bytes=rec.float_bytes,
+            sqnr_db=rec.sqnr_db,
+        )
         kept += 1
         err = _output_error(ref, _outputs(work, batches))
     log.info("octoquant: %d layers kept in float; output SQNR %.1f dB", kept, _db(err))
@@ -449,8 +530,10 @@ def summary(qmodel: nn.Module, print_table: bool = True) -> list[LayerRecord]:
 
 
 def format_summary(rows: list[LayerRecord]) -> str:
-    head = f"{'layer':<34}{'type':<8}{'mode':<14}{'weights':<14}{'calibrator':<18}{'clip range':<20}" \
-           f"{'SQNR dB':>8}{'bytes':>11}"
+    head = (
+        f"{'layer':<34}{'type':<8}{'mode':<14}{'weights':<14}{'calibrator':<18}{'clip range':<20}"
+        f"{'SQNR dB':>8}{'bytes':>11}"
+    )
     lines = [head, "-" * len(head)]
     total_q = total_f = 0
     for r in rows:
@@ -460,11 +543,15 @@ def format_summary(rows: list[LayerRecord]) -> str:
             lines.append(f"{r.name:<34}{r.kind:<8}{'float':<14}{r.reason:<52}{sq:>8}{r.float_bytes:>11,}")
             total_q += r.float_bytes
         else:
-            lines.append(f"{r.name:<34}{r.kind:<8}{r.mode:<14}{r.weight_granularity:<14}{r.calibrator:<18}{rng:<20}"
-                         f"{sq:>8}{r.bytes:>11,}")
+            lines.append(
+                f"{r.name:<34}{r.kind:<8}{r.mode:<14}{r.weight_granularity:<14}{r.calibrator:<18}{rng:<20}"
+                f"{sq:>8}{r.bytes:>11,}"
+            )
             total_q += r.bytes
         total_f += r.float_bytes
     n_int8 = sum(r.status == "int8" for r in rows)
-    lines.append(f"{n_int8}/{len(rows)} layers int8; layer bytes {total_q:,} vs FP32 {total_f:,} "
-                 f"({total_f / max(total_q, 1):.2f}x smaller)")
+    lines.append(
+        f"{n_int8}/{len(rows)} layers int8; layer bytes {total_q:,} vs FP32 {total_f:,} "
+        f"({total_f / max(total_q, 1):.2f}x smaller)"
+    )
     return "\n".join(lines)

@@ -276,7 +276,11 @@ def _kl_best_bins(h: torch.Tensor, levels: int, candidates: int = 384) -> int:
     last = int(nz[-1]) + 1 if len(nz) else 0
     if last <= levels:
         return max(last, 1)
-    h = h[:last]
+    h = h[:last].clone()
+    # The first bin holds every exact zero (a spike after ReLU, half the data or more). Merged into a chunk,
+    # the spike makes Q disagree with P for any cut wider than `levels` bins, so KL would always pick the
+    # narrowest cut. Like NVIDIA's histogram calibrator, give bin 0 its neighbour's count for the search.
+    h[0] = h[1]
     cands = torch.unique(torch.linspace(levels, last, candidates).round().to(torch.int64))  # (T,)
     i = cands.unsqueeze(1)  # (T, 1)
     j = torch.arange(last, dtype=torch.int64).unsqueeze(0)  # (1, L)

@@ -45,7 +45,7 @@ def _expand(p, x, g):
 def test_roundtrip_error_within_half_scale(granularity, dtype, symmetric, data):
     x = torch.from_numpy(data)
     scale, zp = _qparams(x, granularity, dtype, symmetric)
-    q = oq.quantize(x, scale, zp, granularity, dtype)
+    q = oq.quantize_tensor(x, scale, zp, granularity, dtype)
     assert q.dtype == dtype.torch_dtype
     x_hat = oq.dequantize(q, scale, zp, granularity)
     bound = _expand(scale, x, granularity) / 2 * (1 + ROUNDING_SLACK)
@@ -63,8 +63,8 @@ def test_values_outside_range_saturate(granularity, dtype, data, factor):
     scale, zp = _qparams(x, granularity, dtype, symmetric=False)
     qmin, qmax = dtype.qrange()
     big = (x.abs().max() + 256 * scale.max()) * factor  # beyond the clip range whatever the scale
-    q_hi = oq.quantize(torch.full_like(x, big), scale, zp, granularity, dtype)
-    q_lo = oq.quantize(torch.full_like(x, -big), scale, zp, granularity, dtype)
+    q_hi = oq.quantize_tensor(torch.full_like(x, big), scale, zp, granularity, dtype)
+    q_lo = oq.quantize_tensor(torch.full_like(x, -big), scale, zp, granularity, dtype)
     assert (q_hi.to(torch.int32) == qmax).all() and (q_lo.to(torch.int32) == qmin).all()
 
 
@@ -81,12 +81,12 @@ def test_zero_roundtrips_exactly(granularity, dtype, data):
 
 
 def test_round_half_to_even():
-    q = oq.quantize(torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5]), torch.tensor(1.0))
+    q = oq.quantize_tensor(torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5]), torch.tensor(1.0))
     assert q.tolist() == [0, 2, 2, 0, -2]
 
 
 def test_narrow_range_never_emits_minus_128():
-    q = oq.quantize(torch.tensor([-1000.0]), torch.tensor(1.0), narrow_range=True)
+    q = oq.quantize_tensor(torch.tensor([-1000.0]), torch.tensor(1.0), narrow_range=True)
     assert q.item() == -127
 
 
@@ -99,12 +99,12 @@ def test_per_group_scales_are_independent():
 
 def test_group_size_must_divide():
     with pytest.raises(ValueError, match="does not divide"):
-        oq.quantize(torch.zeros(2, 10), torch.ones(2, 3), 0, PerGroup(3))
+        oq.quantize_tensor(torch.zeros(2, 10), torch.ones(2, 3), 0, PerGroup(3))
 
 
 def test_scale_shape_mismatch_raises():
     with pytest.raises(ValueError, match="does not match"):
-        oq.quantize(torch.zeros(4, 8), torch.ones(3), 0, PerChannel(0))
+        oq.quantize_tensor(torch.zeros(4, 8), torch.ones(3), 0, PerChannel(0))
 
 
 def test_dequantize_rejects_float():

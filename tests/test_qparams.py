@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from octoquant import PerChannel, QDtype, choose_qparams, dequantize, quantize
+from octoquant import PerChannel, QDtype, choose_qparams, dequantize
+from octoquant import quantize_tensor as quantize
 
 
 @pytest.mark.parametrize("dtype", [QDtype.INT8, QDtype.UINT8], ids=lambda d: d.value)

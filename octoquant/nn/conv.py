@@ -11,10 +11,12 @@ from ._base import QuantizedModule, input_qparams, quantize_weight
 
 
 class QConv2d(QuantizedModule):
-    """Conv2d with int8 per-output-channel weights and calibrated per-tensor activations.
+    """Conv2d with int8 per-output-channel weights and per-tensor int8/uint8 activations.
 
+    Static mode uses calibrated activation qparams; dynamic mode takes min/max of each input at run time.
     Buffers: weight (O, C/groups, kh, kw) int8; weight_scale (O,) float32; bias (O,) float32 (optional);
-    input_scale () float32; input_zero_point () int32. Output: float, NCHW shape in channels_last memory.
+    input_scale () float32 and input_zero_point () int32 (static). Output: float, NCHW shape in
+    channels_last memory.
     """
 
     def __init__(
@@ -29,8 +31,12 @@ class QConv2d(QuantizedModule):
         bias=True,
         input_dtype: QDtype | str = QDtype.UINT8,
         backend: str | None = None,
+        mode: QuantMode | str = QuantMode.W8A8_STATIC,
     ) -> None:
         super().__init__(backend)
+        self.mode = QuantMode.parse(mode)
+        if self.mode is QuantMode.W8A16:
+            raise ValueError("QConv2d runs W8A8 (static or dynamic); weight-only convolution is not supported")
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
@@ -41,8 +47,9 @@ class QConv2d(QuantizedModule):
         self.register_buffer("weight", torch.zeros(out_channels, in_channels // groups, kh, kw, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_channels, dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out_channels) if bias else None)
-        self.register_buffer("input_scale", torch.ones((), dtype=torch.float32))
-        self.register_buffer("input_zero_point", torch.zeros((), dtype=torch.int32))
+        if self.mode is QuantMode.W8A8_STATIC:
+            self.register_buffer("input_scale", torch.ones((), dtype=torch.float32))
+            self.register_buffer("input_zero_point", torch.zeros((), dtype=torch.int32))
 
     @classmethod
     def from_float(
@@ -96,20 +103,20 @@ class QConv2d(QuantizedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"QConv2d expects (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        if self.mode is QuantMode.W8A8_STATIC:
+            scale, zp = float(self.input_scale), int(self.input_zero_point)
+        else:  # dynamic: this input's own range
+            lo, hi = torch.aminmax(x.detach().to(torch.float32))
+            s, z = input_qparams((lo, hi), self.input_dtype)
+            scale, zp = float(s), int(z)
         y = self.backend.conv2d_static(
-            x,
-            self.packed(),
-            self.stride,
-            self.padding,
-            self.dilation,
-            float(self.input_scale),
-            int(self.input_zero_point),
-            self.input_dtype,
+            x, self.packed(), self.stride, self.padding, self.dilation, scale, zp, self.input_dtype
         )
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, groups={self.groups}, input_dtype={self.input_dtype.value}"
+            f"padding={self.padding}, groups={self.groups}, mode={self.mode.value}, "
+            f"input_dtype={self.input_dtype.value}"
         )

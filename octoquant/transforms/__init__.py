@@ -1,5 +1,6 @@
 """Float-identity rewrites applied before rounding (each tested to leave the FP32 output unchanged)."""
 
 from .batchnorm import fold_batchnorm
+from .equalize import ChannelClamp, equalize_depthwise, find_depthwise_pairs
 
-__all__ = ["fold_batchnorm"]
+__all__ = ["fold_batchnorm", "equalize_depthwise", "find_depthwise_pairs", "ChannelClamp"]

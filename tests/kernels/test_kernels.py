@@ -199,7 +199,7 @@ def test_quantize_static_bit_equal_large(fast, dtype, zp):
     x = torch.randn(3, 40_000) * 4
     x[0, :6] = torch.tensor([0.25, 0.75, -0.25, 1.25, 100.0, -100.0])  # scale 0.5: exact ties, saturation
     scale = 0.5
-    q_ref = oq.quantize(x, torch.tensor(scale), zp, dtype=dtype)
+    q_ref = oq.quantize_tensor(x, torch.tensor(scale), zp, dtype=dtype)
     shift = 128 if dtype is QDtype.INT8 else 0
     q = fast.quantize_static_u8(x, x.shape[1], scale, zp, dtype)
     assert torch.equal((q.to(torch.int32) - shift), q_ref.to(torch.int32))

@@ -157,3 +157,13 @@ def test_bf16_input_returns_bf16():
     q = QLinear.from_float(lin, "w8a8_dynamic")
     y = q(torch.randn(2, 16, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16
+
+
+def test_qconv2d_dynamic_mode(backend):
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    x = torch.randn(2, 8, 10, 10)  # signed input: the dynamic range includes negatives
+    q = QConv2d.from_float(conv, mode="w8a8_dynamic", backend=backend)
+    assert "input_scale" not in q.state_dict()
+    assert oq.sqnr_db(conv(x), q(x)) >= SQNR_CONV_DB
+    with pytest.raises(ValueError, match="weight-only convolution"):
+        QConv2d(8, 16, 3, mode="w8a16")
