@@ -145,7 +145,8 @@ def _materialize(calib: Iterable | None) -> list | None:
 class _SampleSketch:
     """Keeps the k units (rows of a Linear input, images of a Conv input) with the smallest content hash.
 
-    A bottom-k sketch: the kept set depends only on the multiset of units seen, not on batch order or size.
+    A bottom-k sketch: the kept set depends only on the multiset of units seen, not on batch order or size,
+    and, the hash being pseudo-random, it is a uniform random sample of them.
     """
 
     def __init__(self, unit_dims: int) -> None:
@@ -166,8 +167,11 @@ class _SampleSketch:
             self._probe = torch.randn(
                 len(self._idx), generator=torch.Generator().manual_seed(1234), dtype=torch.float64
             )
-        keys = flat[:, self._idx].to(torch.float64) @ self._probe
-        keys = keys + 1e-9 * flat.to(torch.float64).sum(dim=1)  # separate units that agree on the probe
+        proj = flat[:, self._idx].to(torch.float64) @ self._probe + 1e-9 * flat.to(torch.float64).sum(dim=1)
+        # The kept units must be an unbiased sample (bias correction averages over them): the projection
+        # itself would select units lying in one direction. Its fractional part at a fine scale is a
+        # deterministic, content-derived key that behaves like a uniform random draw.
+        keys = torch.frac(proj * 7_919_000.0).abs()
         if self.keys is not None:
             keys, units = torch.cat([self.keys, keys]), torch.cat([self.units, units])
         order = torch.argsort(keys, stable=True)[: self.k]
@@ -413,6 +417,7 @@ def quantize(
     inplace: bool = False,
     max_error: float | None = None,
     keep_float: int = 0,
+    fallback: str = "float",
     eval_batches: int = 8,
     backend: str | None = None,
     progress: bool = True,
@@ -428,13 +433,17 @@ def quantize(
         inplace: modify `model` itself instead of a deep copy.
         max_error: accuracy-aware fallback: keep the most sensitive layers in float until the model output's
             noise-to-signal power ratio on the calibration batches is <= max_error (0.01 = 20 dB SQNR).
-        keep_float: keep this many of the most sensitive layers in float.
+        keep_float: keep this many of the most sensitive layers in float (or in `fallback` mode).
+        fallback: what a sensitive layer falls back to: "float", or "dynamic" (int8 weights and per-token
+            int8 activations computed at run time: still integer arithmetic, no calibrated range to miss).
         eval_batches: calibration batches used to measure the output error for the fallback.
 
     Returns:
         The model with Linear / Conv2d / Conv1D layers replaced by `QLinear` / `QConv2d`; `oq.summary(model)`
         lists every layer.
     """
+    if fallback not in FALLBACKS:
+        raise ValueError(f"unknown fallback {fallback!r}; valid: {', '.join(FALLBACKS)}")
     work, targets, floats, batches, built = _prepare(model, config, calib, exclude, inplace, backend, progress)
     records = dict(floats)
     for name, (q, rec) in built.items():
@@ -443,13 +452,18 @@ def quantize(
     if max_error is not None or keep_float:
         if batches is None:
             raise CalibrationError("max_error / keep_float need calibration batches (calib=...) to measure error")
-        _fallback(work, targets, built, records, batches[:eval_batches], max_error, keep_float, progress)
+        _fallback(
+            work, targets, built, records, batches[:eval_batches], max_error, keep_float, fallback, backend, progress
+        )
     work.octoquant_layers = records
     return work
 
 
-def _fallback(work, targets, built, records, batches, max_error, keep_float, progress) -> None:
-    """Return the most sensitive layers to float until the output error target (or the budget) holds."""
+FALLBACKS = ("float", "dynamic")
+
+
+def _fallback(work, targets, built, records, batches, max_error, keep_float, fallback, backend, progress) -> None:
+    """Return the most sensitive layers to float (or dynamic int8) until the error target or budget holds."""
     floats = {name: m for name, (m, _) in targets.items()}  # the (BatchNorm-folded) float layers
     for name, m in floats.items():
         _swap(work, name, m)
@@ -466,19 +480,25 @@ def _fallback(work, targets, built, records, batches, max_error, keep_float, pro
     err = _output_error(ref, _outputs(work, batches))
     while order and (kept < keep_float or (max_error is not None and err > max_error)):
         name = order.pop(0)
-        _swap(work, name, floats[name])
+        m, cfg = targets[name]
         rec = records[name]
-        records[name] = LayerRecord(
-            name,
-            rec.kind,
-            "float",
-            f"sensitive (alone: {_db(scores[name]):.1f} dB)",
-            float_bytes=rec.float_bytes,
-            sqnr_db=rec.sqnr_db,
-        )
+        dyn_cfg = cfg.replace(mode=QuantMode.W8A8_DYNAMIC, overrides=())
+        if fallback == "dynamic" and cfg.mode is not QuantMode.W8A8_DYNAMIC and _float_reason(m, dyn_cfg) is None:
+            q, new = _build(name, m, dyn_cfg, None, backend)
+            new.calibrator = f"dynamic (fallback; {_db(scores[name]):.1f} dB static)"
+        else:
+            q = floats[name]
+            reason = f"sensitive (alone: {_db(scores[name]):.1f} dB)"
+            new = LayerRecord(name, rec.kind, "float", reason, float_bytes=rec.float_bytes, sqnr_db=rec.sqnr_db)
+        previous = _swap(work, name, q)
+        new_err = _output_error(ref, _outputs(work, batches))
+        if new_err >= err:  # this fallback does not help here (e.g. dynamic ranges on a CNN): keep the layer
+            _swap(work, name, previous)
+            continue
+        records[name] = new
+        err = new_err
         kept += 1
-        err = _output_error(ref, _outputs(work, batches))
-    log.info("octoquant: %d layers kept in float; output SQNR %.1f dB", kept, _db(err))
+    log.info("octoquant: %d layers fell back to %s; output SQNR %.1f dB", kept, fallback, _db(err))
     work.octoquant_output_sqnr_db = _db(err)
 
 

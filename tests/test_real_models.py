@@ -1,0 +1,138 @@
+"""Accuracy on real pretrained models and real data shipped in packages (see shared/MODELS.md).
+
+Run alone with `pytest -m real_model`. Thresholds are named constants; the comment says where each comes from.
+"""
+
+import pytest
+import torch
+
+import octoquant as oq
+from octoquant.evaluate import mean_kl_divergence, top1_agreement
+
+pytestmark = pytest.mark.real_model
+
+# MobileNetV2 on hard photo crops (median FP32 confidence ~0.47): the issue's bar with the accuracy-aware
+# fallback (3 most sensitive layers float; measured 93.8% / KL 0.016), and a floor for the all-int8 default
+# (measured 89-91% / KL 0.03; ORT quantize_static measured 77.8% / KL 0.26 on this protocol).
+MNV2_AGREE_FALLBACK = 0.90
+MNV2_KL_FALLBACK = 0.05
+MNV2_AGREE_ALL_INT8 = 0.86
+MNV2_KL_ALL_INT8 = 0.10
+# Fashion-MNIST CNN: top-1 drop on the 10k test set (issue bar)
+FASHION_MAX_DROP_POINTS = 0.3
+# MiniLM embeddings: the issue's bars
+MINILM_COS_MEAN = 0.995
+MINILM_COS_MIN = 0.98
+MINILM_PROBE_MAX_DROP_POINTS = 1.0
+
+
+@pytest.fixture(scope="module")
+def mobilenet_setup():
+    from octoquant.evaluate.vision import load_photos, photo_crops
+    from octoquant.models.mobilenetv2 import mobilenet_v2_imagenet
+
+    photos = load_photos()
+    calib = photo_crops(64, seed=0, photos=photos)
+    evals = photo_crops(256, seed=1, photos=photos)
+    model = mobilenet_v2_imagenet()
+    with torch.no_grad():
+        ref = torch.cat([model(evals[i : i + 32]) for i in range(0, 256, 32)])
+    return model, [calib[i : i + 16] for i in range(0, 64, 16)], evals, ref
+
+
+def _logits(q, evals):
+    with torch.no_grad():
+        return torch.cat([q(evals[i : i + 32]) for i in range(0, 256, 32)])
+
+
+def test_mobilenetv2_static_w8a8(mobilenet_setup):
+    model, calib, evals, ref = mobilenet_setup
+    q = oq.quantize(model, oq.W8A8, calib=calib, progress=False)
+    out = _logits(q, evals)
+    agree, kl = top1_agreement(ref, out), mean_kl_divergence(ref, out)
+    print(f"MobileNetV2 all-int8 W8A8: agreement {agree:.4f}, KL {kl:.4f}")
+    assert agree >= MNV2_AGREE_ALL_INT8 and kl <= MNV2_KL_ALL_INT8
+    assert all(r.status == "int8" for r in oq.summary(q, print_table=False))
+    # the classic collapse: naive per-tensor min-max PTQ (one scale per weight tensor after BatchNorm folding,
+    # min-max activations, no equalization or bias correction) -- measured KL ~0.35, agreement ~73%
+    naive = oq.W8A8.replace(
+        weight_granularity=oq.PerTensor(), calibrator="minmax", bias_correction=False, equalize_depthwise=False
+    )
+    kl_naive = mean_kl_divergence(ref, _logits(oq.quantize(model, naive, calib=calib, progress=False), evals))
+    print(f"MobileNetV2 naive per-tensor min-max: KL {kl_naive:.4f}")
+    assert kl_naive > 3 * kl
+
+
+def test_mobilenetv2_with_fallback(mobilenet_setup):
+    model, calib, evals, ref = mobilenet_setup
+    q = oq.quantize(model, oq.W8A8, calib=calib, progress=False, keep_float=3)
+    out = _logits(q, evals)
+    agree, kl = top1_agreement(ref, out), mean_kl_divergence(ref, out)
+    print(f"MobileNetV2 W8A8 + 3 float layers: agreement {agree:.4f}, KL {kl:.4f}")
+    assert agree >= MNV2_AGREE_FALLBACK and kl <= MNV2_KL_FALLBACK
+    assert sum(r.status == "float" for r in oq.summary(q, print_table=False)) == 3
+
+
+def test_fashion_mnist_cnn_top1_drop():
+    from octoquant.models.fashion_cnn import fashion_cnn_trained, load_split
+
+    model = fashion_cnn_trained()
+    x_train, _ = load_split("train")
+    x_test, y_test = load_split("t10k")
+    g = torch.Generator().manual_seed(0)
+    calib = [x_train[torch.randperm(len(x_train), generator=g)[:256]][i : i + 64] for i in range(0, 256, 64)]
+    q = oq.quantize(model, oq.W8A8, calib=calib, progress=False)
+
+    def accuracy(m):
+        with torch.no_grad():
+            return (
+                100
+                * sum(
+                    (m(x_test[i : i + 1000]).argmax(1) == y_test[i : i + 1000]).sum().item()
+                    for i in range(0, 10000, 1000)
+                )
+                / 10000
+            )
+
+    fp, q8 = accuracy(model), accuracy(q)
+    print(f"Fashion-MNIST CNN: FP32 {fp:.2f}%, INT8 {q8:.2f}%")
+    assert fp > 90.0  # the committed checkpoint is a real classifier
+    assert fp - q8 <= FASHION_MAX_DROP_POINTS
+
+
+@pytest.fixture(scope="module")
+def minilm_setup():
+    from octoquant.evaluate.text import newsgroup_docs, wiki_sentences
+    from octoquant.models.minilm import calibration_batches, embed, load_minilm
+
+    tok, model = load_minilm()
+    calib = calibration_batches(tok, wiki_sentences("calib", 128))
+    sentences = wiki_sentences("eval", 256)
+    texts, labels, _ = newsgroup_docs()
+    return tok, model, calib, sentences, embed(model, tok, sentences), list(texts), torch.tensor(labels), embed
+
+
+def _probe_accuracy(emb: torch.Tensor, labels: torch.Tensor) -> float:
+    """Logistic regression on even-indexed docs, accuracy (%) on odd-indexed docs."""
+    from sklearn.linear_model import LogisticRegression
+
+    clf = LogisticRegression(max_iter=2000, C=10.0).fit(emb[0::2].numpy(), labels[0::2].numpy())
+    return 100 * float((torch.from_numpy(clf.predict(emb[1::2].numpy())) == labels[1::2]).double().mean())
+
+
+@pytest.mark.parametrize(
+    "name,config,kwargs",
+    [("dynamic", oq.W8A8_DYNAMIC, {}), ("static", oq.W8A8, {"keep_float": 6, "fallback": "dynamic"})],
+    ids=["dynamic", "static"],
+)
+def test_minilm_embeddings(minilm_setup, name, config, kwargs):
+    tok, model, calib, sentences, ref, texts, labels, embed = minilm_setup
+    q = oq.quantize(model, config, calib=calib, progress=False, **kwargs)
+    assert all(r.status == "int8" for r in oq.summary(q, print_table=False))  # every Linear stays int8
+    cos = (embed(q, tok, sentences) * ref).sum(-1)
+    probe_fp = _probe_accuracy(embed(model, tok, texts), labels)
+    probe_q = _probe_accuracy(embed(q, tok, texts), labels)
+    print(f"MiniLM {name}: cosine mean {cos.mean():.4f} min {cos.min():.4f}; probe {probe_fp:.1f}% -> {probe_q:.1f}%")
+    assert cos.mean() >= MINILM_COS_MEAN and cos.min() >= MINILM_COS_MIN
+    assert probe_fp > 80.0  # the probe task is learnable from FP32 embeddings
+    assert probe_fp - probe_q <= MINILM_PROBE_MAX_DROP_POINTS
