@@ -395,6 +395,11 @@ def _prepare(model, config, calib, exclude, inplace, backend, progress):
                 _run(work, b)
 
         equalize_depthwise(work, calibration_pass)
+    from .transforms import find_conv_activation_pairs
+
+    work._octoquant_act_pairs = (
+        find_conv_activation_pairs(work) if any(isinstance(m, nn.Conv2d) for m, _ in targets.values()) else []
+    )
     static = [n for n, (_, c) in targets.items() if c.mode is QuantMode.W8A8_STATIC]
     if static and batches is None:
         raise CalibrationError(
@@ -455,8 +460,21 @@ def quantize(
         _fallback(
             work, targets, built, records, batches[:eval_batches], max_error, keep_float, fallback, backend, progress
         )
+    _fuse_activations(work, work.__dict__.pop("_octoquant_act_pairs", []))
     work.octoquant_layers = records
     return work
+
+
+def _fuse_activations(work: nn.Module, pairs: list[tuple[str, str]]) -> None:
+    """Move each ReLU/ReLU6/ChannelClamp that follows an int8 conv into the conv's epilogue (exact)."""
+    from .transforms import activation_upper
+
+    for conv_name, act_name in pairs:
+        conv, act = work.get_submodule(conv_name), work.get_submodule(act_name)
+        upper = activation_upper(act)
+        if isinstance(conv, QConv2d) and upper is not None:
+            conv.fuse_activation(upper)
+            _swap(work, act_name, nn.Identity())
 
 
 FALLBACKS = ("float", "dynamic")

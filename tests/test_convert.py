@@ -251,3 +251,20 @@ def test_fallback_that_does_not_help_is_not_taken():
     q = oq.quantize(m, oq.W8A8, calib=batches, progress=False, max_error=0.0, fallback="dynamic")
     # dynamic per-image ranges do not beat calibrated ones on this CNN everywhere: not all layers switch
     assert sum("fallback" in r.calibrator for r in oq.summary(q, print_table=False)) < 4
+
+
+def test_activations_fused_into_int8_convs_exactly():
+    m = tiny_cnn()
+    batches = calib_batches()
+    q = oq.quantize(m, oq.W8A8, calib=batches, progress=False)
+    # every ReLU/ReLU6/ChannelClamp after a QConv2d moved into the conv epilogue
+    assert not any(isinstance(mod, nn.ReLU | nn.ReLU6 | ChannelClamp) for mod in q.features)
+    assert q.features[0].output_clamp is not None and q.features[6].output_clamp is not None
+    unfused = copy.deepcopy(q)
+    for conv_i, act_i in ((0, 2), (3, 5), (6, 7)):  # the same int8 model with separate activation modules
+        upper = unfused.features[conv_i].output_clamp
+        unfused.features[conv_i].output_clamp = None
+        unfused.features[conv_i]._packed = None
+        unfused.features[act_i] = ChannelClamp(upper)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(q(x), unfused(x))

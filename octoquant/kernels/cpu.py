@@ -11,6 +11,7 @@ import ctypes
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..config import QDtype
@@ -80,6 +81,7 @@ class CpuPackedW8A8:
     n: int
     k: int
     kp: int
+    clamp_hi: torch.Tensor | None = None  # (T*64,) fused activation: y = min(max(y, 0), clamp_hi)
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,7 @@ class CpuPackedConv:
     scale: torch.Tensor  # (O,) float32
     bias: torch.Tensor | None
     gemms: tuple[CpuPackedW8A8, ...]  # one per group (K order kh, kw, C/groups), empty for depthwise
+    clamp_hi: torch.Tensor | None = None  # (O,) fused activation
 
 
 def _pad_to(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -124,7 +127,13 @@ class CpuBackend:
         self._isa_id = ISAS[isa]
 
     # -------------------------------------------------------------------------------------------- packing
-    def pack_w8a8(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> CpuPackedW8A8:
+    def pack_w8a8(
+        self,
+        weight: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        clamp_hi: torch.Tensor | None = None,
+    ) -> CpuPackedW8A8:
         n, k = weight.shape
         check_k(k)
         kp = (k + 3) // 4 * 4
@@ -134,7 +143,8 @@ class CpuBackend:
         _C.pack_weight_u8s8(w.data_ptr(), n, k, packed.data_ptr(), kp)
         colsum = _pad_to(w.to(torch.int32).sum(dim=1, dtype=torch.int32), tiles * 64)
         b = None if bias is None else bias.detach().to(torch.float32).contiguous()
-        return CpuPackedW8A8(packed, colsum, _pad_to(scale.to(torch.float32), tiles * 64), b, n, k, kp)
+        hi = None if clamp_hi is None else _pad_to(clamp_hi.to(torch.float32), tiles * 64)
+        return CpuPackedW8A8(packed, colsum, _pad_to(scale.to(torch.float32), tiles * 64), b, n, k, kp, hi)
 
     def pack_w8a16(self, weight, scale, group_size, bias) -> CpuPackedW8A16:
         n, k = weight.shape
@@ -170,6 +180,7 @@ class CpuBackend:
             row_scale0,
             p.scale.data_ptr(),
             _ptr(p.bias),
+            _ptr(p.clamp_hi),
             0 if acc_out else out.data_ptr(),
             out.data_ptr() if acc_out else 0,
             out.stride(0),
@@ -264,7 +275,7 @@ class CpuBackend:
         """GEMM on already quantized (M, kp) u8 activations (e.g. an im2col buffer)."""
         offset = in_zero_point + (128 if in_dtype is QDtype.INT8 else 0)
         out = torch.empty(a_u8.shape[0], p.n, dtype=torch.float32)
-        rs = float(torch.tensor(in_scale, dtype=torch.float32))
+        rs = float(np.float32(in_scale))  # the float32 value the reference uses
         self._gemm(a_u8, offset, p, None, rs, out)
         return out
 
@@ -289,29 +300,31 @@ class CpuBackend:
         )
         return out
 
-    def pack_conv(self, weight, scale, bias, groups) -> CpuPackedConv:
+    def pack_conv(self, weight, scale, bias, groups, clamp_hi: torch.Tensor | None = None) -> CpuPackedConv:
         o, cg, kh, kw = weight.shape
         check_k(cg * kh * kw)
         b = None if bias is None else bias.detach().to(torch.float32).contiguous()
         s = scale.to(torch.float32).contiguous()
+        hi = None if clamp_hi is None else clamp_hi.to(torch.float32).contiguous()
         if groups > 1 and cg == 1 and o == groups:
             dw = weight[:, 0].permute(1, 2, 0).to(torch.int32).contiguous()  # (kh, kw, C)
-            return CpuPackedConv(groups, (kh, kw), o, dw, s, b, ())
+            return CpuPackedConv(groups, (kh, kw), o, dw, s, b, (), hi)
         og = o // groups
         gemms = tuple(
             self.pack_w8a8(
                 weight[g * og : (g + 1) * og].permute(0, 2, 3, 1).reshape(og, kh * kw * cg),
                 s[g * og : (g + 1) * og],
                 None if b is None else b[g * og : (g + 1) * og],
+                None if hi is None else hi[g * og : (g + 1) * og],
             )
             for g in range(groups)
         )
-        return CpuPackedConv(groups, (kh, kw), o, None, s, b, gemms)
+        return CpuPackedConv(groups, (kh, kw), o, None, s, b, gemms, hi)
 
     def conv2d_static(self, x, p: CpuPackedConv, stride, padding, dilation, in_scale, in_zero_point, in_dtype):
-        """NHWC int8 conv: quantize once, pad with the zero-point, im2col (none for 1x1 stride 1), int8 GEMM.
+        """NHWC int8 conv: quantize once, im2col (none for 1x1 stride 1), int8 GEMM; or the depthwise kernel.
 
-        Returns an NCHW tensor in channels_last memory (no copy back to NCHW).
+        Padding reads the zero-point (real 0). Returns an NCHW tensor in channels_last memory (no copy back).
         """
         if x.dim() != 4:
             raise ValueError(f"QConv2d expects (N, C, H, W) input, got shape {tuple(x.shape)}")
@@ -323,25 +336,24 @@ class CpuBackend:
         x_nhwc = x.to(torch.float32).permute(0, 2, 3, 1).contiguous()  # no copy if x is channels_last
         a = self.quantize_static_u8(x_nhwc.reshape(1, -1), x_nhwc.numel(), in_scale, in_zero_point, in_dtype)
         a = a.reshape(n, h, w, c)
-        if ph or pw:
-            a = torch.nn.functional.pad(a, (0, 0, pw, pw, ph, ph), value=pad_value)
-        hp, wp = a.shape[1], a.shape[2]
-        ho = (hp - dh * (kh - 1) - 1) // sh + 1
-        wo = (wp - dw * (kw - 1) - 1) // sw + 1
-        rs = float(torch.tensor(in_scale, dtype=torch.float32))
-        if p.depthwise_weight is not None:
+        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        rs = float(np.float32(in_scale))  # the float32 value the reference uses
+        if p.depthwise_weight is not None:  # taps outside the image are skipped in the kernel: no padded copy
             y = torch.empty(n, ho, wo, c, dtype=torch.float32)
             _C.depthwise_conv_u8(
                 a.data_ptr(),
                 n,
-                hp,
-                wp,
+                h,
+                w,
                 c,
                 p.depthwise_weight.data_ptr(),
                 kh,
                 kw,
                 sh,
                 sw,
+                ph,
+                pw,
                 dh,
                 dw,
                 ho,
@@ -350,11 +362,14 @@ class CpuBackend:
                 rs,
                 p.scale.data_ptr(),
                 _ptr(p.bias),
+                _ptr(p.clamp_hi),
                 y.data_ptr(),
                 self._isa_id,
                 torch.get_num_threads(),
             )
             return y.permute(0, 3, 1, 2)
+        if ph or pw:
+            a = torch.nn.functional.pad(a, (0, 0, pw, pw, ph, ph), value=pad_value)
         cg = c // p.groups
         m = n * ho * wo
         outs = []

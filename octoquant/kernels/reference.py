@@ -83,6 +83,7 @@ class PackedConv:
     scale: torch.Tensor  # (O,) float32
     bias: torch.Tensor | None
     groups: int
+    clamp_hi: torch.Tensor | None = None  # (O,) fused activation: y = min(max(y, 0), clamp_hi)
 
 
 def conv_out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
@@ -132,9 +133,10 @@ class ReferenceBackend:
         w = dequantize(packed.weight, packed.scale, 0, PerGroup(packed.group_size))
         return F.linear(x.to(torch.float32), w, packed.bias)
 
-    def pack_conv(self, weight, scale, bias, groups) -> PackedConv:
+    def pack_conv(self, weight, scale, bias, groups, clamp_hi=None) -> PackedConv:
         check_k(weight[0].numel())
-        return PackedConv(weight, scale.to(torch.float32), None if bias is None else bias.to(torch.float32), groups)
+        b = None if bias is None else bias.to(torch.float32)
+        return PackedConv(weight, scale.to(torch.float32), b, groups, clamp_hi)
 
     def conv2d_static(self, x, p: PackedConv, stride, padding, dilation, in_scale, in_zero_point, in_dtype):
         """Static-quantized conv: exact integer conv of (q - zp) and w (float64 holds the integers exactly)."""
@@ -142,4 +144,7 @@ class ReferenceBackend:
         q = quantize(x, s, in_zero_point, PerTensor(), in_dtype).to(torch.float64) - in_zero_point
         acc = F.conv2d(q, p.weight.to(torch.float64), None, stride, padding, dilation, p.groups).to(torch.int32)
         y = acc.to(torch.float32) * (s * p.scale).reshape(1, -1, 1, 1)
-        return y + p.bias.reshape(1, -1, 1, 1) if p.bias is not None else y
+        y = y + p.bias.reshape(1, -1, 1, 1) if p.bias is not None else y
+        if p.clamp_hi is not None:
+            y = torch.minimum(y.clamp_min(0.0), p.clamp_hi.reshape(1, -1, 1, 1))
+        return y

@@ -41,6 +41,7 @@ class QuantizedModule(nn.Module):
         super().__init__()
         self.backend_name = backend
         self._packed = None
+        self._qparams: tuple[float, int] | None = None
 
     @property
     def backend(self):
@@ -49,7 +50,15 @@ class QuantizedModule(nn.Module):
     def packed(self):
         if self._packed is None:
             self._packed = self._pack(self.backend)
+            self._qparams = None
         return self._packed
+
+    def _static_qparams(self) -> tuple[float, int]:
+        """(input scale, zero-point) as Python numbers, cached with the packed weights (no per-call .item())."""
+        self.packed()
+        if self._qparams is None:
+            self._qparams = (float(self.input_scale), int(self.input_zero_point))
+        return self._qparams
 
     def _pack(self, backend):  # pragma: no cover - abstract
         raise NotImplementedError

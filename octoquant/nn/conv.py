@@ -50,6 +50,14 @@ class QConv2d(QuantizedModule):
         if self.mode is QuantMode.W8A8_STATIC:
             self.register_buffer("input_scale", torch.ones((), dtype=torch.float32))
             self.register_buffer("input_zero_point", torch.zeros((), dtype=torch.int32))
+        # A fused ReLU/ReLU6 (see fuse_activation): output clamped to [0, output_clamp[c]] in the epilogue.
+        self.register_buffer("output_clamp", None)
+
+    def fuse_activation(self, upper: torch.Tensor) -> None:
+        """Apply y = min(max(y, 0), upper[c]) in the kernel epilogue (upper may be +inf: ReLU)."""
+        upper = torch.as_tensor(upper, dtype=torch.float32).reshape(-1).expand(self.out_channels).clone()
+        self.output_clamp = upper
+        self._packed = None
 
     @classmethod
     def from_float(
@@ -98,13 +106,13 @@ class QConv2d(QuantizedModule):
         return q
 
     def _pack(self, backend):
-        return backend.pack_conv(self.weight, self.weight_scale, self.bias, self.groups)
+        return backend.pack_conv(self.weight, self.weight_scale, self.bias, self.groups, self.output_clamp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"QConv2d expects (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
         if self.mode is QuantMode.W8A8_STATIC:
-            scale, zp = float(self.input_scale), int(self.input_zero_point)
+            scale, zp = self._static_qparams()
         else:  # dynamic: this input's own range
             lo, hi = torch.aminmax(x.detach().to(torch.float32))
             s, z = input_qparams((lo, hi), self.input_dtype)

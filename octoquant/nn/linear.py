@@ -106,7 +106,7 @@ class QLinear(QuantizedModule):
         if self.mode is QuantMode.W8A8_DYNAMIC:
             y = be.linear_dynamic(x2, p)
         elif self.mode is QuantMode.W8A8_STATIC:
-            y = be.linear_static(x2, p, float(self.input_scale), int(self.input_zero_point), self.input_dtype)
+            y = be.linear_static(x2, p, *self._static_qparams(), self.input_dtype)
         else:
             y = be.linear_weight_only(x2, p)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)  # (..., N)

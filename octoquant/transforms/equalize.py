@@ -38,6 +38,18 @@ class ChannelClamp(nn.Module):
 _PASS_THROUGH = (nn.ReLU, nn.ReLU6, nn.Identity)
 
 
+class _LeafTracer(torch.fx.Tracer):
+    """fx tracer that keeps octoquant's own modules as single call_module nodes (like torch.nn modules)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, ChannelClamp) or super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> torch.fx.GraphModule:
+    """An fx graph of `model` (raises if the model is not symbolically traceable)."""
+    return torch.fx.GraphModule(model, _LeafTracer().trace(model))
+
+
 def _is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
@@ -45,7 +57,7 @@ def _is_depthwise(m: nn.Module) -> bool:
 def find_depthwise_pairs(model: nn.Module) -> list[tuple[str, list[str], str]]:
     """(producer conv, element-wise modules between, depthwise conv) triples, by fx dataflow."""
     try:
-        gm = torch.fx.symbolic_trace(model)
+        gm = trace(model)
     except Exception as e:  # noqa: BLE001 - any tracing failure just means: no equalization
         log.info("octoquant: depthwise equalization skipped (model not fx-traceable: %s)", type(e).__name__)
         return []

@@ -221,3 +221,18 @@ def test_own_thread_pool_and_openmp_agree():
     finally:
         cpu._share_torch_openmp()
     assert cpu._C.threading() == cpu.THREADING
+
+
+@pytest.mark.parametrize(
+    "cfg", [CONVS["pointwise"], CONVS["depthwise-s2"], CONVS["stem-3x3-s2"]], ids=["1x1", "dw", "3x3"]
+)
+def test_conv2d_fused_clamp_bit_equal(fast, cfg):
+    c, o, k, s, p, d, g = cfg
+    x = torch.randn(2, c, 9, 11)
+    w, ws, bias = rand_i8(o, c // g, k, k), torch.rand(o) * 0.01, torch.randn(o)
+    hi = torch.rand(o) * 0.5  # per-channel upper bounds that actually clip
+    args = ((s, s), (p, p), (d, d), 0.03, 100, QDtype.UINT8)
+    y_ref = REF.conv2d_static(x, REF.pack_conv(w, ws, bias, g, hi), *args)
+    y = fast.conv2d_static(x, fast.pack_conv(w, ws, bias, g, hi), *args)
+    assert torch.equal(y.contiguous(), y_ref.contiguous())
+    assert (y_ref <= hi.reshape(1, -1, 1, 1)).all() and (y_ref >= 0).all() and (y_ref == 0).any()

@@ -160,6 +160,7 @@ struct GemmArgs {
   float row_scale0;
   const float* col_scale;  // (T*64,) padded
   const float* bias;       // (N,) or null
+  const float* clamp_hi;   // (T*64,) or null: fused activation y = min(max(y, 0), clamp_hi[n])
   float* y;                // (M, ldy) float, or null
   int32_t* acc_out;        // (M, ldy) int32, or null
   int64_t ldy;
@@ -185,6 +186,7 @@ inline void epilogue_scalar(const GemmArgs& g, int64_t m, int64_t n0, const int3
       volatile float cs = rs * g.col_scale[n];  // volatile: keep mul and add separate (no FMA)
       float v = (float)acc * cs;
       if (g.bias) v = v + g.bias[n];
+      if (g.clamp_hi) v = std::min(std::max(v, 0.0f), g.clamp_hi[n]);
       g.y[m * g.ldy + n] = v;
     }
   }
@@ -224,6 +226,7 @@ VNNI_TARGET inline void epilogue_vnni(const GemmArgs& g, int64_t m, int64_t n0, 
   __m512 scale = _mm512_mul_ps(_mm512_set1_ps(rs), _mm512_loadu_ps(g.col_scale + n0));
   __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), scale);
   if (g.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, g.bias + n0));
+  if (g.clamp_hi) v = _mm512_min_ps(_mm512_max_ps(v, _mm512_setzero_ps()), _mm512_loadu_ps(g.clamp_hi + n0));
   _mm512_mask_storeu_ps(g.y + m * g.ldy + n0, mask, v);
 }
 
@@ -334,6 +337,8 @@ AVX2_TARGET inline void finish_block_avx2(const GemmArgs& g, int64_t m, int64_t 
       __m256 scale = _mm256_mul_ps(_mm256_set1_ps(rs), _mm256_loadu_ps(g.col_scale + n0 + 8 * h));
       __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(a), scale);
       if (g.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(g.bias + n0 + 8 * h));
+      if (g.clamp_hi)
+        v = _mm256_min_ps(_mm256_max_ps(v, _mm256_setzero_ps()), _mm256_loadu_ps(g.clamp_hi + n0 + 8 * h));
       _mm256_storeu_ps(g.y + m * g.ldy + n0 + 8 * h, v);
     }
     return;
@@ -624,63 +629,88 @@ void wo_block_scalar(const float* x, int64_t ldx, int64_t mr, const int8_t* w, c
 }
 
 // ------------------------------------------------------------------------------------------------ depthwise
-// Depthwise conv on NHWC u8 input already padded with the zero-point: (N, Hp, Wp, C); weights int32
-// (kh, kw, C) (int8 values widened once at pack time). acc[c] = sum_taps (x - offset) * w in int32: exact
-// (|acc| <= taps * 255 * 128). Epilogue as the GEMM's: y = float(acc) * (in_scale * col_scale[c]) + bias[c].
+// Depthwise conv on NHWC u8 input (N, H, W, C); weights int32 (kh, kw, C) (int8 values widened once at pack
+// time). Taps outside the image read the zero-point, whose (x - offset) is 0: they are skipped, no padded copy.
+// acc[c] = sum_taps (x - offset) * w in int32: exact (|acc| <= taps * 255 * 128). Epilogue as the GEMM's:
+// y = float(acc) * (in_scale * col_scale[c]) + bias[c], then the optional fused clamp to [0, clamp_hi[c]].
 struct DwArgs {
-  const uint8_t* x; int64_t N, Hp, Wp, C;
-  const int32_t* w; int64_t kh, kw, sh, sw, dh, dw, Ho, Wo;
-  int32_t offset; float in_scale; const float* col_scale; const float* bias; float* y;
+  const uint8_t* x; int64_t N, H, W, C;
+  const int32_t* w; int64_t kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo;
+  int32_t offset; float in_scale; const float* col_scale; const float* bias; const float* clamp_hi; float* y;
 };
 
-inline void dw_pixel_scalar(const DwArgs& a, const uint8_t* base, float* out, int64_t c0, int64_t c1) {
+struct Taps {  // the in-image taps of one output pixel
+  int64_t i0, i1, j0, j1;  // tap index ranges [i0, i1) x [j0, j1)
+  int64_t ih0, iw0;        // input coordinates of tap (0, 0)
+};
+
+inline Taps taps_of(const DwArgs& a, int64_t ho, int64_t wo) {
+  Taps t;
+  t.ih0 = ho * a.sh - a.ph;
+  t.iw0 = wo * a.sw - a.pw;
+  t.i0 = 0; t.i1 = a.kh; t.j0 = 0; t.j1 = a.kw;
+  while (t.i0 < t.i1 && t.ih0 + t.i0 * a.dh < 0) ++t.i0;
+  while (t.i1 > t.i0 && t.ih0 + (t.i1 - 1) * a.dh >= a.H) --t.i1;
+  while (t.j0 < t.j1 && t.iw0 + t.j0 * a.dw < 0) ++t.j0;
+  while (t.j1 > t.j0 && t.iw0 + (t.j1 - 1) * a.dw >= a.W) --t.j1;
+  return t;
+}
+
+inline void dw_pixel_scalar(const DwArgs& a, const uint8_t* img, const Taps& t, float* out, int64_t c0, int64_t c1) {
   for (int64_t c = c0; c < c1; ++c) {
     int32_t acc = 0;
-    for (int64_t i = 0; i < a.kh; ++i)
-      for (int64_t j = 0; j < a.kw; ++j)
-        acc += ((int32_t)base[(i * a.dh * a.Wp + j * a.dw) * a.C + c] - a.offset) * a.w[(i * a.kw + j) * a.C + c];
+    for (int64_t i = t.i0; i < t.i1; ++i)
+      for (int64_t j = t.j0; j < t.j1; ++j)
+        acc += ((int32_t)img[((t.ih0 + i * a.dh) * a.W + t.iw0 + j * a.dw) * a.C + c] - a.offset) *
+               a.w[(i * a.kw + j) * a.C + c];
     volatile float cs = a.in_scale * a.col_scale[c];
     float v = (float)acc * cs;
-    out[c] = a.bias ? v + a.bias[c] : v;
+    if (a.bias) v = v + a.bias[c];
+    if (a.clamp_hi) v = std::min(std::max(v, 0.0f), a.clamp_hi[c]);
+    out[c] = v;
   }
 }
 
-VNNI_TARGET void dw_pixel_avx512(const DwArgs& a, const uint8_t* base, float* out) {
+VNNI_TARGET void dw_pixel_avx512(const DwArgs& a, const uint8_t* img, const Taps& t, float* out) {
   int64_t c = 0;
   __m512i off = _mm512_set1_epi32(a.offset);
   __m512 rs = _mm512_set1_ps(a.in_scale);
   for (; c + 16 <= a.C; c += 16) {
     __m512i acc = _mm512_setzero_si512();
-    for (int64_t i = 0; i < a.kh; ++i)
-      for (int64_t j = 0; j < a.kw; ++j) {
-        __m512i xv = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(base + (i * a.dh * a.Wp + j * a.dw) * a.C + c)));
+    for (int64_t i = t.i0; i < t.i1; ++i)
+      for (int64_t j = t.j0; j < t.j1; ++j) {
+        const uint8_t* px = img + ((t.ih0 + i * a.dh) * a.W + t.iw0 + j * a.dw) * a.C + c;
+        __m512i xv = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)px));
         __m512i wv = _mm512_loadu_si512((const void*)(a.w + (i * a.kw + j) * a.C + c));
         acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(_mm512_sub_epi32(xv, off), wv));
       }
     __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(rs, _mm512_loadu_ps(a.col_scale + c)));
     if (a.bias) v = _mm512_add_ps(v, _mm512_loadu_ps(a.bias + c));
+    if (a.clamp_hi) v = _mm512_min_ps(_mm512_max_ps(v, _mm512_setzero_ps()), _mm512_loadu_ps(a.clamp_hi + c));
     _mm512_storeu_ps(out + c, v);
   }
-  dw_pixel_scalar(a, base, out, c, a.C);
+  dw_pixel_scalar(a, img, t, out, c, a.C);
 }
 
-AVX2_TARGET void dw_pixel_avx2(const DwArgs& a, const uint8_t* base, float* out) {
+AVX2_TARGET void dw_pixel_avx2(const DwArgs& a, const uint8_t* img, const Taps& t, float* out) {
   int64_t c = 0;
   __m256i off = _mm256_set1_epi32(a.offset);
   __m256 rs = _mm256_set1_ps(a.in_scale);
   for (; c + 8 <= a.C; c += 8) {
     __m256i acc = _mm256_setzero_si256();
-    for (int64_t i = 0; i < a.kh; ++i)
-      for (int64_t j = 0; j < a.kw; ++j) {
-        __m256i xv = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(base + (i * a.dh * a.Wp + j * a.dw) * a.C + c)));
+    for (int64_t i = t.i0; i < t.i1; ++i)
+      for (int64_t j = t.j0; j < t.j1; ++j) {
+        const uint8_t* px = img + ((t.ih0 + i * a.dh) * a.W + t.iw0 + j * a.dw) * a.C + c;
+        __m256i xv = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)px));
         __m256i wv = _mm256_loadu_si256((const __m256i*)(a.w + (i * a.kw + j) * a.C + c));
         acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(_mm256_sub_epi32(xv, off), wv));
       }
     __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_mul_ps(rs, _mm256_loadu_ps(a.col_scale + c)));
     if (a.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(a.bias + c));
+    if (a.clamp_hi) v = _mm256_min_ps(_mm256_max_ps(v, _mm256_setzero_ps()), _mm256_loadu_ps(a.clamp_hi + c));
     _mm256_storeu_ps(out + c, v);
   }
-  dw_pixel_scalar(a, base, out, c, a.C);
+  dw_pixel_scalar(a, img, t, out, c, a.C);
 }
 
 void depthwise(const DwArgs& a, int isa, int nthreads) {
@@ -692,12 +722,13 @@ void depthwise(const DwArgs& a, int isa, int nthreads) {
     split(rows, t, ti, &lo, &hi);
     for (int64_t r = lo; r < hi; ++r) {
       int64_t n = r / a.Ho, ho = r % a.Ho;
+      const uint8_t* img = a.x + n * a.H * a.W * a.C;
       for (int64_t wo = 0; wo < a.Wo; ++wo) {
-        const uint8_t* base = a.x + ((n * a.Hp + ho * a.sh) * a.Wp + wo * a.sw) * a.C;
+        Taps tp = taps_of(a, ho, wo);
         float* out = a.y + ((n * a.Ho + ho) * a.Wo + wo) * a.C;
-        if (isa == ISA_AVX512VNNI) dw_pixel_avx512(a, base, out);
-        else if (isa == ISA_AVX2) dw_pixel_avx2(a, base, out);
-        else dw_pixel_scalar(a, base, out, 0, a.C);
+        if (isa == ISA_AVX512VNNI) dw_pixel_avx512(a, img, tp, out);
+        else if (isa == ISA_AVX2) dw_pixel_avx2(a, img, tp, out);
+        else dw_pixel_scalar(a, img, tp, out, 0, a.C);
       }
     }
   });
@@ -747,11 +778,11 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "gemm_u8s8",
       [](uintptr_t a, int64_t lda, uintptr_t w, uintptr_t colsum, int32_t offset, uintptr_t row_scale, float row_scale0,
-         uintptr_t col_scale, uintptr_t bias, uintptr_t y, uintptr_t acc_out, int64_t ldy, int64_t M, int64_t N,
-         int64_t Kp, int isa, int nthreads) {
+         uintptr_t col_scale, uintptr_t bias, uintptr_t clamp_hi, uintptr_t y, uintptr_t acc_out, int64_t ldy, int64_t M,
+         int64_t N, int64_t Kp, int isa, int nthreads) {
         GemmArgs g{(const uint8_t*)a, lda, (const int8_t*)w, (const int32_t*)colsum, offset,
                    (const float*)row_scale, row_scale0, (const float*)col_scale, (const float*)bias,
-                   (float*)y, (int32_t*)acc_out, ldy, M, N, Kp};
+                   (const float*)clamp_hi, (float*)y, (int32_t*)acc_out, ldy, M, N, Kp};
         gemm(g, check_isa(isa), nthreads);
       });
 
@@ -788,12 +819,12 @@ PYBIND11_MODULE(_C, m) {
     });
   });
 
-  m.def("depthwise_conv_u8", [](uintptr_t x, int64_t N, int64_t Hp, int64_t Wp, int64_t C, uintptr_t w, int64_t kh,
-                                int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t Ho, int64_t Wo,
-                                int32_t offset, float in_scale, uintptr_t col_scale, uintptr_t bias, uintptr_t y,
-                                int isa, int nthreads) {
-    DwArgs a{(const uint8_t*)x, N, Hp, Wp, C, (const int32_t*)w, kh, kw, sh, sw, dh, dw, Ho, Wo, offset, in_scale,
-             (const float*)col_scale, (const float*)bias, (float*)y};
+  m.def("depthwise_conv_u8", [](uintptr_t x, int64_t N, int64_t H, int64_t W, int64_t C, uintptr_t w, int64_t kh,
+                                int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
+                                int64_t Ho, int64_t Wo, int32_t offset, float in_scale, uintptr_t col_scale,
+                                uintptr_t bias, uintptr_t clamp_hi, uintptr_t y, int isa, int nthreads) {
+    DwArgs a{(const uint8_t*)x, N, H, W, C, (const int32_t*)w, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo, offset,
+             in_scale, (const float*)col_scale, (const float*)bias, (const float*)clamp_hi, (float*)y};
     depthwise(a, check_isa(isa), nthreads);
   });
 
