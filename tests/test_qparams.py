@@ -57,5 +57,5 @@ def test_bad_ranges_raise(lo, hi, match):
 def test_unsupported_dtype_raises_listing_valid():
     with pytest.raises(ValueError, match="valid: int8, uint8"):
         choose_qparams(-1.0, 1.0, dtype="int4")
-    with pytest.raises(ValueError, match="unsupported quantized dtype"):
+    with pytest.raises(ValueError, match="unknown quantized dtype"):
         choose_qparams(-1.0, 1.0, dtype=torch.float16)

@@ -27,4 +27,4 @@ def test_readme_python_example_runs():
     (code,) = _blocks("python")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "QLinear SQNR" in out.stdout
+    assert "output SQNR" in out.stdout and "2/2 layers int8" in out.stdout
