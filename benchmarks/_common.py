@@ -33,7 +33,7 @@ def copies_for(nbytes: int, cold: bool) -> int:
 
 
 def interleaved(fns: dict[str, Callable[[int], object]], reps: int, budget_s: float = 20.0) -> dict[str, float]:
-    """Median seconds per call of each fn, timed round-robin (A B C A B C ...) so drift hits all alike.
+    """Median seconds per call of each fn, timed round-robin (A B C, B C A, ...) so drift hits all alike.
 
     Each fn takes the call index (to cycle through cold weight copies).
     """
@@ -41,12 +41,16 @@ def interleaved(fns: dict[str, Callable[[int], object]], reps: int, budget_s: fl
         f(0)
         f(1)
     times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
     start = time.perf_counter()
     i = 0
     while i < reps or (i < 3):
-        for name, f in fns.items():
+        # rotate the order every round: each method runs after each other one equally often (what ran just
+        # before -- another runtime's thread pool, a cache-flushing FP32 GEMM -- changes the next timing)
+        r = i % len(names)
+        for name in names[r:] + names[:r]:
             t0 = time.perf_counter()
-            f(i)
+            fns[name](i)
             times[name].append(time.perf_counter() - t0)
         i += 1
         if time.perf_counter() - start > budget_s and i >= 3:

@@ -18,6 +18,8 @@ measured DRAM read bandwidth.
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import os
 import sys
 import warnings
@@ -85,51 +87,73 @@ def ort_dqmm_model(wq: torch.Tensor, ws: torch.Tensor, b: torch.Tensor) -> bytes
     ).SerializeToString()
 
 
-def bench_shape(m, k, n, threads, cold, reps, with_ort):
+class ShapeSetup:
+    """Every method's weights for one (K, N), built once: enough copies to cycle >= 256 MiB (cold)."""
+
+    def __init__(self, k: int, n: int, with_ort: bool) -> None:
+        torch.manual_seed(0)
+        self.k, self.n, self.with_ort = k, n, with_ort
+        lin = torch.nn.Linear(k, n)
+        self.w, self.b = lin.weight.detach(), lin.bias.detach()
+        self.calib_range = (-4.0, 4.0)  # activations are N(0, 1) below
+        c_fp, c_i8 = copies_for(self.w.numel() * 4, True), copies_for(self.w.numel(), True)
+        self.fp32 = [self.w.clone() for _ in range(c_fp)]
+        self.mods = {}
+        for name, mode in (("oq_w8a8_dyn", "w8a8_dynamic"), ("oq_w8a8_st", "w8a8_static"), ("oq_w8a16", "w8a16")):
+            first = QLinear.from_float(lin, mode, input_range=self.calib_range if mode == "w8a8_static" else None)
+            first.packed()
+            copies = [first]
+            for _ in range(c_i8 - 1):  # the same packed weights in other memory
+                c = copy.deepcopy(first)
+                c._packed = type(first.packed())(
+                    *[t.clone() if torch.is_tensor(t) else t for t in dataclasses.astuple(first.packed())]
+                )
+                copies.append(c)
+            for c in copies:
+                c.weight = torch.empty(0, dtype=torch.int8)  # only the packed bytes are read
+            self.mods[name] = copies
+        q = QLinear.from_float(lin, "w8a8_dynamic")
+        self.w_int8, self.w_scale = q.weight.clone(), q.weight_scale.clone()
+        wq_pc = torch.quantize_per_channel(
+            self.w, self.w_scale.double(), torch.zeros(n, dtype=torch.long), 0, torch.qint8
+        )
+        self.fbgemm = [torch.ops.quantized.linear_prepack(wq_pc.clone(), self.b) for _ in range(c_i8)]
+        self.ort: dict[int, dict[str, list]] = {}
+
+    def ort_sessions(self, threads: int) -> dict[str, list]:
+        if threads not in self.ort:
+            fp, dq = ort_fp32_model(self.w, self.b), ort_dqmm_model(self.w_int8, self.w_scale, self.b)
+            self.ort[threads] = {
+                "ort_fp32": [_ort_session(fp, threads) for _ in range(len(self.fp32))],
+                "ort_dqmm": [_ort_session(dq, threads) for _ in range(len(self.fbgemm))],
+            }
+        return self.ort[threads]
+
+
+def bench_shape(setup: ShapeSetup, m: int, threads: int, cold: bool, reps: int) -> dict:
     torch.set_num_threads(threads)
-    lin = torch.nn.Linear(k, n)
+    k, n = setup.k, setup.n
     x = torch.randn(m, k)
-    q_dyn = QLinear.from_float(lin, "w8a8_dynamic")
-    q_st = QLinear.from_float(lin, "w8a8_static", input_range=(float(x.min()), float(x.max())))
-    q_wo = QLinear.from_float(lin, "w8a16")
-    w, b = lin.weight.detach(), lin.bias.detach()
-    w_int8, w_scale = q_dyn.weight.clone(), q_dyn.weight_scale.clone()  # for the peers, before packing
-    fns = {}
 
-    c_fp = copies_for(w.numel() * 4, cold)
-    ws_fp = [w.clone() for _ in range(c_fp)]
-    fns["fp32"] = lambda i: F.linear(x, ws_fp[i % c_fp], b)
+    def cyc(items):  # cold: cycle through all copies; hot: always the first
+        return items if cold else items[:1]
 
-    c_i8 = copies_for(w.numel(), cold)
-    mods = {"oq_w8a8_dyn": q_dyn, "oq_w8a8_st": q_st, "oq_w8a16": q_wo}
-    for name, mod in mods.items():
-        copies = [mod] + [
-            QLinear.from_float(lin, mod.mode, input_range=(float(x.min()), float(x.max())))
-            if mod.mode.value == "w8a8_static"
-            else QLinear.from_float(lin, mod.mode)
-            for _ in range(c_i8 - 1)
-        ]
-        for c in copies:
-            c.packed()
-            c.weight = torch.empty(0, dtype=torch.int8)  # drop the unpacked copy: only packed bytes are read
-        fns[name] = (lambda cs: lambda i: cs[i % len(cs)](x))(copies)
-
-    wq_pc = torch.quantize_per_channel(w, w_scale.double(), torch.zeros(n, dtype=torch.long), 0, torch.qint8)
-    fb = [torch.ops.quantized.linear_prepack(wq_pc.clone() if j else wq_pc, b) for j in range(c_i8)]
-    fns["fbgemm_dyn"] = lambda i: torch.ops.quantized.linear_dynamic(x, fb[i % c_i8], True)
-
-    if with_ort:
+    fp = cyc(setup.fp32)
+    fns = {"fp32": lambda i: F.linear(x, fp[i % len(fp)], setup.b)}
+    for name, copies in setup.mods.items():
+        cs = cyc(copies)
+        fns[name] = lambda i, cs=cs: cs[i % len(cs)](x)
+    fb = cyc(setup.fbgemm)
+    fns["fbgemm_dyn"] = lambda i: torch.ops.quantized.linear_dynamic(x, fb[i % len(fb)], True)
+    if setup.with_ort:
         xn = x.numpy()
-        fp_model = ort_fp32_model(w, b)
-        s_fp = [_ort_session(fp_model, threads) for _ in range(c_fp)]
-        fns["ort_fp32"] = lambda i: s_fp[i % c_fp].run(None, {"x": xn})
-        dq_model = ort_dqmm_model(w_int8, w_scale, b)
-        s_dq = [_ort_session(dq_model, threads) for _ in range(c_i8)]
-        fns["ort_dqmm"] = lambda i: s_dq[i % c_i8].run(None, {"x": xn})
+        for name, sessions in setup.ort_sessions(threads).items():
+            ss = cyc(sessions)
+            fns[name] = lambda i, ss=ss: ss[i % len(ss)].run(None, {"x": xn})
 
     # correctness of what we time (not a test; a guard against benchmarking garbage)
-    ref = F.linear(x, w, b)
-    for name in mods:
+    ref = F.linear(x, setup.w, setup.b)
+    for name in setup.mods:
         assert oq.sqnr_db(ref, fns[name](0)) > 25, name
 
     t = interleaved(fns, reps)
@@ -169,11 +193,12 @@ def main() -> None:
     )
     print("ratios: FP32 torch time / method time")
     print(hdr)
-    for threads in threads_list:
-        for cold in colds:
-            for k, n in shapes:
+    for k, n in shapes:
+        setup = ShapeSetup(k, n, with_ort)
+        for threads in threads_list:
+            for cold in colds:
                 for m in MS:
-                    r = bench_shape(m, k, n, threads, cold, args.reps, with_ort)
+                    r = bench_shape(setup, m, threads, cold, args.reps)
                     rows.append(r)
                     sp = r["speedup_vs_fp32"]
                     cells = " ".join(

@@ -231,21 +231,6 @@ class CpuBackend:
         m, k = x.shape
         qmin, qmax = dtype.qrange()
         shift = 128 if dtype is QDtype.INT8 else 0
-        if kp == k:
-            a_u8 = torch.empty(m, kp, dtype=torch.uint8)
-            _C.quantize_static(
-                x.data_ptr(),
-                m * k,
-                float(scale),
-                int(zero_point),
-                qmin,
-                qmax,
-                shift,
-                a_u8.data_ptr(),
-                self._isa_id,
-                torch.get_num_threads(),
-            )
-            return a_u8
         a = torch.empty(m, k, dtype=torch.uint8)
         _C.quantize_static(
             x.data_ptr(),
@@ -259,7 +244,9 @@ class CpuBackend:
             self._isa_id,
             torch.get_num_threads(),
         )
-        a_u8 = torch.full((m, kp), zero_point + shift, dtype=torch.uint8)
+        if kp == k:
+            return a
+        a_u8 = torch.full((m, kp), zero_point + shift, dtype=torch.uint8)  # K padded to a multiple of 4
         a_u8[:, :k] = a
         return a_u8
 

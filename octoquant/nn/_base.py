@@ -60,6 +60,19 @@ class QuantizedModule(nn.Module):
             self._qparams = (float(self.input_scale), int(self.input_zero_point))
         return self._qparams
 
+    def _set_quantized(self, weight_q, weight_scale, bias, input_range, name: str) -> None:
+        """Fill the buffers from quantized weights, the float bias and (static mode) the input range."""
+        self.weight.copy_(weight_q)
+        self.weight_scale.copy_(weight_scale)
+        if bias is not None:
+            self.bias.copy_(bias.detach().to(torch.float32))
+        if hasattr(self, "input_scale"):  # static activations
+            if input_range is None:
+                raise ValueError(f"{name!r}: static W8A8 needs a calibrated input_range (min, max)")
+            s, zp = input_qparams(input_range, self.input_dtype)
+            self.input_scale.copy_(s)
+            self.input_zero_point.copy_(zp)
+
     def _pack(self, backend):  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -93,16 +93,7 @@ class QConv2d(QuantizedModule):
             mode,
         )
         wq, ws = quantize_weight(module.weight, PerChannel(0), name, weight_range)
-        q.weight.copy_(wq)
-        q.weight_scale.copy_(ws)
-        if module.bias is not None:
-            q.bias.copy_(module.bias.detach().to(torch.float32))
-        if mode is QuantMode.W8A8_STATIC:
-            if input_range is None:
-                raise ValueError(f"{name!r}: static W8A8 needs a calibrated input_range (min, max)")
-            s, zp = input_qparams(input_range, q.input_dtype)
-            q.input_scale.copy_(s)
-            q.input_zero_point.copy_(zp)
+        q._set_quantized(wq, ws, module.bias, input_range if mode is QuantMode.W8A8_STATIC else None, name)
         return q
 
     def _pack(self, backend):

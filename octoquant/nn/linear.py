@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..config import PerChannel, PerGroup, QDtype, QuantMode
-from ._base import QuantizedModule, input_qparams, quantize_weight
+from ._base import QuantizedModule, quantize_weight
 
 
 def _float_weight(module: nn.Module) -> torch.Tensor:
@@ -81,16 +81,7 @@ class QLinear(QuantizedModule):
         q = cls(in_f, out_f, module.bias is not None, mode, group_size, input_dtype, backend)
         gran = PerChannel(0) if group_size is None else PerGroup(group_size)
         wq, ws = quantize_weight(w, gran, name, weight_range)
-        q.weight.copy_(wq)
-        q.weight_scale.copy_(ws)
-        if module.bias is not None:
-            q.bias.copy_(module.bias.detach().to(torch.float32))
-        if mode is QuantMode.W8A8_STATIC:
-            if input_range is None:
-                raise ValueError(f"{name!r}: static W8A8 needs a calibrated input_range (min, max)")
-            s, zp = input_qparams(input_range, q.input_dtype)
-            q.input_scale.copy_(s)
-            q.input_zero_point.copy_(zp)
+        q._set_quantized(wq, ws, module.bias, input_range if mode is QuantMode.W8A8_STATIC else None, name)
         return q
 
     def _pack(self, backend):
