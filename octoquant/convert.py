@@ -387,9 +387,8 @@ def _prepare(model, config, calib, exclude, inplace, backend, progress):
         equalize_depthwise(work, calibration_pass)
     from .transforms import find_conv_activation_pairs
 
-    work._octoquant_act_pairs = (
-        find_conv_activation_pairs(work) if any(isinstance(m, nn.Conv2d) for m, _ in targets.values()) else []
-    )
+    has_conv = any(isinstance(m, nn.Conv2d) for m, _ in targets.values())
+    act_pairs = find_conv_activation_pairs(work) if has_conv else []
     static = [n for n, (_, c) in targets.items() if c.mode is QuantMode.W8A8_STATIC]
     if static and batches is None:
         raise CalibrationError(
@@ -400,7 +399,7 @@ def _prepare(model, config, calib, exclude, inplace, backend, progress):
     built = {}
     for name, (m, cfg) in tqdm(targets.items(), desc="quantizing", disable=not progress, leave=False):
         built[name] = _build(name, m, cfg, recorders.get(name), backend)
-    return work, targets, floats, batches, built
+    return work, targets, floats, batches, built, act_pairs
 
 
 def quantize(
@@ -439,7 +438,9 @@ def quantize(
     """
     if fallback not in FALLBACKS:
         raise ValueError(f"unknown fallback {fallback!r}; valid: {', '.join(FALLBACKS)}")
-    work, targets, floats, batches, built = _prepare(model, config, calib, exclude, inplace, backend, progress)
+    work, targets, floats, batches, built, act_pairs = _prepare(
+        model, config, calib, exclude, inplace, backend, progress
+    )
     records = dict(floats)
     for name, (q, rec) in built.items():
         _swap(work, name, q)
@@ -450,7 +451,7 @@ def quantize(
         _fallback(
             work, targets, built, records, batches[:eval_batches], max_error, keep_float, fallback, backend, progress
         )
-    _fuse_activations(work, work.__dict__.pop("_octoquant_act_pairs", []))
+    _fuse_activations(work, act_pairs)
     work.octoquant_layers = records
     return work
 
@@ -531,7 +532,7 @@ def sensitivity(
     the output SQNR in dB (lower = more sensitive). Returns (layer name, value), most sensitive first.
     """
     metric = metric or (lambda ref, out: sqnr_db(ref, out))
-    work, targets, _, batches, built = _prepare(model, config, calib, exclude, False, backend, progress)
+    work, targets, _, batches, built, _ = _prepare(model, config, calib, exclude, False, backend, progress)
     if batches is None:
         raise CalibrationError("sensitivity needs calibration batches (calib=...)")
     batches = batches[:eval_batches]
