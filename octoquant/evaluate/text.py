@@ -86,7 +86,13 @@ class _NewsgroupUnpickler(pickle.Unpickler):
             return {"object": object, "dict": dict, "list": list}[name]
         import numpy
 
-        return numpy.core.multiarray._reconstruct if name == "_reconstruct" else getattr(numpy, name)
+        if name != "_reconstruct":
+            return getattr(numpy, name)
+        try:  # numpy >= 2 moved it (numpy.core is a deprecated alias)
+            from numpy._core.multiarray import _reconstruct
+        except ImportError:
+            from numpy.core.multiarray import _reconstruct
+        return _reconstruct
 
 
 @functools.cache
