@@ -233,7 +233,7 @@ def _weight_range(w: torch.Tensor, cfg: Config, name: str) -> tuple[torch.Tensor
     return None
 
 
-def _granularity_name(cfg: Config, m: nn.Module) -> str:
+def _granularity_name(cfg: Config) -> str:
     g = cfg.weight_granularity
     if isinstance(g, PerTensor):
         return "per-tensor"
@@ -293,7 +293,7 @@ def _build(
         type(m).__name__,
         "int8",
         mode=cfg.mode.value,
-        weight_granularity=_granularity_name(cfg, m),
+        weight_granularity=_granularity_name(cfg),
         float_bytes=_param_bytes(m),
     )
     sample = rec.sketch.units if rec is not None else None

@@ -86,10 +86,6 @@ class PackedConv:
     clamp_hi: torch.Tensor | None = None  # (O,) fused activation: y = min(max(y, 0), clamp_hi)
 
 
-def conv_out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
-    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
-
-
 class ReferenceBackend:
     name = "reference"
     isa = "torch"
