@@ -1,7 +1,12 @@
 import os
 
-import pytest
-import torch
+# Without a GPU, the cuda backend's Triton kernels run in Triton's interpreter; Triton reads this switch when it
+# is first imported (transformers may import it early), so it is set before anything else.
+if not os.path.exists("/dev/nvidia0") and "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def pytest_configure(config):

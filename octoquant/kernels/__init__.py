@@ -5,8 +5,10 @@
     pack_w8a8 / linear_dynamic / linear_static                  int8 x int8 -> int32 -> rescale + bias
     pack_w8a16 / linear_weight_only                             int8 weights, float activations
 
-`reference` is the spec (pure torch); `cpu` is octoquant's own C++ (AVX-512 VNNI / AVX2) tested bit-exact
-against it. `default_backend()` picks the fastest available row and logs once when it has to fall back.
+`reference` is the spec (pure torch); `cpu` is octoquant's own C++ (AVX-512 VNNI / AVX2) and `cuda` Triton
+kernels on INT8 tensor cores (run in Triton's interpreter on CPU for CI), both tested bit-exact against it.
+`default_backend()` picks the fastest available CPU row and logs once when it has to fall back; modules whose
+weights live on a GPU use `cuda` (see `backend_for`).
 """
 
 from __future__ import annotations
@@ -15,15 +17,25 @@ import functools
 import logging
 from collections.abc import Callable
 
+import torch
+
 from .cpu import CpuBackend, available_isas, best_isa
 from .reference import MAX_K, ReferenceBackend
 
 log = logging.getLogger("octoquant.kernels")
 
+
+def _cuda_backend() -> object:
+    from .cuda import CudaBackend  # imports Triton: only when asked for
+
+    return CudaBackend()
+
+
 # name -> factory; a factory raises if the row cannot run on this machine
 BACKENDS: dict[str, Callable[[], object]] = {
     "reference": ReferenceBackend,
     "cpu": CpuBackend,
+    "cuda": _cuda_backend,
 }
 
 
@@ -48,4 +60,18 @@ def default_backend() -> object:
     return get_backend("reference")
 
 
-__all__ = ["BACKENDS", "get_backend", "default_backend", "CpuBackend", "ReferenceBackend", "available_isas", "MAX_K"]
+def backend_for(device: torch.device) -> object:
+    """The backend for tensors on `device`: `cuda` on a GPU, else `default_backend()`."""
+    return get_backend("cuda") if device.type == "cuda" else default_backend()
+
+
+__all__ = [
+    "backend_for",
+    "BACKENDS",
+    "get_backend",
+    "default_backend",
+    "CpuBackend",
+    "ReferenceBackend",
+    "available_isas",
+    "MAX_K",
+]

@@ -7,7 +7,7 @@ from torch import nn
 
 from ..config import Granularity, PerChannel, QDtype, QScheme
 from ..functional import check_finite, quantize, reduce_minmax
-from ..kernels import default_backend, get_backend
+from ..kernels import backend_for, get_backend
 from ..qparams import choose_qparams
 
 # Weights: symmetric int8, zero-point 0 (what int8 GEMMs, compressed-tensors and ONNX QDQ expect).
@@ -45,7 +45,7 @@ class QuantizedModule(nn.Module):
 
     @property
     def backend(self):
-        return default_backend() if self.backend_name is None else get_backend(self.backend_name)
+        return backend_for(self.weight.device) if self.backend_name is None else get_backend(self.backend_name)
 
     def packed(self):
         if self._packed is None:
@@ -81,5 +81,14 @@ class QuantizedModule(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
+        """`.to(device)` moves everything; `.to(dtype)` / `.half()` leave the float32 scales and bias alone.
+
+        Rounding scales to bf16 would change every dequantized value; activations in bf16 are still welcome
+        (outputs take the input's dtype). The target device is read off `fn` applied to a 0-d probe.
+        """
         self._packed = None
-        return super()._apply(fn, recurse)
+        device = fn(torch.zeros((), dtype=torch.float32, device=self.weight.device)).device
+        keep = {k: b.to(device) for k, b in self._buffers.items() if b is not None and b.is_floating_point()}
+        out = super()._apply(fn, recurse)
+        self._buffers.update(keep)
+        return out
