@@ -64,8 +64,10 @@ def int_mm_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     n = b.shape[1]
     up = lambda v: -(-v // INT_MM_ALIGN) * INT_MM_ALIGN
     mp, kp, np_ = max(m, INT_MM_MIN_M), up(k), up(n)
-    a_p = _pad_dim(_pad_dim(a, 0, mp), 1, kp)
+    a_p = _pad_dim(_pad_dim(a, 0, mp), 1, kp).contiguous()  # row-major
     b_p = _pad_dim(_pad_dim(b, 0, kp), 1, np_)
+    if b_p.stride(0) != 1:  # cuBLASLt IMMA wants the second operand column-major
+        b_p = b_p.T.contiguous().T
     return torch._int_mm(a_p, b_p)[:m, :n]
 
 

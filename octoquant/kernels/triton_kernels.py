@@ -3,7 +3,9 @@ rescale + bias epilogue fused in, and the W8A16 GEMV / GEMM that reads int8 weig
 
 Numerics follow the reference backend (octoquant/kernels/reference.py), the spec:
 - quantization: q = clamp(round_half_even(x / scale) + zero_point, qmin, qmax), float32 arithmetic; per-token
-  scale = max(absmax / 127, FLT_MIN), 1.0 for an all-zero row;
+  scale = max(absmax / 127, FLT_MIN), 1.0 for an all-zero row. Divisions are IEEE round-to-nearest
+  (`tl.math.div_rn`): Triton's plain `/` on a GPU is an approximate division (div.full.f32), which the H200 run
+  showed flipping ties (per-token codes not bit-equal, static codes 1 off);
 - int8 x int8 products accumulate in int32 (tensor-core IMMA on the GPU): exact, so int32 results are
   bit-identical to the reference;
 - epilogue: float32(acc) * (row_scale * col_scale) + bias, the reference's order (an FMA may fold the bias add:
@@ -34,7 +36,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-FLT_MIN = float(torch.finfo(torch.float32).tiny)  # qparams.SCALE_MIN
+FLT_MIN = tl.constexpr(float(torch.finfo(torch.float32).tiny))  # qparams.SCALE_MIN, a compile-time constant
 
 
 def _autotune(configs: list[triton.Config], key: list[str], prune=None):
@@ -71,21 +73,30 @@ def _round_half_even(v):
 
 
 @triton.jit
-def _quantize_per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK_K: tl.constexpr):
+def _quantize_per_token_kernel(
+    x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr
+):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
-    amax = tl.zeros((BLOCK_K,), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptr + row * stride_x + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
-    a = tl.max(amax, axis=0)
-    scale = tl.maximum(a / 127.0, FLT_MIN)
-    scale = tl.where(a == 0.0, 1.0, scale)
-    for k0 in range(0, K, BLOCK_K):
-        m = k0 + offs < K
-        x = tl.load(x_ptr + row * stride_x + k0 + offs, mask=m, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(_round_half_even(x / scale), -128.0), 127.0)
-        tl.store(q_ptr + row * stride_q + k0 + offs, q.to(tl.int8), mask=m)
+    if ONE_PASS:  # the whole row fits one block: read it once, keep it in registers
+        m = offs < K
+        x = tl.load(x_ptr + row * stride_x + offs, mask=m, other=0.0).to(tl.float32)
+        a = tl.max(tl.abs(x), axis=0)
+        scale = tl.where(a == 0.0, 1.0, tl.maximum(tl.math.div_rn(a, 127.0), FLT_MIN))
+        q = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(x, scale)), -128.0), 127.0)
+        tl.store(q_ptr + row * stride_q + offs, q.to(tl.int8), mask=m)
+    else:
+        amax = tl.zeros((BLOCK_K,), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(x_ptr + row * stride_x + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        a = tl.max(amax, axis=0)
+        scale = tl.where(a == 0.0, 1.0, tl.maximum(tl.math.div_rn(a, 127.0), FLT_MIN))
+        for k0 in range(0, K, BLOCK_K):
+            m = k0 + offs < K
+            x = tl.load(x_ptr + row * stride_x + k0 + offs, mask=m, other=0.0).to(tl.float32)
+            q = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(x, scale)), -128.0), 127.0)
+            tl.store(q_ptr + row * stride_q + k0 + offs, q.to(tl.int8), mask=m)
     tl.store(s_ptr + row, scale)
 
 
@@ -95,8 +106,11 @@ def _quantize_per_tensor_kernel(x_ptr, q_ptr, scale, zero_point, qmin, qmax, shi
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    q = tl.minimum(tl.maximum(_round_half_even(x / scale) + zero_point, qmin), qmax) - shift
+    q = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(x, scale)) + zero_point, qmin), qmax) - shift
     tl.store(q_ptr + offs, q.to(tl.int8), mask=m)
+
+
+PER_TOKEN_ONE_PASS_K = 16384  # rows up to this length are read once (kept in registers)
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,8 +120,12 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     s = torch.empty((m,), dtype=torch.float32, device=x.device)
     if m:
-        block = 64 if INTERPRET else min(4096, triton.next_power_of_2(k))
-        _quantize_per_token_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK_K=block)
+        block = 64 if INTERPRET else min(PER_TOKEN_ONE_PASS_K, triton.next_power_of_2(k))
+        warps = 4 if INTERPRET else max(1, min(16, block // 512))
+        one_pass = k <= block
+        _quantize_per_token_kernel[(m,)](
+            x, q, s, k, x.stride(0), q.stride(0), BLOCK_K=block, ONE_PASS=one_pass, num_warps=warps
+        )
     return q, s
 
 
