@@ -6,6 +6,7 @@ x_hat = oq.fake_quantize(x, scale, zp)
 """
 
 from . import evaluate
+from .checkpoint import CheckpointError, load, save
 from .config import (
     W8A8,
     W8A8_DYNAMIC,
@@ -42,6 +43,9 @@ __all__ = [
     "quantize",
     "sensitivity",
     "summary",
+    "save",
+    "load",
+    "CheckpointError",
     "evaluate",
     "Config",
     "W8A8",

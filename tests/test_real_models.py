@@ -136,3 +136,60 @@ def test_minilm_embeddings(minilm_setup, name, config, kwargs):
     assert cos.mean() >= MINILM_COS_MEAN and cos.min() >= MINILM_COS_MIN
     assert probe_fp > 80.0  # the probe task is learnable from FP32 embeddings
     assert probe_fp - probe_q <= MINILM_PROBE_MAX_DROP_POINTS
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoints: save -> load -> bit-identical outputs on the real models
+
+
+def _folder_bytes(path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir())
+
+
+def test_mobilenetv2_checkpoint_round_trip(mobilenet_setup, tmp_path):
+    from octoquant.models.mobilenetv2 import MobileNetV2
+
+    model, calib, evals, _ = mobilenet_setup
+    q = oq.quantize(model, oq.W8A8, calib=calib, progress=False, keep_float=3)  # float layers with folded BN
+    path = oq.save(q, tmp_path / "mnv2")
+    with torch.device("meta"):
+        arch = MobileNetV2()
+    assert torch.equal(_logits(oq.load(path, arch), evals[:64]), _logits(q, evals[:64]))
+    fp32 = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    print(f"MobileNetV2 checkpoint: {_folder_bytes(path) / 1e6:.2f} MB vs FP32 {fp32 / 1e6:.2f} MB")
+
+
+def test_minilm_checkpoint_round_trip(minilm_setup, tmp_path):
+    tok, model, calib, sentences, _, _, _, embed = minilm_setup
+    q = oq.quantize(model, oq.W8A8, calib=calib, progress=False, keep_float=6, fallback="dynamic")
+    path = oq.save(q, tmp_path / "minilm")
+    q2 = oq.load(path)  # a Hugging Face folder: the architecture comes from config.json
+    assert torch.equal(embed(q2, tok, sentences[:32]), embed(q, tok, sentences[:32]))
+
+
+def test_smollm2_checkpoint_round_trip_and_size(tmp_path):
+    from octoquant.models.smollm2 import load_smollm2
+
+    tok, model = load_smollm2()
+    q = oq.quantize(model, oq.W8A8_DYNAMIC, progress=False)
+    path = oq.save(q, tmp_path / "smollm2")
+    q2 = oq.load(path)
+    ids = tok("The history of the city begins with", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(q(ids).logits, q2(ids).logits)
+    # every quantized linear: 1 byte per weight + one float32 scale per output channel
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        for name, m in q.named_modules():
+            if isinstance(m, oq.nn.QLinear):
+                assert f.get_slice(f"{name}.weight").get_dtype() == "I8"
+                assert f.get_slice(f"{name}.weight_scale").get_shape() == [m.out_features, 1]
+    seen, fp32 = set(), 0
+    for t in model.state_dict().values():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            fp32 += t.numel() * 4
+    size = _folder_bytes(path)
+    print(f"SmolLM2 W8A8 checkpoint: {size / 1e6:.1f} MB vs FP32 {fp32 / 1e6:.1f} MB ({fp32 / size:.2f}x)")
+    assert fp32 / size > 2.0  # the float embedding (28M of 135M parameters) stays float32 here
