@@ -36,6 +36,7 @@ from .functional import (
 from .functional import quantize as quantize_tensor
 from .observers import CalibrationError, make_observer
 from .qparams import choose_qparams
+from .streaming import quantize_checkpoint
 
 __version__ = "0.1.0"
 
@@ -46,6 +47,7 @@ __all__ = [
     "save",
     "load",
     "CheckpointError",
+    "quantize_checkpoint",
     "evaluate",
     "Config",
     "W8A8",

@@ -166,33 +166,31 @@ def _owner(model: nn.Module, key: str) -> nn.Module | None:
 # compressed-tensors quantization_config
 
 
-def _ct_scheme(q: QLinear) -> dict:
+def _ct_scheme(spec: dict) -> dict:
+    """The compressed-tensors scheme of one QLinear spec (see `_module_spec`)."""
     weights = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": False}
-    if q.group_size is None:
+    if spec["group_size"] is None:
         weights.update(strategy="channel", group_size=None)
     else:
-        weights.update(strategy="group", group_size=q.group_size)
-    if q.mode is QuantMode.W8A16:
+        weights.update(strategy="group", group_size=spec["group_size"])
+    mode = QuantMode.parse(spec["mode"])
+    if mode is QuantMode.W8A16:
         acts = None
-    elif q.mode is QuantMode.W8A8_DYNAMIC:
+    elif mode is QuantMode.W8A8_DYNAMIC:
         acts = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
     else:
-        sym = q.input_dtype is QDtype.INT8
+        sym = QDtype.parse(spec["input_dtype"]) is QDtype.INT8
         acts = {"num_bits": 8, "type": "int", "symmetric": sym, "strategy": "tensor", "dynamic": False}
     return {"weights": weights, "input_activations": acts, "output_activations": None}
 
 
-def compressed_tensors_config(model: nn.Module) -> dict:
-    """The `quantization_config` of a Hugging Face config.json for this quantized model (compressed-tensors)."""
+def ct_config_from_specs(specs: dict[str, dict], float_linears: list[str]) -> dict:
+    """`quantization_config` (compressed-tensors) from octoquant's module specs and the Linear layers kept float."""
     groups: dict[str, tuple[dict, list[str]]] = {}
-    ignore = []
-    for name, m in model.named_modules():
-        if isinstance(m, QLinear):
-            scheme = _ct_scheme(m)
-            key = json.dumps(scheme, sort_keys=True)
-            groups.setdefault(key, (scheme, []))[1].append(name)
-        elif isinstance(m, nn.Linear):
-            ignore.append(name)
+    for name, spec in specs.items():
+        if spec["type"] == "QLinear":
+            scheme = _ct_scheme(spec)
+            groups.setdefault(json.dumps(scheme, sort_keys=True), (scheme, []))[1].append(name)
     if not groups:
         raise CheckpointError("the model has no quantized Linear layers: nothing for a compressed-tensors config")
     config_groups = {}
@@ -204,10 +202,17 @@ def compressed_tensors_config(model: nn.Module) -> dict:
         "format": "int-quantized",
         "quantization_status": "compressed",
         "config_groups": config_groups,
-        "ignore": ignore,
+        "ignore": list(float_linears),
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
     }
+
+
+def compressed_tensors_config(model: nn.Module) -> dict:
+    """The `quantization_config` of a Hugging Face config.json for this quantized model (compressed-tensors)."""
+    specs = {name: spec for name, m in model.named_modules() if isinstance(m, QLinear) and (spec := _module_spec(m))}
+    floats = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return ct_config_from_specs(specs, floats)
 
 
 # --------------------------------------------------------------------------------------------------------------

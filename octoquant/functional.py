@@ -27,8 +27,16 @@ __all__ = [
 
 
 def check_finite(x: torch.Tensor, what: str) -> None:
-    """Raise ValueError naming `what` and the first bad index if `x` holds NaN or Inf."""
-    if x.is_floating_point() and not torch.isfinite(x).all():
+    """Raise ValueError naming `what` and the first bad index if `x` holds NaN or Inf.
+
+    The fast path is one sum (NaN and Inf propagate into it), so a large tensor costs no temporaries; a
+    non-finite sum (or an overflowing one) pays for the element-wise search, in blocks.
+    """
+    if not x.is_floating_point() or x.numel() == 0 or bool(torch.isfinite(x.sum())):
+        return
+    flat = x.reshape(-1)
+    step = 1 << 22
+    if not all(bool(torch.isfinite(flat[i : i + step]).all()) for i in range(0, flat.numel(), step)):
         bad = torch.nonzero(~torch.isfinite(x))[0].tolist()
         kind = "NaN" if torch.isnan(x[tuple(bad)]) else "Inf"
         raise ValueError(f"{what} contains {kind} at index {bad} (shape {tuple(x.shape)})")

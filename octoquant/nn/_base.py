@@ -5,13 +5,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import Granularity, PerChannel, QDtype, QScheme
+from ..config import Granularity, PerChannel, PerTensor, QDtype, QScheme
 from ..functional import check_finite, quantize, reduce_minmax
 from ..kernels import backend_for, get_backend
 from ..qparams import choose_qparams
 
 # Weights: symmetric int8, zero-point 0 (what int8 GEMMs, compressed-tensors and ONNX QDQ expect).
 WEIGHT_SCHEME = QScheme(QDtype.INT8, symmetric=True, granularity=PerChannel(0))
+
+
+# Elements per row block when quantizing a weight (bounds the float temporaries of a large matrix)
+WEIGHT_ROWS_ELEMENTS = 1 << 20
 
 
 def quantize_weight(
@@ -25,7 +29,15 @@ def quantize_weight(
     check_finite(w, f"weight of {name!r}")
     lo, hi = weight_range if weight_range is not None else reduce_minmax(w, granularity)
     scale, _ = choose_qparams(lo, hi, QDtype.INT8, symmetric=True)
-    return quantize(w, scale, 0, granularity, QDtype.INT8), scale
+    if isinstance(granularity, PerTensor) or w.dim() < 2:
+        return quantize(w, scale, 0, granularity, QDtype.INT8), scale
+    # per-channel / per-group scales run along dim 0: quantize in row blocks, so the float temporaries stay
+    # small next to a large matrix (same element-wise arithmetic, same result)
+    step = max(1, WEIGHT_ROWS_ELEMENTS // max(1, w[0].numel()))
+    out = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    for i in range(0, len(w), step):
+        out[i : i + step] = quantize(w[i : i + step], scale[i : i + step], 0, granularity, QDtype.INT8)
+    return out, scale
 
 
 def input_qparams(input_range: tuple[float, float], input_dtype: QDtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,17 +73,26 @@ class QuantizedModule(nn.Module):
         return self._qparams
 
     def _set_quantized(self, weight_q, weight_scale, bias, input_range, name: str) -> None:
-        """Fill the buffers from quantized weights, the float bias and (static mode) the input range."""
-        self.weight.copy_(weight_q)
-        self.weight_scale.copy_(weight_scale)
-        if bias is not None:
-            self.bias.copy_(bias.detach().to(torch.float32))
+        """Set the buffers from quantized weights, the float bias and (static mode) the input range.
+
+        Buffers are assigned, not copied into, so a module built on the meta device (see `from_float`) never
+        holds a second, zero-filled copy of a large matrix.
+        """
+        if weight_q.shape != self.weight.shape or weight_q.dtype != torch.int8:
+            raise ValueError(f"{name!r}: int8 weight of shape {tuple(self.weight.shape)} expected")
+        dev = weight_q.device
+        self.weight = weight_q.contiguous()
+        self.weight_scale = weight_scale.detach().to(dev, torch.float32).reshape(self.weight_scale.shape).clone()
+        if self.bias is not None:
+            if bias is None:
+                raise ValueError(f"{name!r}: the layer has a bias but none was given")
+            self.bias = bias.detach().to(dev, torch.float32).reshape(self.bias.shape).clone()
         if hasattr(self, "input_scale"):  # static activations
             if input_range is None:
                 raise ValueError(f"{name!r}: static W8A8 needs a calibrated input_range (min, max)")
             s, zp = input_qparams(input_range, self.input_dtype)
-            self.input_scale.copy_(s)
-            self.input_zero_point.copy_(zp)
+            self.input_scale = s.to(dev, torch.float32).reshape(())
+            self.input_zero_point = zp.to(dev, torch.int32).reshape(())
 
     def _pack(self, backend):  # pragma: no cover - abstract
         raise NotImplementedError

@@ -78,7 +78,8 @@ class QLinear(QuantizedModule):
         mode = QuantMode.parse(mode)
         w = _float_weight(module)
         out_f, in_f = w.shape
-        q = cls(in_f, out_f, module.bias is not None, mode, group_size, input_dtype, backend)
+        with torch.device("meta"):  # every buffer is assigned below: allocate nothing twice
+            q = cls(in_f, out_f, module.bias is not None, mode, group_size, input_dtype, backend)
         gran = PerChannel(0) if group_size is None else PerGroup(group_size)
         wq, ws = quantize_weight(w, gran, name, weight_range)
         q._set_quantized(wq, ws, module.bias, input_range if mode is QuantMode.W8A8_STATIC else None, name)
