@@ -37,9 +37,10 @@ from .checkpoint import (
     _to_file,
     ct_config_from_specs,
 )
-from .config import Config
-from .convert import quantize
+from .config import Calibrator, Config, PerChannel, PerGroup, QuantMode, Rounding
+from .convert import _select, _swap, quantize
 from .nn import QLinear
+from .nn._base import WEIGHT_ROWS_ELEMENTS, quantize_weight
 
 _DTYPES = {
     "F64": torch.float64,
@@ -126,10 +127,20 @@ class SafetensorsReader:
         return list(self.entries)
 
     def get(self, key: str) -> torch.Tensor:
+        return self.get_rows(key, 0, None)
+
+    def get_rows(self, key: str, start: int, stop: int | None) -> torch.Tensor:
+        """Rows start:stop (dim 0) of a tensor: one contiguous byte range of the file."""
         try:
             file, dtype, shape, offset, nbytes = self.entries[key]
         except KeyError:
             raise CheckpointError(f"the source checkpoint has no tensor {key!r}") from None
+        if shape:
+            rows = shape[0]
+            stop = rows if stop is None else min(stop, rows)
+            row_bytes = nbytes // rows if rows else 0
+            offset, nbytes = offset + start * row_bytes, (stop - start) * row_bytes
+            shape = (stop - start, *shape[1:])
         buf = bytearray(nbytes)
         with open(file, "rb") as f:  # read-only: the source is never modified
             f.seek(offset)
@@ -170,12 +181,70 @@ def _materialize(module: nn.Module, prefix: str, reader: SafetensorsReader, fall
     module.load_state_dict(state, strict=True, assign=True)
 
 
+def _local_patterns(host: nn.Module, exclude: Sequence[str]) -> list[str]:
+    """The exclude patterns that name a layer of this block (the others belong to other blocks: no warning)."""
+    names = [n for n, _ in host.named_modules()]
+    return [p for p in exclude if any(fnmatch.fnmatchcase(n, p) for n in names)]
+
+
 def _quantize_unless_all_excluded(host: _Host, config: Config, calib, exclude: Sequence[str]) -> nn.Module:
     """`oq.quantize` on one block (in place), or the block unchanged when `exclude` keeps all its layers float."""
+    exclude = _local_patterns(host, exclude)
     names = [n for n, m in host.named_modules() if isinstance(m, nn.Linear)]
     if all(any(fnmatch.fnmatchcase(n, p) for p in exclude) for n in names):
         return host
     return quantize(host, config, calib=calib, exclude=exclude, inplace=True, progress=False)
+
+
+def _row_streamable(m: nn.Module, cfg: Config) -> bool:
+    """Layers whose int8 weights come from row blocks alone, exactly as `oq.quantize` computes them whole."""
+    g = cfg.weight_granularity
+    return (
+        type(m) is nn.Linear
+        and cfg.mode is not QuantMode.W8A8_STATIC
+        and cfg.weight_calibrator is Calibrator.MINMAX
+        and cfg.weight_rounding is Rounding.NEAREST
+        and (isinstance(g, PerGroup) or (isinstance(g, PerChannel) and g.axis == 0))
+    )
+
+
+def _stream_linear(reader: SafetensorsReader, name: str, m: nn.Linear, cfg: Config, tied: dict) -> QLinear:
+    """QLinear.from_float's result, computed from row blocks of the stored weight (per-row scales: exact)."""
+    key = f"{name}.weight"
+    src = key if key in reader.entries else tied.get(key, key)
+    n, k = m.weight.shape
+    group = cfg.weight_granularity.group_size if isinstance(cfg.weight_granularity, PerGroup) else None
+    gran = PerGroup(group) if group else PerChannel(0)
+    with torch.device("meta"):
+        q = QLinear(k, n, m.bias is not None, cfg.mode, group, cfg.activation_dtype)
+    codes = torch.empty((n, k), dtype=torch.int8)
+    scales = []
+    step = max(1, WEIGHT_ROWS_ELEMENTS // max(1, k))
+    for i in range(0, n, step):
+        rows = reader.get_rows(src, i, i + step).float()
+        c, sc = quantize_weight(rows, gran, name, None)
+        codes[i : i + len(rows)] = c
+        scales.append(sc)
+    bias = reader.get(f"{name}.bias").float() if m.bias is not None else None
+    q._set_quantized(codes, torch.cat(scales), bias, None, name)
+    return q
+
+
+def _stream_block(host: _Host, config: Config, exclude: Sequence[str], reader, tied: dict) -> bool:
+    """Quantize a block without materializing it (no calibration needed); False if a layer needs the block path."""
+    targets, _ = _select(host, config, _local_patterns(host, exclude))
+    if not all(_row_streamable(m, cfg) for m, cfg in targets.values()):
+        return False
+    for name, (m, cfg) in targets.items():
+        _swap(host, name, _stream_linear(reader, name, m, cfg, tied))
+    rest = {}
+    for key, t in host.state_dict(keep_vars=True).items():
+        if t.is_meta:
+            src = key if key in reader.entries else tied.get(key, key)
+            v = reader.get(src)
+            rest[key] = v.float() if v.is_floating_point() else v
+    host.load_state_dict(rest, strict=False, assign=True)
+    return True
 
 
 def quantize_checkpoint(
@@ -254,9 +323,9 @@ def quantize_checkpoint(
     try:
         # embeddings (float) and, for static activations, the inputs of the first block
         embed = skeleton.get_submodule(layout.embed)
-        _materialize(embed, f"{layout.embed}.", reader, {})
         captured: list[dict] = []
         if batches:
+            _materialize(embed, f"{layout.embed}.", reader, {})
             hook = layers[0].register_forward_pre_hook(_capture_into(captured), with_kwargs=True)
             with torch.no_grad():
                 for b in batches:
@@ -268,7 +337,9 @@ def quantize_checkpoint(
                     except _Captured:
                         pass
             hook.remove()
-        write(0, _Host(layout.embed, embed))
+        embed_keys = [f"{layout.embed}.{k}" for k in embed.state_dict()]
+        write_safetensors(tmp / shard_name(0), {k: _SourceRows(reader, k) for k in embed_keys})
+        weight_map.update(dict.fromkeys(embed_keys, shard_name(0)))
         _replace(skeleton, layout.embed, nn.Module())  # the embedding is not needed again: free it
         del embed
 
@@ -276,8 +347,13 @@ def quantize_checkpoint(
         for i in bar:
             path = f"{layout.layers}.{i}"
             block = layers[i]
-            _materialize(block, f"{path}.", reader, {})
             host = _Host(path, block)
+            if not captured and _stream_block(host, config, exclude, reader, tied):
+                write(i + 1, host)  # quantized from row blocks: the float block never existed
+                layers[i] = nn.Module()
+                del host, block
+                continue
+            _materialize(block, f"{path}.", reader, {})
             if captured:
                 with torch.no_grad():  # carry the float outputs on: the in-memory calibration sees exactly these
                     outs = [_first(block(**kw)) for kw in captured]
@@ -291,13 +367,16 @@ def quantize_checkpoint(
         norm = skeleton.get_submodule(layout.norm)
         _materialize(norm, f"{layout.norm}.", reader, {})
         head = skeleton.get_submodule(layout.head)
-        _materialize(head, f"{layout.head}.", reader, tied)
         head_host = _Host(layout.head, head)
-        head_calib = None
-        if captured:
-            with torch.no_grad():
-                head_calib = [norm(kw["hidden_states"]) for kw in captured]
-        q_head = _quantize_unless_all_excluded(head_host, config, head_calib, exclude)
+        if not captured and _stream_block(head_host, config, exclude, reader, tied):
+            q_head = head_host
+        else:
+            _materialize(head, f"{layout.head}.", reader, tied)
+            head_calib = None
+            if captured:
+                with torch.no_grad():
+                    head_calib = [norm(kw["hidden_states"]) for kw in captured]
+            q_head = _quantize_unless_all_excluded(head_host, config, head_calib, exclude)
         write(n_shards - 1, _merge_hosts(_Host(layout.norm, norm), q_head))
 
         (tmp / f"{WEIGHTS_NAME}.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
@@ -318,12 +397,42 @@ def quantize_checkpoint(
 _ST_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
+@dataclass(frozen=True)
+class _SourceRows:
+    """A source tensor copied to the output in row blocks (as float32, like a materialized module), never whole."""
+
+    reader: SafetensorsReader
+    key: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        dt = self.reader.entries[self.key][1]
+        return torch.float32 if dt.is_floating_point else dt
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.reader.entries[self.key][2]
+
+    def blocks(self):
+        shape = self.shape
+        row = 1
+        for d in shape[1:]:
+            row *= d
+        step = max(1, WEIGHT_ROWS_ELEMENTS // max(1, row))
+        for i in range(0, shape[0] if shape else 1, step):
+            t = self.reader.get_rows(self.key, i, i + step) if shape else self.reader.get(self.key)
+            yield t.float() if t.is_floating_point() else t
+
+
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """A safetensors file written tensor by tensor from the tensors' own memory (no serialized copy in RAM)."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for key, t in tensors.items():
-        n = t.numel() * t.element_size()
+        numel = 1
+        for d in t.shape:
+            numel *= d
+        n = numel * t.dtype.itemsize
         header[key] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -332,8 +441,9 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for t in tensors.values():
-            if t.numel():
-                f.write(memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy()))
+            for block in t.blocks() if isinstance(t, _SourceRows) else [t]:
+                if block.numel():
+                    f.write(memoryview(block.contiguous().view(torch.uint8).reshape(-1).numpy()))
 
 
 def _release_freed_memory() -> None:

@@ -40,7 +40,13 @@ def _digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
-CONFIGS = {"w8a8-dynamic": oq.W8A8_DYNAMIC, "w8a16": oq.W8A16, "w8a8-static": oq.W8A8}
+CONFIGS = {
+    "w8a8-dynamic": oq.W8A8_DYNAMIC,
+    "w8a16": oq.W8A16,
+    "w8a16-group32": oq.W8A16.replace(weight_granularity=oq.PerGroup(32)),
+    "w8a8-dynamic-mse-weights": oq.W8A8_DYNAMIC.replace(weight_calibrator="mse"),  # the block path
+    "w8a8-static": oq.W8A8,
+}
 
 
 @pytest.mark.parametrize("config", list(CONFIGS.values()), ids=list(CONFIGS))
@@ -111,9 +117,9 @@ def test_truncated_shard_clear_error_nothing_written(source, tmp_path):
 
 
 # The benchmark (benchmarks/streaming.py, 3.4 GB) measures the issue's bar; here a checkpoint of ~330 MB must not
-# grow the process by more than half its size above the post-import baseline (one block is ~4% of it; the rest of
-# the growth is fixed costs: lazily loaded libraries, the meta skeleton).
-RSS_GROWTH_BOUND = 0.5
+# grow the process by more than 30% of its size above the post-import baseline (measured 14%: one block is ~4%; the rest
+# is fixed costs: lazily loaded libraries, the meta skeleton).
+RSS_GROWTH_BOUND = 0.3
 
 CHILD = r"""
 import json, sys
