@@ -184,6 +184,9 @@ class Config:
         weight_rounding: "nearest", or "gptq" (error-compensated rounding; needs calibration data).
         equalize_depthwise: static/dynamic W8A8: rescale the channels feeding each depthwise conv to one range
             (a float identity; needs calibration data).
+        smoothquant: W8A8 with calibration data on a model whose (norm -> linears) map is known (Hugging Face
+            Llama / Mistral / Qwen / GPT-2): migrate activation outliers into the weights, alpha searched per
+            layer (a float identity). Skipped with a warning for unknown transformer architectures.
         overrides: (glob, Config) pairs: a module whose name matches uses that config (the last match wins).
     """
 
@@ -196,6 +199,7 @@ class Config:
     bias_correction: bool = True
     weight_rounding: Rounding = Rounding.NEAREST
     equalize_depthwise: bool = True
+    smoothquant: bool = True
     overrides: tuple[tuple[str, Config], ...] = ()
 
     def __post_init__(self) -> None:

@@ -382,6 +382,25 @@ def _outputs(model: nn.Module, batches: list) -> list[torch.Tensor]:
     return [first_tensor(_run(model, b)).detach().float() for b in batches]
 
 
+def _smooth(work: nn.Module, batches: list, config: Config) -> None:
+    """SmoothQuant on a known transformer architecture; a warning naming the blocks for an unknown one."""
+    from .transforms.smoothquant import find_pairs, smooth
+
+    pairs = find_pairs(work)
+    if pairs is None:
+        model_type = getattr(getattr(work, "config", None), "model_type", None)
+        if model_type is not None:  # a transformer we have no (norm -> linears) map for
+            blocks = sorted({n.rsplit(".", 1)[0] for n, m in work.named_modules() if isinstance(m, nn.LayerNorm)})
+            log.warning(
+                "octoquant: SmoothQuant skipped: no (norm -> linears) map for model_type %r (blocks: %s)",
+                model_type,
+                ", ".join(blocks[:6]) + (" ..." if len(blocks) > 6 else ""),
+            )
+        return
+    chosen = smooth(work, lambda: [_run(work, b) for b in batches], config.mode, pairs)
+    work.octoquant_smoothquant = chosen
+
+
 @torch.no_grad()
 def _prepare(model, config, calib, exclude, inplace, backend, progress):
     if not isinstance(config, Config):
@@ -395,6 +414,8 @@ def _prepare(model, config, calib, exclude, inplace, backend, progress):
 
     fold_batchnorm(work)
     batches = _materialize(calib)
+    if batches is not None and config.smoothquant and config.mode is not QuantMode.W8A16:
+        _smooth(work, batches, config)
     if batches is not None and config.equalize_depthwise and config.mode is not QuantMode.W8A16:
 
         def calibration_pass():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 import os
 import shutil
 import struct
@@ -41,6 +42,8 @@ from .config import Calibrator, Config, PerChannel, PerGroup, QuantMode, Roundin
 from .convert import _select, _swap, quantize
 from .nn import QLinear
 from .nn._base import WEIGHT_ROWS_ELEMENTS, quantize_weight
+
+log = logging.getLogger("octoquant.streaming")
 
 _DTYPES = {
     "F64": torch.float64,
@@ -282,6 +285,9 @@ def quantize_checkpoint(
             f"{src / HF_CONFIG_NAME}: architecture {archs} does not stream; supported: {', '.join(ARCHITECTURES)}"
         )
     batches = list(calib) if calib is not None else None
+    if batches and config.smoothquant and config.mode is not QuantMode.W8A16:
+        log.warning("octoquant: quantize_checkpoint does not apply SmoothQuant yet; quantizing without it")
+    config = config.replace(smoothquant=False)
     if config.needs_calibration and not batches:
         raise CheckpointError("static W8A8 needs calibration batches (calib=...); or use oq.W8A8_DYNAMIC")
 

@@ -1,0 +1,179 @@
+"""SmoothQuant: move activation outliers into the weights before W8A8 quantization (Xiao et al., 2023).
+
+For a producer P (a norm, or a linear whose output feeds only the next linear's input channel-wise) and the
+linears L_i reading its output, per input channel j:
+
+    s_j = max|X_j| ** alpha / max_i max|W_i[:, j]| ** (1 - alpha)
+    P's output channel j /= s_j        L_i.weight[:, j] *= s_j
+
+which leaves the float function unchanged (tested) and flattens the activation channels that break int8.
+alpha is searched per pair on a grid, minimizing the pair's int8 output error on calibration activations
+(per-token or per-tensor activation quantization, per-channel weights), not fixed globally.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import PerChannel, PerTensor, PerToken, QDtype, QuantMode
+from ..functional import fake_quantize, quantize_dynamic, reduce_minmax
+from ..qparams import choose_qparams
+
+log = logging.getLogger("octoquant.smoothquant")
+
+ALPHAS = (0.0, 0.15, 0.3, 0.4, 0.5, 0.6, 0.7, 0.85)
+SAMPLE_TOKENS = 512  # calibration tokens per pair kept for the alpha search
+S_MIN = 1e-5
+
+
+@dataclass(frozen=True)
+class SmoothPair:
+    producer: str  # a norm (weight [, bias]) or a Linear whose output rows are scaled
+    consumers: tuple[str, ...]  # Linears reading the producer's output
+
+
+# (producer glob, consumer suffixes) per block, by Hugging Face model_type: a table, not if-chains.
+_LLAMA = (
+    ("*.input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("*.post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ("*.mlp.up_proj", ("mlp.down_proj",)),  # down(act(gate(x)) * up(x)): up's rows scale down's columns
+)
+ARCHITECTURES: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gpt2": (("*.ln_1", ("attn.c_attn",)), ("*.ln_2", ("mlp.c_fc",))),
+}
+
+
+def find_pairs(model: nn.Module) -> list[SmoothPair] | None:
+    """The smoothing pairs of a known architecture, or None (unknown model_type)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    table = ARCHITECTURES.get(model_type)
+    if table is None:
+        return None
+    names = dict(model.named_modules())
+    pairs = []
+    for glob, suffixes in table:
+        for name in names:
+            if not fnmatch.fnmatchcase(name, glob):
+                continue
+            block = name.rsplit(".", 2)[0] if glob.startswith("*.mlp.") else name.rsplit(".", 1)[0]
+            consumers = tuple(f"{block}.{s}" for s in suffixes)
+            if all(c in names for c in consumers):
+                pairs.append(SmoothPair(name, consumers))
+    return pairs
+
+
+def _weight(m: nn.Module) -> torch.Tensor:
+    """(out, in) view of a Linear or GPT-2 Conv1D weight."""
+    return m.weight.T if type(m).__name__ == "Conv1D" else m.weight
+
+
+def _scale_consumer_columns(m: nn.Module, s: torch.Tensor) -> None:
+    if type(m).__name__ == "Conv1D":  # weight (in, out)
+        m.weight.data.mul_(s.reshape(-1, 1).to(m.weight.dtype))
+    else:
+        m.weight.data.mul_(s.reshape(1, -1).to(m.weight.dtype))
+
+
+def _scale_producer_output(m: nn.Module, s: torch.Tensor) -> None:
+    inv = (1.0 / s).to(m.weight.dtype)
+    if isinstance(m, nn.Linear):  # rows = output channels
+        m.weight.data.mul_(inv.reshape(-1, 1))
+        if m.bias is not None:
+            m.bias.data.mul_(inv)
+    else:  # norm: elementwise affine weight (and bias)
+        m.weight.data.mul_(inv)
+        if getattr(m, "bias", None) is not None:
+            m.bias.data.mul_(inv)
+
+
+def _fake_act(x: torch.Tensor, mode: QuantMode) -> torch.Tensor:
+    if mode is QuantMode.W8A8_DYNAMIC:
+        q, s, _ = quantize_dynamic(x, PerToken(), QDtype.INT8, symmetric=True)
+        return q.float() * s.reshape(-1, 1)
+    lo, hi = reduce_minmax(x, PerTensor())
+    scale, zp = choose_qparams(lo, hi, QDtype.UINT8, symmetric=False)
+    return fake_quantize(x, scale, zp, PerTensor(), QDtype.UINT8)
+
+
+def _fake_weight(w: torch.Tensor) -> torch.Tensor:
+    lo, hi = reduce_minmax(w, PerChannel(0))
+    scale, _ = choose_qparams(lo, hi, QDtype.INT8, symmetric=True)
+    return fake_quantize(w, scale, 0, PerChannel(0), QDtype.INT8)
+
+
+def search_alpha(
+    x: torch.Tensor, weights: list[torch.Tensor], act_absmax: torch.Tensor, mode: QuantMode
+) -> tuple[float | None, torch.Tensor, float]:
+    """(alpha, s, relative error) minimizing sum_i |X W_i^T - Q(X/s) Q(W_i s)^T|^2 over the alpha grid.
+
+    alpha None is "no smoothing" (s = 1), kept when no grid point beats it.
+    """
+    w_absmax = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0)
+    refs = [x @ w.T for w in weights]
+    norm = sum(float(r.pow(2).sum()) for r in refs) or 1.0
+    best = None
+    for alpha in (None, *ALPHAS):
+        if alpha is None:
+            s = torch.ones_like(act_absmax)
+        else:
+            s = (act_absmax.pow(alpha) / w_absmax.clamp_min(S_MIN).pow(1 - alpha)).clamp_min(S_MIN)
+            s = torch.where((act_absmax > 0) & (w_absmax > 0), s, torch.ones_like(s))
+        xq = _fake_act(x / s, mode)
+        err = sum(float((r - xq @ _fake_weight(w * s).T).pow(2).sum()) for r, w in zip(refs, weights, strict=True))
+        if best is None or err < best[0]:
+            best = (err, alpha, s)
+    return best[1], best[2], best[0] / norm
+
+
+@torch.no_grad()
+def smooth(
+    model: nn.Module, calibration_pass: Callable[[], None], mode: QuantMode, pairs: list[SmoothPair]
+) -> dict[str, float | None]:
+    """Apply SmoothQuant in place on the given pairs; returns the chosen alpha per producer (None: left alone)."""
+    names = dict(model.named_modules())
+    stats: dict[str, dict] = {p.producer: {"absmax": None, "sample": []} for p in pairs}
+    hooks = []
+    for p in pairs:
+        st = stats[p.producer]
+
+        def hook(module, args, st=st):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            amax = x.abs().amax(dim=0)
+            st["absmax"] = amax if st["absmax"] is None else torch.maximum(st["absmax"], amax)
+            have = sum(len(t) for t in st["sample"])
+            if have < SAMPLE_TOKENS:
+                step = max(1, len(x) // max(1, SAMPLE_TOKENS // 4))  # spread over the batch's tokens
+                st["sample"].append(x[::step][: SAMPLE_TOKENS - have].clone())
+
+        hooks.append(names[p.consumers[0]].register_forward_pre_hook(hook))
+    try:
+        calibration_pass()
+    finally:
+        for h in hooks:
+            h.remove()
+    chosen = {}
+    for p in pairs:
+        st = stats[p.producer]
+        if st["absmax"] is None:
+            continue
+        x = torch.cat(st["sample"])
+        weights = [_weight(names[c]).detach().float() for c in p.consumers]
+        alpha, s, rel = search_alpha(x, weights, st["absmax"], mode)
+        chosen[p.producer] = alpha
+        if alpha is None:
+            continue
+        _scale_producer_output(names[p.producer], s)
+        for c in p.consumers:
+            _scale_consumer_columns(names[c], s)
+        log.debug("smoothquant %s: alpha %.2f, relative error %.3g", p.producer, alpha, rel)
+    return chosen

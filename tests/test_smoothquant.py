@@ -1,0 +1,100 @@
+"""SmoothQuant: a float identity on known architectures, an accuracy gain where activation outliers live."""
+
+import logging
+
+import pytest
+import torch
+
+import octoquant as oq
+from octoquant.transforms.smoothquant import find_pairs, smooth
+
+transformers = pytest.importorskip("transformers")
+
+
+def _llama(outlier_gain: float = 1.0):
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
+    torch.manual_seed(0)
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    for layer in m.model.layers:  # LLM-like activation outliers: a few channels of the norm output x gain
+        layer.input_layernorm.weight.data[[3, 17]] *= outlier_gain
+        layer.post_attention_layernorm.weight.data[[5, 40]] *= outlier_gain
+    return m
+
+
+def _gpt2():
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=64)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def _calib():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 100, (2, 24), generator=g) for _ in range(4)]
+
+
+@pytest.mark.parametrize("make", [_llama, _gpt2], ids=["llama", "gpt2"])
+def test_smoothing_is_a_float_identity(make):
+    model = make()
+    ids = torch.randint(0, 100, (2, 20))
+    with torch.no_grad():
+        ref = model(ids).logits
+    pairs = find_pairs(model)
+    assert pairs and all(len(p.consumers) >= 1 for p in pairs)
+    chosen = smooth(model, lambda: [model(b) for b in _calib()], oq.QuantMode.W8A8_DYNAMIC, pairs)
+    assert set(chosen) == {p.producer for p in pairs}
+    with torch.no_grad():
+        out = model(ids).logits
+    # float rounding only: the scales move between norm/linear weights and the next linears' columns
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_llama_pairs_cover_attention_mlp_and_down_proj():
+    pairs = {p.producer: p.consumers for p in find_pairs(_llama())}
+    assert pairs["model.layers.0.input_layernorm"] == (
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.k_proj",
+        "model.layers.0.self_attn.v_proj",
+    )
+    mlp = ("model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj")
+    assert pairs["model.layers.1.post_attention_layernorm"] == mlp
+    assert pairs["model.layers.1.mlp.up_proj"] == ("model.layers.1.mlp.down_proj",)
+
+
+@pytest.mark.parametrize("config", [oq.W8A8_DYNAMIC, oq.W8A8], ids=["dynamic", "static"])
+def test_smoothquant_reduces_error_on_outlier_channels(config):
+    model = _llama(outlier_gain=40.0)
+    ids = torch.randint(0, 100, (2, 20))
+    with torch.no_grad():
+        ref = model(ids).logits
+    errs = {}
+    for sq in (False, True):
+        q = oq.quantize(model, config.replace(smoothquant=sq), calib=_calib(), progress=False)
+        with torch.no_grad():
+            errs[sq] = (q(ids).logits - ref).pow(2).mean().item()
+        if sq:
+            chosen = q.octoquant_smoothquant
+            assert chosen["model.layers.0.input_layernorm"] is not None  # the outlier pair was smoothed
+    assert errs[True] < 0.7 * errs[False], errs
+
+
+def test_unknown_transformer_warns_and_still_quantizes(caplog):
+    cfg = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100
+    )
+    model = transformers.BertModel(cfg).eval()
+    with caplog.at_level(logging.WARNING, logger="octoquant"):
+        q = oq.quantize(model, oq.W8A8_DYNAMIC, calib=_calib(), progress=False)
+    assert "SmoothQuant skipped" in caplog.text and "encoder.layer.0" in caplog.text
+    assert all(r.status == "int8" for r in oq.summary(q, print_table=False))
+
+
+def test_smoothquant_off_by_config():
+    q = oq.quantize(_llama(), oq.W8A8_DYNAMIC.replace(smoothquant=False), calib=_calib(), progress=False)
+    assert not hasattr(q, "octoquant_smoothquant")
