@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .config import QDtype, QuantMode
-from .nn import QConv2d, QLinear
+from .nn import QConv2d, QEmbedding, QLinear
 from .nn._base import QuantizedModule
 from .transforms.equalize import ChannelClamp
 
@@ -71,6 +71,13 @@ def _module_spec(m: nn.Module) -> dict | None:
             "input_dtype": m.input_dtype.value,
             "output_clamp": m.output_clamp is not None,
         }
+    if isinstance(m, QEmbedding):
+        return {
+            "type": "QEmbedding",
+            "num_embeddings": m.num_embeddings,
+            "embedding_dim": m.embedding_dim,
+            "dtype": str(m.dtype).removeprefix("torch."),
+        }
     if isinstance(m, ChannelClamp):
         return {"type": "ChannelClamp", "channels": m.upper.numel()}
     if type(m) is nn.Identity:
@@ -105,6 +112,11 @@ def _build(spec: dict) -> nn.Module:
         if spec["output_clamp"]:
             q.output_clamp = torch.zeros(spec["out_channels"])
         return q
+    if kind == "QEmbedding":
+        dtype = getattr(torch, spec["dtype"], None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise CheckpointError(f"QEmbedding dtype {spec['dtype']!r} in {CONFIG_NAME} is not a float dtype")
+        return QEmbedding(spec["num_embeddings"], spec["embedding_dim"], dtype)
     if kind == "ChannelClamp":
         return ChannelClamp(torch.zeros(spec["channels"]))
     if kind == "Identity":
@@ -265,7 +277,12 @@ def save(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) 
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     first_by_storage: dict[tuple, str] = {}
-    for key, t in model.state_dict(keep_vars=False).items():
+    state = model.state_dict(keep_vars=False)
+    # a tensor shared by a QLinear and something else (a tied QEmbedding) is stored under the QLinear's name:
+    # compressed-tensors readers find `lm_head.weight` and tie the embedding to it
+    order = sorted(state, key=lambda k: not isinstance(_owner(model, k), QLinear))
+    for key in order:
+        t = state[key]
         ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
         if t.numel() and ident in first_by_storage:
             aliases[key] = first_by_storage[ident]
@@ -289,8 +306,9 @@ def save(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) 
             if any(isinstance(m, QLinear) for m in model.modules()):
                 cfg["quantization_config"] = compressed_tensors_config(model)
             out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-            if isinstance(out_emb, QuantizedModule):  # an int8 head is its own matrix now: no tie to restore
-                cfg["tie_word_embeddings"] = False
+            in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+            if isinstance(out_emb, QuantizedModule) and not isinstance(in_emb, QEmbedding):
+                cfg["tie_word_embeddings"] = False  # an int8 head is its own matrix now: no tie to restore
             (tmp / HF_CONFIG_NAME).write_text(json.dumps(cfg, indent=1, default=str))
         _publish(tmp, path)
     except BaseException:

@@ -187,6 +187,9 @@ class Config:
         smoothquant: W8A8 with calibration data on a model whose (norm -> linears) map is known (Hugging Face
             Llama / Mistral / Qwen / GPT-2): migrate activation outliers into the weights, alpha searched per
             layer (a float identity). Skipped with a warning for unknown transformer architectures.
+        head_weight_only: W8A8 on a Hugging Face model: its output head (lm_head) is quantized weight-only
+            (W8A16, per-channel), and a head tied to the input embedding stays tied (one int8 matrix serves
+            both); `exclude=["lm_head"]` keeps it float.
         overrides: (glob, Config) pairs: a module whose name matches uses that config (the last match wins).
     """
 
@@ -200,6 +203,7 @@ class Config:
     weight_rounding: Rounding = Rounding.NEAREST
     equalize_depthwise: bool = True
     smoothquant: bool = True
+    head_weight_only: bool = True
     overrides: tuple[tuple[str, Config], ...] = ()
 
     def __post_init__(self) -> None:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .config import W8A8, Calibrator, Config, PerChannel, PerGroup, PerTensor, QScheme, QuantMode, Rounding
 from .functional import check_finite, dequantize, sqnr_db
-from .nn import QConv2d, QLinear
+from .nn import QConv2d, QEmbedding, QLinear
 from .nn._base import QuantizedModule
 from .observers import CalibrationError, MSEObserver, Observer, make_observer
 from .rounding import gptq_round, input_hessian_update
@@ -476,6 +476,7 @@ def quantize(
     """
     if fallback not in FALLBACKS:
         raise ValueError(f"unknown fallback {fallback!r}; valid: {', '.join(FALLBACKS)}")
+    config, tie = head_defaults(model, config)
     work, targets, floats, batches, built, act_pairs = _prepare(
         model, config, calib, exclude, inplace, backend, progress
     )
@@ -490,8 +491,39 @@ def quantize(
             work, targets, built, records, batches[:eval_batches], max_error, keep_float, fallback, backend, progress
         )
     _fuse_activations(work, act_pairs)
+    if tie is not None:
+        _tie_embedding(work, *tie)
     work.octoquant_layers = records
     return work
+
+
+def head_defaults(model: nn.Module, config: Config) -> tuple[Config, tuple[str, str] | None]:
+    """The config with the output head weight-only (see Config.head_weight_only), and the (embedding, head)
+    names when the two are tied."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if head is None or not isinstance(head, nn.Linear) or not config.head_weight_only:
+        return config, None
+    names = {id(m): n for n, m in model.named_modules()}
+    head_name = names.get(id(head))
+    if head_name is None:
+        return config, None
+    if config.mode is not QuantMode.W8A16:
+        head_cfg = config.replace(mode=QuantMode.W8A16, weight_granularity=PerChannel(0), overrides=())
+        config = config.replace(overrides=((head_name, head_cfg), *config.overrides))  # the user's win
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and getattr(emb, "weight", None) is head.weight and id(emb) in names:
+        return config, (names[id(emb)], head_name)
+    return config, None
+
+
+def _tie_embedding(work: nn.Module, emb_name: str, head_name: str) -> None:
+    """A tied head quantized weight-only per channel: the embedding reads the same int8 matrix (one copy)."""
+    head = work.get_submodule(head_name)
+    if not isinstance(head, QLinear) or head.mode is not QuantMode.W8A16 or head.group_size is not None:
+        return  # the head stayed float (excluded) or took another form: the embedding keeps its float matrix
+    emb = work.get_submodule(emb_name)
+    _swap(work, emb_name, QEmbedding.tied_to(head, dtype=emb.weight.dtype))
 
 
 def _fuse_activations(work: nn.Module, pairs: list[tuple[str, str]]) -> None:

@@ -297,6 +297,19 @@ def quantize_checkpoint(
     head_key = f"{layout.head}.weight"
     if head_key not in reader.entries:  # a tied head stored once, as the embedding
         tied[head_key] = f"{layout.embed}.weight"
+    tied_source = bool(tied) or bool(hf_cfg.get("tie_word_embeddings", False))
+    # the output head: weight-only per channel by default, as oq.quantize does (Config.head_weight_only)
+    if config.head_weight_only and config.mode is not QuantMode.W8A16:
+        head_cfg = config.replace(mode=QuantMode.W8A16, weight_granularity=PerChannel(0), overrides=())
+        config = config.replace(overrides=((layout.head, head_cfg), *config.overrides))
+    final_head_cfg = config.for_module(layout.head)
+    tie_int8 = (
+        tied_source
+        and config.head_weight_only
+        and not any(fnmatch.fnmatchcase(layout.head, p) for p in exclude)
+        and final_head_cfg.mode is QuantMode.W8A16
+        and isinstance(final_head_cfg.weight_granularity, PerChannel)
+    )  # then the embedding reads the head's int8 matrix (QEmbedding): nothing of its own is written
     expected = set(skeleton.state_dict())
     stored = set(reader.keys())
     if stored - expected:
@@ -343,9 +356,22 @@ def quantize_checkpoint(
                     except _Captured:
                         pass
             hook.remove()
-        embed_keys = [f"{layout.embed}.{k}" for k in embed.state_dict()]
-        write_safetensors(tmp / shard_name(0), {k: _SourceRows(reader, k) for k in embed_keys})
-        weight_map.update(dict.fromkeys(embed_keys, shard_name(0)))
+        aliases = {}
+        if tie_int8:
+            specs[layout.embed] = {
+                "type": "QEmbedding",
+                "num_embeddings": embed.num_embeddings,
+                "embedding_dim": embed.embedding_dim,
+                "dtype": "float32",
+            }
+            aliases = {
+                f"{layout.embed}.weight": head_key,
+                f"{layout.embed}.weight_scale": f"{layout.head}.weight_scale",
+            }
+        else:
+            embed_keys = [f"{layout.embed}.{k}" for k in embed.state_dict()]
+            write_safetensors(tmp / shard_name(0), {k: _SourceRows(reader, k) for k in embed_keys})
+            weight_map.update(dict.fromkeys(embed_keys, shard_name(0)))
         _replace(skeleton, layout.embed, nn.Module())  # the embedding is not needed again: free it
         del embed
 
@@ -386,11 +412,11 @@ def quantize_checkpoint(
         write(n_shards - 1, _merge_hosts(_Host(layout.norm, norm), q_head))
 
         (tmp / f"{WEIGHTS_NAME}.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-        meta = {"format_version": FORMAT_VERSION, "modules": specs, "aliases": {}, "float_bias": []}
+        meta = {"format_version": FORMAT_VERSION, "modules": specs, "aliases": aliases, "float_bias": []}
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=1))
         out_cfg = dict(hf_cfg)
         out_cfg["quantization_config"] = ct_config_from_specs(specs, float_linears)
-        if isinstance(q_head.get_submodule(layout.head), QLinear):
+        if isinstance(q_head.get_submodule(layout.head), QLinear) and not tie_int8:
             out_cfg["tie_word_embeddings"] = False  # the int8 head is its own matrix
         (tmp / HF_CONFIG_NAME).write_text(json.dumps(out_cfg, indent=1))
         _publish(tmp, dst)

@@ -162,7 +162,7 @@ def test_compressed_tensors_reads_our_folder(config, tmp_path):
             ours = oq.dequantize(m.weight, m.weight_scale.reshape(m.out_features, -1), 0, oq.PerGroup(
                 m.group_size or m.in_features))  # fmt: skip
             assert torch.equal(theirs.get_submodule(name).weight.detach().float(), ours), name
-            if config.mode is oq.QuantMode.W8A8_STATIC:  # uint8 codes: the int8 zero-point of the format is ours - 128
+            if m.mode is oq.QuantMode.W8A8_STATIC:  # uint8 codes: the int8 zero-point of the format is ours - 128
                 with safe_open(str(path / WEIGHTS_NAME), "pt") as f:
                     scale, zp = f.get_tensor(f"{name}.input_scale"), f.get_tensor(f"{name}.input_zero_point")
                 assert scale.shape == (1,) and torch.equal(scale[0], m.input_scale), name
