@@ -8,6 +8,7 @@ x_hat = oq.fake_quantize(x, scale, zp)
 from . import evaluate
 from .checkpoint import CheckpointError, load, save
 from .config import (
+    LLM_INT8,
     W8A8,
     W8A8_DYNAMIC,
     W8A16,
@@ -52,6 +53,7 @@ __all__ = [
     "Config",
     "W8A8",
     "W8A8_DYNAMIC",
+    "LLM_INT8",
     "W8A16",
     "QuantMode",
     "Calibrator",

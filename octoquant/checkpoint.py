@@ -55,6 +55,7 @@ def _module_spec(m: nn.Module) -> dict | None:
             "mode": m.mode.value,
             "group_size": m.group_size,
             "input_dtype": m.input_dtype.value,
+            "outlier_threshold": m.outlier_threshold,
         }
     if isinstance(m, QConv2d):
         return {
@@ -95,6 +96,7 @@ def _build(spec: dict) -> nn.Module:
             spec["mode"],
             spec["group_size"],
             spec["input_dtype"],
+            outlier_threshold=spec.get("outlier_threshold"),
         )
     if kind == "QConv2d":
         q = QConv2d(

@@ -190,6 +190,8 @@ class Config:
         head_weight_only: W8A8 on a Hugging Face model: its output head (lm_head) is quantized weight-only
             (W8A16, per-channel), and a head tied to the input embedding stays tied (one int8 matrix serves
             both); `exclude=["lm_head"]` keeps it float.
+        outlier_threshold: dynamic W8A8 only: LLM.int8() decomposition. Input columns holding any |x| above it
+            are computed in float (with the dequantized weight columns), the rest in int8; found at run time.
         overrides: (glob, Config) pairs: a module whose name matches uses that config (the last match wins).
     """
 
@@ -204,6 +206,7 @@ class Config:
     equalize_depthwise: bool = True
     smoothquant: bool = True
     head_weight_only: bool = True
+    outlier_threshold: float | None = None
     overrides: tuple[tuple[str, Config], ...] = ()
 
     def __post_init__(self) -> None:
@@ -223,6 +226,11 @@ class Config:
             raise ValueError(f"weight_granularity must be PerTensor(), PerChannel(0) or PerGroup(size), got {g!r}")
         if self.weight_calibrator not in (Calibrator.MINMAX, Calibrator.MSE):
             raise ValueError(f"weight_calibrator must be minmax or mse, got {self.weight_calibrator.value}")
+        if self.outlier_threshold is not None:
+            if self.mode is not QuantMode.W8A8_DYNAMIC:
+                raise ValueError("outlier_threshold (LLM.int8() decomposition) applies to dynamic W8A8 only")
+            if not self.outlier_threshold > 0:
+                raise ValueError(f"outlier_threshold must be > 0, got {self.outlier_threshold}")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
         pairs = tuple(self.overrides.items()) if isinstance(self.overrides, dict) else tuple(self.overrides)
@@ -250,3 +258,5 @@ class Config:
 W8A8 = Config()
 W8A8_DYNAMIC = Config(mode=QuantMode.W8A8_DYNAMIC)
 W8A16 = Config(mode=QuantMode.W8A16)
+# LLM.int8() (Dettmers et al., 2022): per-token int8 with outlier input columns (|x| > 6) kept in float
+LLM_INT8 = Config(mode=QuantMode.W8A8_DYNAMIC, outlier_threshold=6.0)

@@ -278,6 +278,7 @@ def _build(
                 group_size=group,
                 backend=backend,
                 name=name,
+                outlier_threshold=cfg.outlier_threshold,
             )
         if cfg.weight_rounding is Rounding.GPTQ:
             if gptq_codes is None:  # the same codes for every activation candidate
@@ -509,7 +510,9 @@ def head_defaults(model: nn.Module, config: Config) -> tuple[Config, tuple[str, 
     if head_name is None:
         return config, None
     if config.mode is not QuantMode.W8A16:
-        head_cfg = config.replace(mode=QuantMode.W8A16, weight_granularity=PerChannel(0), overrides=())
+        head_cfg = config.replace(
+            mode=QuantMode.W8A16, weight_granularity=PerChannel(0), outlier_threshold=None, overrides=()
+        )
         config = config.replace(overrides=((head_name, head_cfg), *config.overrides))  # the user's win
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is not None and getattr(emb, "weight", None) is head.weight and id(emb) in names:

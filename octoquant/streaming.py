@@ -219,7 +219,7 @@ def _stream_linear(reader: SafetensorsReader, name: str, m: nn.Linear, cfg: Conf
     group = cfg.weight_granularity.group_size if isinstance(cfg.weight_granularity, PerGroup) else None
     gran = PerGroup(group) if group else PerChannel(0)
     with torch.device("meta"):
-        q = QLinear(k, n, m.bias is not None, cfg.mode, group, cfg.activation_dtype)
+        q = QLinear(k, n, m.bias is not None, cfg.mode, group, cfg.activation_dtype, None, cfg.outlier_threshold)
     codes = torch.empty((n, k), dtype=torch.int8)
     scales = []
     step = max(1, WEIGHT_ROWS_ELEMENTS // max(1, k))
@@ -300,7 +300,9 @@ def quantize_checkpoint(
     tied_source = bool(tied) or bool(hf_cfg.get("tie_word_embeddings", False))
     # the output head: weight-only per channel by default, as oq.quantize does (Config.head_weight_only)
     if config.head_weight_only and config.mode is not QuantMode.W8A16:
-        head_cfg = config.replace(mode=QuantMode.W8A16, weight_granularity=PerChannel(0), overrides=())
+        head_cfg = config.replace(
+            mode=QuantMode.W8A16, weight_granularity=PerChannel(0), outlier_threshold=None, overrides=()
+        )
         config = config.replace(overrides=((layout.head, head_cfg), *config.overrides))
     final_head_cfg = config.for_module(layout.head)
     tie_int8 = (

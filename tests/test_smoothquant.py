@@ -98,3 +98,43 @@ def test_unknown_transformer_warns_and_still_quantizes(caplog):
 def test_smoothquant_off_by_config():
     q = oq.quantize(_llama(), oq.W8A8_DYNAMIC.replace(smoothquant=False), calib=_calib(), progress=False)
     assert not hasattr(q, "octoquant_smoothquant")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LLM.int8(): outlier input columns in float, the rest int8
+
+
+def test_llm_int8_outlier_columns_beat_plain_per_token():
+    model = _llama(outlier_gain=40.0)
+    ids = torch.randint(0, 100, (2, 20))
+    with torch.no_grad():
+        ref = model(ids).logits
+        plain = oq.quantize(model, oq.W8A8_DYNAMIC, progress=False)(ids).logits
+        q = oq.quantize(model, oq.LLM_INT8, progress=False)
+        out = q(ids).logits
+    assert q.model.layers[0].self_attn.q_proj.outlier_threshold == 6.0
+    assert (out - ref).pow(2).mean() < 0.5 * (plain - ref).pow(2).mean()
+
+
+def test_llm_int8_decomposition_is_exact_split():
+    """Outlier columns in float + the rest through the int8 kernel == the two parts computed separately."""
+    from octoquant.nn import QLinear
+    from octoquant.nn.linear import linear_dynamic_outliers
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(32, 8)
+    q = QLinear.from_float(lin, "w8a8_dynamic", outlier_threshold=6.0, backend="reference")
+    x = torch.randn(5, 32)
+    x[:, 7] *= 20.0  # one outlier column
+    y = linear_dynamic_outliers(q.backend, x, q.packed(), q.weight, q.weight_scale, 6.0)
+    inliers = x.clone()
+    inliers[:, 7] = 0.0
+    w7 = q.weight[:, 7].float() * q.weight_scale
+    expected = q.backend.linear_dynamic(inliers, q.packed()) + x[:, 7:8] @ w7.reshape(1, -1)
+    assert torch.equal(y, expected)
+    assert torch.equal(q(x), y)
+
+
+def test_outlier_threshold_only_for_dynamic():
+    with pytest.raises(ValueError, match="dynamic W8A8 only"):
+        oq.W8A8.replace(outlier_threshold=6.0)

@@ -18,6 +18,17 @@ def _float_weight(module: nn.Module) -> torch.Tensor:
     raise TypeError(f"QLinear.from_float expects nn.Linear or transformers Conv1D, got {type(module).__name__}")
 
 
+def linear_dynamic_outliers(backend, x, packed, weight, weight_scale, threshold: float) -> torch.Tensor:
+    """LLM.int8() decomposition: columns of x (M, K) with any |x| > threshold use float products with the
+    dequantized weight columns; the other columns go through the per-token int8 kernel."""
+    cols = (x.abs() > threshold).any(dim=0)  # (K,) outlier input columns of this call
+    if not bool(cols.any()):
+        return backend.linear_dynamic(x, packed)
+    y = backend.linear_dynamic(x.masked_fill(cols, 0.0), packed)  # (M, N) float32, bias included
+    w_out = weight[:, cols].to(torch.float32) * weight_scale.reshape(-1, 1)  # (N, k_out)
+    return y + x[:, cols].to(torch.float32) @ w_out.T
+
+
 class QLinear(QuantizedModule):
     """A Linear layer with int8 weights.
 
@@ -35,11 +46,15 @@ class QLinear(QuantizedModule):
         group_size: int | None = None,
         input_dtype: QDtype | str = QDtype.INT8,
         backend: str | None = None,
+        outlier_threshold: float | None = None,
     ) -> None:
         super().__init__(backend)
         self.in_features, self.out_features = in_features, out_features
+        self.outlier_threshold = outlier_threshold
         self.mode = QuantMode.parse(mode)
         self.input_dtype = QDtype.parse(input_dtype)
+        if outlier_threshold is not None and self.mode is not QuantMode.W8A8_DYNAMIC:
+            raise ValueError("outlier_threshold (LLM.int8() decomposition) applies to dynamic W8A8 only")
         if group_size is not None and self.mode is not QuantMode.W8A16:
             raise ValueError("per-group weights (group_size) are supported in W8A16 mode only")
         if group_size is not None and in_features % group_size:
@@ -66,6 +81,7 @@ class QLinear(QuantizedModule):
         group_size: int | None = None,
         backend: str | None = None,
         name: str = "linear",
+        outlier_threshold: float | None = None,
     ) -> QLinear:
         """Quantize a float Linear (or GPT-2 Conv1D).
 
@@ -79,7 +95,7 @@ class QLinear(QuantizedModule):
         w = _float_weight(module)
         out_f, in_f = w.shape
         with torch.device("meta"):  # every buffer is assigned below: allocate nothing twice
-            q = cls(in_f, out_f, module.bias is not None, mode, group_size, input_dtype, backend)
+            q = cls(in_f, out_f, module.bias is not None, mode, group_size, input_dtype, backend, outlier_threshold)
         gran = PerChannel(0) if group_size is None else PerGroup(group_size)
         wq, ws = quantize_weight(w, gran, name, weight_range)
         q._set_quantized(wq, ws, module.bias, input_range if mode is QuantMode.W8A8_STATIC else None, name)
@@ -95,7 +111,9 @@ class QLinear(QuantizedModule):
             raise ValueError(f"QLinear expects last dim {self.in_features}, got input shape {tuple(x.shape)}")
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         be, p = self.backend, self.packed()
-        if self.mode is QuantMode.W8A8_DYNAMIC:
+        if self.mode is QuantMode.W8A8_DYNAMIC and self.outlier_threshold is not None:
+            y = linear_dynamic_outliers(be, x2, p, self.weight, self.weight_scale, self.outlier_threshold)
+        elif self.mode is QuantMode.W8A8_DYNAMIC:
             y = be.linear_dynamic(x2, p)
         elif self.mode is QuantMode.W8A8_STATIC:
             y = be.linear_static(x2, p, *self._static_qparams(), self.input_dtype)
@@ -105,4 +123,5 @@ class QLinear(QuantizedModule):
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.group_size else ""
+        g += f", outlier_threshold={self.outlier_threshold}" if self.outlier_threshold is not None else ""
         return f"{self.in_features}, {self.out_features}, mode={self.mode.value}{g}, bias={self.bias is not None}"
