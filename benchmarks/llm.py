@@ -1,10 +1,11 @@
-"""SmolLM2-135M: FP32 vs octoquant W8A16 / W8A8 dynamic vs torch.ao dynamic int8 (first measurement).
+"""SmolLM2-135M: FP32 vs octoquant (W8A16, W8A8 dynamic, + SmoothQuant, LLM.int8(), W8A8 static + SmoothQuant) vs
+torch.ao dynamic int8, same process, same windows.
 
-    python benchmarks/llm.py [--windows 16] [--out bench-results/llm.json]
+    python benchmarks/llm.py [--windows 8] [--calib 8] [--out bench-results/llm.json]
 
-Perplexity on the held-out half of the Wikipedia articles (512-token windows; calibration text never overlaps),
-greedy decode ms/token at batch 1 (64 new tokens, KV cache on), median of interleaved runs, and weight bytes.
-No SmoothQuant / LLM.int8() yet (the LLM issue): this is the baseline those methods must improve.
+Perplexity on the held-out half of the Wikipedia articles (512-token windows; calibration windows come from the
+other half and never overlap), prefill latency (1 x 512), greedy decode ms/token at batch 1 and 8 (KV cache on),
+medians of interleaved rounds, weight bytes, quantization seconds, and 32 greedy tokens from 5 fixed prompts.
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ from octoquant.models.smollm2 import load_smollm2  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
+PROMPTS = [
+    "The capital of France is",
+    "In mathematics, a prime number is",
+    "The history of the city begins",
+    "Water boils at a temperature of",
+    "The first computers were",
+]
+
 
 def weight_bytes(model) -> int:
     seen, total = set(), 0
@@ -38,49 +47,98 @@ def weight_bytes(model) -> int:
 
 
 @torch.no_grad()
-def decode_ms_per_token(model, tok, new_tokens: int = 64) -> float:
-    ids = tok("The history of the city begins", return_tensors="pt").input_ids
+def decode_ms_per_token(model, tok, batch: int, new_tokens: int = 32) -> float:
+    ids = tok(["The history of the city begins"] * batch, return_tensors="pt").input_ids
     t0 = time.perf_counter()
     out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     return 1e3 * (time.perf_counter() - t0) / (out.shape[1] - ids.shape[1])
 
 
+@torch.no_grad()
+def prefill_ms(model, tok, text: str) -> float:
+    ids = tok(text, return_tensors="pt").input_ids[:, :512]
+    t0 = time.perf_counter()
+    model(ids, use_cache=False)
+    return 1e3 * (time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def greedy(model, tok) -> list[list[int]]:
+    outs = []
+    for p in PROMPTS:
+        ids = tok(p, return_tensors="pt").input_ids
+        outs.append(model.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1] :].tolist())
+    return outs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--calib", type=int, default=8, help="512-token calibration windows")
     ap.add_argument("--out", default="bench-results/llm.json")
     args = ap.parse_args()
     torch.set_num_threads(2)
     tok, model = load_smollm2()
     text = wiki_text("eval")
+    ids = tok(wiki_text("calib"), return_tensors="pt").input_ids[0]
+    calib = [ids[i * 512 : (i + 1) * 512].unsqueeze(0) for i in range(args.calib)]
     max_tokens = args.windows * 512 + 1
+
+    builders = {
+        "octoquant_w8a16": lambda: oq.quantize(model, oq.W8A16, progress=False),
+        "octoquant_w8a8_dynamic_no_calib": lambda: oq.quantize(model, oq.W8A8_DYNAMIC, progress=False),
+        "octoquant_w8a8_dynamic_smoothquant": lambda: oq.quantize(model, oq.W8A8_DYNAMIC, calib=calib, progress=False),
+        "octoquant_llm_int8": lambda: oq.quantize(model, oq.LLM_INT8, progress=False),
+        "octoquant_w8a8_static_smoothquant": lambda: oq.quantize(model, oq.W8A8, calib=calib, progress=False),
+        "torch_ao_dynamic_qint8": lambda: torch.ao.quantization.quantize_dynamic(
+            model, {torch.nn.Linear}, dtype=torch.qint8
+        ),
+    }
     models = {"fp32": model}
-    t0 = time.perf_counter()
-    models["octoquant_w8a16"] = oq.quantize(model, oq.W8A16, progress=False)
-    models["octoquant_w8a8_dynamic"] = oq.quantize(model, oq.W8A8_DYNAMIC, progress=False)
-    quantize_s = time.perf_counter() - t0
-    models["torch_ao_dynamic_qint8"] = torch.ao.quantization.quantize_dynamic(
-        model, {torch.nn.Linear}, dtype=torch.qint8
-    )
-    rows = {}
+    rows: dict[str, dict] = {"fp32": {"quantize_seconds": 0.0}}
+    for name, build in builders.items():
+        t0 = time.perf_counter()
+        models[name] = build()
+        rows[name] = {"quantize_seconds": round(time.perf_counter() - t0, 1)}
+        print(f"{name:<36} quantized in {rows[name]['quantize_seconds']:.1f} s", flush=True)
+    ref_tokens = None
     for name, m in models.items():
         ppl = perplexity(m, tok, text, 512, max_tokens, progress=False)
-        rows[name] = {"perplexity": ppl, "weight_bytes": weight_bytes(m)}
+        gen = greedy(m, tok)
+        ref_tokens = ref_tokens or gen
+        rows[name].update(
+            perplexity=ppl,
+            weight_bytes=weight_bytes(m),
+            greedy_identical_to_fp32=sum(a == b for a, b in zip(gen, ref_tokens, strict=True)),
+            samples=[tok.decode(g) for g in gen[:2]],
+        )
+        sq = getattr(m, "octoquant_smoothquant", None)
+        if sq:
+            rows[name]["smoothquant_alpha"] = sq
+        fp = rows["fp32"]["perplexity"]
         print(
-            f"{name:<26} perplexity {ppl:8.3f}  ({100 * (ppl / rows['fp32']['perplexity'] - 1):+.2f}%)  "
-            f"weights+buffers {rows[name]['weight_bytes'] / 1e6:.0f} MB",
+            f"{name:<36} perplexity {ppl:8.3f} ({100 * (ppl / fp - 1):+.2f}%)  weights {weight_bytes(m) / 1e6:.0f} MB  "
+            f"greedy = fp32 on {rows[name]['greedy_identical_to_fp32']}/5",
             flush=True,
         )
-    decode = {name: [] for name in models}
-    for _ in range(3):  # interleaved rounds
+    timings = {name: {"prefill": [], "b1": [], "b8": []} for name in models}
+    for _ in range(3):  # interleaved rounds, medians
         for name, m in models.items():
-            decode[name].append(decode_ms_per_token(m, tok))
+            timings[name]["prefill"].append(prefill_ms(m, tok, text))
+            timings[name]["b1"].append(decode_ms_per_token(m, tok, 1))
+            timings[name]["b8"].append(decode_ms_per_token(m, tok, 8))
     for name in models:
-        ms = sorted(decode[name])[1]
-        rows[name]["decode_ms_per_token"] = ms
-        speedup = rows["fp32"]["decode_ms_per_token"] / ms  # fp32 comes first in `models`
-        print(f"{name:<26} decode {ms:6.1f} ms/token  ({speedup:.2f}x fp32)")
-    write_json(args.out, {"machine": machine_info(), "quantize_seconds_both": quantize_s, "rows": rows})
+        for key in ("prefill", "b1", "b8"):
+            rows[name][f"{key}_ms"] = sorted(timings[name][key])[1]
+        f = rows["fp32"]
+        print(
+            f"{name:<36} prefill {rows[name]['prefill_ms']:7.1f} ms ({f['prefill_ms'] / rows[name]['prefill_ms']:.2f}x)"
+            f"  decode b1 {rows[name]['b1_ms']:6.1f} ms/token ({f['b1_ms'] / rows[name]['b1_ms']:.2f}x)"
+            f"  b8 {rows[name]['b8_ms']:6.1f} ms/step ({f['b8_ms'] / rows[name]['b8_ms']:.2f}x)",
+            flush=True,
+        )
+    meta = {"machine": machine_info(), "windows": args.windows, "calib_windows": args.calib}
+    write_json(args.out, {**meta, "rows": rows})
     print(f"wrote {args.out}")
 
 

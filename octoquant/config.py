@@ -189,7 +189,7 @@ class Config:
             layer (a float identity). Skipped with a warning for unknown transformer architectures.
         head_weight_only: W8A8 on a Hugging Face model: its output head (lm_head) is quantized weight-only
             (W8A16, per-channel), and a head tied to the input embedding stays tied (one int8 matrix serves
-            both); `exclude=["lm_head"]` keeps it float.
+            both); `exclude=["lm_head"]` keeps it float. `head_granularity`: PerChannel(0) or PerGroup(size).
         outlier_threshold: dynamic W8A8 only: LLM.int8() decomposition. Input columns holding any |x| above it
             are computed in float (with the dequantized weight columns), the rest in int8; found at run time.
         overrides: (glob, Config) pairs: a module whose name matches uses that config (the last match wins).
@@ -206,6 +206,7 @@ class Config:
     equalize_depthwise: bool = True
     smoothquant: bool = True
     head_weight_only: bool = True
+    head_granularity: Granularity = PerGroup(64)
     outlier_threshold: float | None = None
     overrides: tuple[tuple[str, Config], ...] = ()
 
@@ -226,6 +227,8 @@ class Config:
             raise ValueError(f"weight_granularity must be PerTensor(), PerChannel(0) or PerGroup(size), got {g!r}")
         if self.weight_calibrator not in (Calibrator.MINMAX, Calibrator.MSE):
             raise ValueError(f"weight_calibrator must be minmax or mse, got {self.weight_calibrator.value}")
+        if not isinstance(self.head_granularity, PerChannel | PerGroup):
+            raise ValueError(f"head_granularity must be PerChannel(0) or PerGroup(size), got {self.head_granularity!r}")
         if self.outlier_threshold is not None:
             if self.mode is not QuantMode.W8A8_DYNAMIC:
                 raise ValueError("outlier_threshold (LLM.int8() decomposition) applies to dynamic W8A8 only")
@@ -257,6 +260,8 @@ class Config:
 
 W8A8 = Config()
 W8A8_DYNAMIC = Config(mode=QuantMode.W8A8_DYNAMIC)
-W8A16 = Config(mode=QuantMode.W8A16)
+# weight-only: per-group scales of 64 inputs (measured on SmolLM2: perplexity +0.04% vs +0.45% per channel, same
+# decode speed); layers whose input size 64 does not divide fall back to per-channel scales
+W8A16 = Config(mode=QuantMode.W8A16, weight_granularity=PerGroup(64))
 # LLM.int8() (Dettmers et al., 2022): per-token int8 with outlier input columns (|x| > 6) kept in float
 LLM_INT8 = Config(mode=QuantMode.W8A8_DYNAMIC, outlier_threshold=6.0)

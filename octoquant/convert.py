@@ -250,6 +250,9 @@ def _build(
     w = m.weight if not _is_conv1d(m) else m.weight.T
     wr = _weight_range(w, cfg, name)
     group = cfg.weight_granularity.group_size if isinstance(cfg.weight_granularity, PerGroup) else None
+    if group is not None and w.shape[1] % group:  # a group size that does not divide K: per-channel scales
+        log.info("octoquant: %r: group size %d does not divide %d inputs; per-channel scales", name, group, w.shape[1])
+        group = None
 
     gptq_codes = None
     if cfg.weight_rounding is Rounding.GPTQ:
@@ -511,7 +514,7 @@ def head_defaults(model: nn.Module, config: Config) -> tuple[Config, tuple[str, 
         return config, None
     if config.mode is not QuantMode.W8A16:
         head_cfg = config.replace(
-            mode=QuantMode.W8A16, weight_granularity=PerChannel(0), outlier_threshold=None, overrides=()
+            mode=QuantMode.W8A16, weight_granularity=config.head_granularity, outlier_threshold=None, overrides=()
         )
         config = config.replace(overrides=((head_name, head_cfg), *config.overrides))  # the user's win
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -523,7 +526,7 @@ def head_defaults(model: nn.Module, config: Config) -> tuple[Config, tuple[str, 
 def _tie_embedding(work: nn.Module, emb_name: str, head_name: str) -> None:
     """A tied head quantized weight-only per channel: the embedding reads the same int8 matrix (one copy)."""
     head = work.get_submodule(head_name)
-    if not isinstance(head, QLinear) or head.mode is not QuantMode.W8A16 or head.group_size is not None:
+    if not isinstance(head, QLinear) or head.mode is not QuantMode.W8A16:
         return  # the head stayed float (excluded) or took another form: the embedding keeps its float matrix
     emb = work.get_submodule(emb_name)
     _swap(work, emb_name, QEmbedding.tied_to(head, dtype=emb.weight.dtype))

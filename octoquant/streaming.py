@@ -217,6 +217,7 @@ def _stream_linear(reader: SafetensorsReader, name: str, m: nn.Linear, cfg: Conf
     src = key if key in reader.entries else tied.get(key, key)
     n, k = m.weight.shape
     group = cfg.weight_granularity.group_size if isinstance(cfg.weight_granularity, PerGroup) else None
+    group = None if group and k % group else group  # as oq.quantize: per-channel when the group does not divide K
     gran = PerGroup(group) if group else PerChannel(0)
     with torch.device("meta"):
         q = QLinear(k, n, m.bias is not None, cfg.mode, group, cfg.activation_dtype, None, cfg.outlier_threshold)
@@ -301,7 +302,7 @@ def quantize_checkpoint(
     # the output head: weight-only per channel by default, as oq.quantize does (Config.head_weight_only)
     if config.head_weight_only and config.mode is not QuantMode.W8A16:
         head_cfg = config.replace(
-            mode=QuantMode.W8A16, weight_granularity=PerChannel(0), outlier_threshold=None, overrides=()
+            mode=QuantMode.W8A16, weight_granularity=config.head_granularity, outlier_threshold=None, overrides=()
         )
         config = config.replace(overrides=((layout.head, head_cfg), *config.overrides))
     final_head_cfg = config.for_module(layout.head)
@@ -310,7 +311,7 @@ def quantize_checkpoint(
         and config.head_weight_only
         and not any(fnmatch.fnmatchcase(layout.head, p) for p in exclude)
         and final_head_cfg.mode is QuantMode.W8A16
-        and isinstance(final_head_cfg.weight_granularity, PerChannel)
+        and isinstance(final_head_cfg.weight_granularity, PerChannel | PerGroup)
     )  # then the embedding reads the head's int8 matrix (QEmbedding): nothing of its own is written
     expected = set(skeleton.state_dict())
     stored = set(reader.keys())
@@ -365,6 +366,7 @@ def quantize_checkpoint(
                 "num_embeddings": embed.num_embeddings,
                 "embedding_dim": embed.embedding_dim,
                 "dtype": "float32",
+                "group_size": getattr(final_head_cfg.weight_granularity, "group_size", None),
             }
             aliases = {
                 f"{layout.embed}.weight": head_key,

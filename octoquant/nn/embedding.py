@@ -11,28 +11,43 @@ class QEmbedding(nn.Module):
     """Rows of an int8 (V, D) matrix times their per-row scale: the input side of a tied embedding whose output
     side is a W8A16 `QLinear` head. Both share one int8 matrix (no second copy, the tie kept).
 
-    Buffers: weight (V, D) int8 and weight_scale (V,) float32, the very tensors of the head when tied.
+    Buffers: weight (V, D) int8 and weight_scale (V,) float32 per row, or (V, D // group_size) per group: the
+    very tensors of the head when tied.
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        dtype: torch.dtype = torch.float32,
+        group_size: int | None = None,
+    ) -> None:
         super().__init__()
+        if group_size is not None and embedding_dim % group_size:
+            raise ValueError(f"group size {group_size} does not divide embedding_dim {embedding_dim}")
         self.num_embeddings, self.embedding_dim, self.dtype = num_embeddings, embedding_dim, dtype
+        self.group_size = group_size
+        groups = 1 if group_size is None else embedding_dim // group_size
         self.register_buffer("weight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
-        self.register_buffer("weight_scale", torch.ones(num_embeddings, dtype=torch.float32))
+        shape = (num_embeddings,) if group_size is None else (num_embeddings, groups)
+        self.register_buffer("weight_scale", torch.ones(shape, dtype=torch.float32))
 
     @classmethod
     def tied_to(cls, head: nn.Module, dtype: torch.dtype = torch.float32) -> QEmbedding:
-        """Share the head's int8 weight and per-row scales (a per-channel W8A16 QLinear)."""
-        if head.weight_scale.dim() != 1:
-            raise ValueError("a tied embedding needs per-channel (per-row) head scales, not per-group")
+        """Share the head's int8 weight and scales (a W8A16 QLinear, per channel or per group)."""
         with torch.device("meta"):
-            q = cls(head.out_features, head.in_features, dtype)
+            q = cls(head.out_features, head.in_features, dtype, head.group_size)
         q.weight, q.weight_scale = head.weight, head.weight_scale
         return q
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(ids, self.weight).to(torch.float32)  # (..., D) int8 codes, exact in float32
-        return (rows * self.weight_scale[ids].unsqueeze(-1)).to(self.dtype)
+        scale = self.weight_scale[ids]  # (...,) or (..., G)
+        if self.group_size is None:
+            return (rows * scale.unsqueeze(-1)).to(self.dtype)
+        grouped = rows.reshape(*rows.shape[:-1], -1, self.group_size) * scale.unsqueeze(-1)
+        return grouped.reshape(rows.shape).to(self.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, int8 (tied to the output head)"
+        g = f", group_size={self.group_size}" if self.group_size else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}{g}, int8 (tied to the output head)"
