@@ -28,3 +28,4 @@ def test_readme_python_example_runs():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "output SQNR" in out.stdout and "2/2 layers int8" in out.stdout
+    assert "reloaded bit-identical: True" in out.stdout
