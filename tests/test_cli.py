@@ -23,3 +23,75 @@ def test_demo_quantizes_real_mobilenet_and_compares():
 def test_unknown_command_exits_2():
     out = run_cli("frobnicate")
     assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# octoquant quantize
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=120,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("hf") / "tiny-llama"
+    transformers.LlamaForCausalLM(cfg).eval().save_pretrained(folder)
+    return folder
+
+
+def _one_line_error(out, match):
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert match in lines[0], lines[0]
+
+
+def test_quantize_hf_folder_writes_a_loadable_checkpoint(hf_folder, tmp_path):
+    import json
+
+    import octoquant as oq
+
+    out = run_cli("quantize", str(hf_folder), "--preset", "w8a8-dynamic", "--out", str(tmp_path / "q"), "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["layers_int8"] == result["layers"] == 15  # 14 linears + the head
+    q = oq.load(tmp_path / "q")
+    assert isinstance(q.model.layers[0].mlp.down_proj, oq.nn.QLinear)
+
+
+def test_quantize_stream(hf_folder, tmp_path):
+    out = run_cli("quantize", str(hf_folder), "--preset", "w8a16", "--stream", "--out", str(tmp_path / "q"))
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "q" / "model.safetensors.index.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--preset", "int4"], "valid: w8a8, w8a8-dynamic, w8a16, llm-int8, smoothquant"),
+        (["--preset", "w8a8"], "needs calibration data"),
+        (["--preset", "w8a8", "--calib", "/nonexistent/calib.txt"], "not found"),
+    ],
+    ids=["unknown-preset", "static-without-calibration", "missing-calibration-file"],
+)
+def test_quantize_user_errors_one_line_exit_2(hf_folder, tmp_path, args, match):
+    _one_line_error(run_cli("quantize", str(hf_folder), *args, "--out", str(tmp_path / "q")), match)
+    assert not (tmp_path / "q").exists()
+
+
+def test_quantize_missing_model_path(tmp_path):
+    _one_line_error(run_cli("quantize", str(tmp_path / "nope"), "--out", str(tmp_path / "q")), "not found")
+
+
+def test_quantize_output_exists(hf_folder, tmp_path):
+    (tmp_path / "q").mkdir()
+    _one_line_error(run_cli("quantize", str(hf_folder), "--out", str(tmp_path / "q")), "exists")
