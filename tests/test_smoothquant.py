@@ -138,3 +138,11 @@ def test_llm_int8_decomposition_is_exact_split():
 def test_outlier_threshold_only_for_dynamic():
     with pytest.raises(ValueError, match="dynamic W8A8 only"):
         oq.W8A8.replace(outlier_threshold=6.0)
+
+
+def test_dynamic_fallback_skips_the_weight_only_head():
+    """Static W8A8 + fallback on an LLM: the W8A16 (group) head is never turned into an invalid dynamic layer."""
+    q = oq.quantize(_llama(), oq.W8A8, calib=_calib(), keep_float=20, fallback="dynamic", progress=False)
+    modes = {r.name: r.mode for r in oq.summary(q, print_table=False)}
+    assert modes["lm_head"] == "w8a16"
+    assert sum(m == "w8a8_dynamic" for m in modes.values()) >= 1
