@@ -77,3 +77,13 @@ def write_json(path: str | Path, payload: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=2))
     os.replace(tmp, path)
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the parameters and buffers, each shared tensor counted once (a tied embedding/head too)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total

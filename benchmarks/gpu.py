@@ -36,6 +36,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import octoquant as oq  # noqa: E402
 from octoquant.kernels import get_backend  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import weight_bytes  # noqa: E402
+
 # NVIDIA H100/H200 SXM datasheet dense peaks (the H200 has the H100's tensor cores)
 PEAK_TOPS = {"int8": 1979.0, "bf16": 989.0}
 
@@ -254,15 +257,6 @@ def decode_graph_ms(model, cfg, batch: int, prompt: int = 16, steps: int = 64) -
         step_ids.copy_(logits[:, -1:].argmax(-1))
     torch.cuda.synchronize()
     return 1e3 * (time.perf_counter() - t0) / steps
-
-
-def weight_bytes(model) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
 
 
 def end_to_end(name: str, config_kwargs: dict, quick: bool) -> dict:

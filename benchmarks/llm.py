@@ -19,7 +19,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import machine_info, write_json  # noqa: E402
+from _common import machine_info, weight_bytes, write_json  # noqa: E402
 
 import octoquant as oq  # noqa: E402
 from octoquant.evaluate.perplexity import perplexity  # noqa: E402
@@ -35,15 +35,6 @@ PROMPTS = [
     "Water boils at a temperature of",
     "The first computers were",
 ]
-
-
-def weight_bytes(model) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
 
 
 @torch.no_grad()

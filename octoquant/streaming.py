@@ -35,6 +35,7 @@ from .checkpoint import (
     _owner,
     _prepare_out,
     _publish,
+    _stored_files,
     _to_file,
     ct_config_from_specs,
 )
@@ -83,17 +84,9 @@ class SafetensorsReader:
     """Tensors of a (sharded) safetensors checkpoint, read on demand with pread: nothing is memory-mapped."""
 
     def __init__(self, folder: Path) -> None:
-        index = folder / f"{WEIGHTS_NAME}.index.json"
-        if index.is_file():
-            try:
-                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, AttributeError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-        else:
-            files = [WEIGHTS_NAME]
         self.entries: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int, int]] = {}
-        for name in files:
-            self._parse(folder / name)
+        for file in _stored_files(folder):
+            self._parse(file)
 
     def _parse(self, file: Path) -> None:
         if not file.is_file():
@@ -376,7 +369,7 @@ def quantize_checkpoint(
             embed_keys = [f"{layout.embed}.{k}" for k in embed.state_dict()]
             write_safetensors(tmp / shard_name(0), {k: _SourceRows(reader, k) for k in embed_keys})
             weight_map.update(dict.fromkeys(embed_keys, shard_name(0)))
-        _replace(skeleton, layout.embed, nn.Module())  # the embedding is not needed again: free it
+        _swap(skeleton, layout.embed, nn.Module())  # the embedding is not needed again: free it
         del embed
 
         bar = tqdm(range(n_layers), desc="octoquant: streaming blocks", disable=not progress)
@@ -490,11 +483,6 @@ def _release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
         pass
-
-
-def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
 def _capture_into(store: list[dict]):

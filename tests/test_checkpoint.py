@@ -19,6 +19,7 @@ import octoquant as oq
 from octoquant.checkpoint import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, CheckpointError
 
 transformers = pytest.importorskip("transformers")
+from tests._tiny import tiny_llama  # noqa: E402
 
 
 class SmallCNN(nn.Module):
@@ -54,17 +55,7 @@ def cnn_setup():
 
 
 def _tiny_llama(tie: bool = True):
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=120,
-        tie_word_embeddings=tie,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama(tie=tie)
 
 
 def _digest(folder: Path) -> dict[str, str]:

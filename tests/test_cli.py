@@ -31,20 +31,11 @@ def test_unknown_command_exits_2():
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    import torch
+    pytest.importorskip("transformers")
+    from tests._tiny import tiny_llama
 
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=120,
-    )
-    torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("hf") / "tiny-llama"
-    transformers.LlamaForCausalLM(cfg).eval().save_pretrained(folder)
+    tiny_llama().save_pretrained(folder)
     return folder
 
 

@@ -9,19 +9,11 @@ import octoquant as oq
 from octoquant.transforms.smoothquant import find_pairs, smooth
 
 transformers = pytest.importorskip("transformers")
+from tests._tiny import tiny_llama  # noqa: E402
 
 
 def _llama(outlier_gain: float = 1.0):
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-    )
-    torch.manual_seed(0)
-    m = transformers.LlamaForCausalLM(cfg).eval()
+    m = tiny_llama(vocab=100)
     for layer in m.model.layers:  # LLM-like activation outliers: a few channels of the norm output x gain
         layer.input_layernorm.weight.data[[3, 17]] *= outlier_gain
         layer.post_attention_layernorm.weight.data[[5, 40]] *= outlier_gain

@@ -14,22 +14,13 @@ from octoquant.checkpoint import CheckpointError
 from octoquant.models.synthetic import write_llama_checkpoint
 
 transformers = pytest.importorskip("transformers")
+from tests._tiny import tiny_llama  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     """A tiny Llama saved by transformers itself in several shards (tied embeddings: the head stored once)."""
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=120,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(layers=3, tie=True)
     folder = tmp_path_factory.mktemp("src") / "llama"
     model.save_pretrained(folder, max_shard_size="60KB")
     assert (folder / "model.safetensors.index.json").is_file()

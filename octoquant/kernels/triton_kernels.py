@@ -162,6 +162,17 @@ _MM_CONFIGS = [
 ]
 
 
+@triton.jit
+def _grouped_tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """(tile row, tile column) of program `pid`, GROUP_M tile rows at a time so a W tile is reused from L2."""
+    num_m = (M + BM - 1) // BM
+    num_n = (N + BN - 1) // BN
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = min(num_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % group_m, (pid % per_group) // group_m
+
+
 @_autotune(_MM_CONFIGS, key=["M", "N", "K"])
 @triton.jit
 def _int8_mm_kernel(
@@ -172,14 +183,7 @@ def _int8_mm_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """out (M, N) = epilogue(a (M, K) int8 @ w (N, K)^T int8); grouped tile order keeps W tiles in L2."""
-    pid = tl.program_id(0)
-    num_m = (M + BM - 1) // BM
-    num_n = (N + BN - 1) // BN
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
 
     rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     rn = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
@@ -323,14 +327,7 @@ def _w8a16_mm_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """Tensor-core GEMM on x's dtype: int8 weight tiles converted to x.dtype in registers (exact for bf16/fp16)."""
-    pid = tl.program_id(0)
-    num_m = (M + BM - 1) // BM
-    num_n = (N + BN - 1) // BN
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     rn = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
     rk = tl.arange(0, BK)
