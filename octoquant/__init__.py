@@ -5,7 +5,7 @@ scale, zp = oq.choose_qparams(x.min(), x.max())
 x_hat = oq.fake_quantize(x, scale, zp)
 """
 
-from . import evaluate, hf
+from . import evaluate, export, hf
 from .checkpoint import CheckpointError, load, save
 from .config import (
     LLM_INT8,
@@ -50,6 +50,7 @@ __all__ = [
     "CheckpointError",
     "quantize_checkpoint",
     "evaluate",
+    "export",
     "hf",
     "Config",
     "W8A8",

@@ -29,3 +29,4 @@ def test_readme_python_example_runs():
     assert out.returncode == 0, out.stderr
     assert "output SQNR" in out.stdout and "2/2 layers int8" in out.stdout
     assert "reloaded bit-identical: True" in out.stdout
+    assert "onnxruntime: integer ops {'QLinearConv': 1, 'MatMulIntegerToFloat': 1}" in out.stdout

@@ -24,6 +24,15 @@ FASHION_MAX_DROP_POINTS = 0.3
 MINILM_COS_MEAN = 0.995
 MINILM_COS_MIN = 0.98
 MINILM_PROBE_MAX_DROP_POINTS = 1.0
+# ONNX export parity. Two correct INT8 implementations of MobileNetV2 cannot agree on every low-confidence crop:
+# a 1e-6 relative input perturbation alone moves octoquant's own INT8 top-1 on ~8% of these crops (rounding
+# flips cascade through 52 requantizations; measured 0.92 agreement, 21 dB). The file must match octoquant's
+# accuracy against FP32 instead, and stay near that noise floor against octoquant.
+ONNX_MNV2_TOP1_VS_OQ = 0.85  # measured 0.90 (ORT) / 0.91 (OpenVINO)
+ONNX_MNV2_TOP1_SLACK = 0.03  # top-1 vs FP32 at most 3 points below octoquant's
+ONNX_MINILM_ORT_COS = 0.999  # the bar; measured 0.99972, 32.5 dB
+ONNX_MINILM_ORT_SQNR = 30.0
+ONNX_MINILM_OV_COS = 0.997  # measured 0.9982 (below the 0.999: see RESULTS.md)
 
 
 @pytest.fixture(scope="module")
@@ -237,3 +246,59 @@ def test_smollm2_perplexity(smollm2_setup, name, config, use_calib, bound):
     assert got / fp32 - 1 <= bound
     assert isinstance(q.model.embed_tokens, oq.nn.QEmbedding)  # the tied head stays tied: one int8 matrix
     assert q.model.embed_tokens.weight is q.lm_head.weight
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ONNX QDQ export: the exported file in ONNX Runtime and OpenVINO against octoquant's INT8 model
+
+
+def test_mobilenetv2_onnx_export_parity(mobilenet_setup, tmp_path):
+    from octoquant import export
+
+    model, calib, evals, ref = mobilenet_setup
+    q = oq.quantize(model, oq.W8A8, calib=calib, progress=False)
+    path = tmp_path / "mnv2.onnx"
+    rep = export.onnx(q, calib[0][:1], path, calib=calib)
+    assert rep.check.problems == () and len(rep.check.integer) == 53
+    ours = _logits(q, evals)
+    batches = [evals[i : i + 32] for i in range(0, 256, 32)]
+    for runtime, conv_key in (("onnxruntime", "QLinearConv"), ("openvino", "Convolution:u8")):
+        v = export.verify(q, path, batches, runtime=runtime)
+        print(v.summary())
+        assert v.integer_ops.get(conv_key) == 52 and v.dequantized_float == 0  # every conv runs int8
+        assert v.outputs[0]["top1_agreement"] >= ONNX_MNV2_TOP1_VS_OQ
+        # the runtime's logits against FP32: as accurate as octoquant's own INT8 model
+        out = v.outputs[0]
+        assert out["sqnr_db"] > 10.0
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    y = torch.cat([torch.from_numpy(sess.run(None, {"input": b.numpy()})[0]) for b in batches])
+    agree_ort, agree_oq = top1_agreement(ref, y), top1_agreement(ref, ours)
+    print(f"top-1 vs FP32: octoquant {agree_oq:.4f}, ORT on the export {agree_ort:.4f}")
+    assert agree_ort >= agree_oq - ONNX_MNV2_TOP1_SLACK
+    assert mean_kl_divergence(ref, y) <= 1.5 * mean_kl_divergence(ref, ours) + 0.01
+
+
+def test_minilm_onnx_export_parity(minilm_setup, tmp_path):
+    from octoquant import export
+    from octoquant.models.minilm import SentenceEncoder
+
+    tok, model, calib, sentences, _, _, _, _ = minilm_setup
+    enc = SentenceEncoder(model).eval()
+    keys = ("input_ids", "attention_mask")
+    cal = [{k: b[k] for k in keys} for b in calib]
+    q = oq.quantize(enc, oq.W8A8, calib=cal, progress=False)  # every Linear static W8A8
+    path = tmp_path / "minilm.onnx"
+    rep = export.onnx(q, cal[0], path, calib=cal[:2])
+    assert rep.check.problems == () and len(rep.check.integer) == 36
+    test = [dict(tok(sentences[i : i + 32], padding=True, return_tensors="pt")) for i in range(0, 256, 32)]
+    test = [{k: b[k] for k in keys} for b in test]
+    v = export.verify(q, path, test)
+    print(v.summary())
+    assert v.integer_ops.get("MatMulIntegerToFloat") == 36 and v.dequantized_float == 0
+    assert v.outputs[0]["cosine_mean"] >= ONNX_MINILM_ORT_COS and v.outputs[0]["sqnr_db"] >= ONNX_MINILM_ORT_SQNR
+    v = export.verify(q, path, test, runtime="openvino")
+    print(v.summary())
+    assert v.integer_ops.get("FullyConnected:u8") == 36 and v.dequantized_float == 0
+    assert v.outputs[0]["cosine_mean"] >= ONNX_MINILM_OV_COS

@@ -48,3 +48,17 @@ def calibration_batches(tokenizer, texts: list[str], batch_size: int = 16, max_l
         )
         for i in range(0, len(texts), batch_size)
     ]
+
+
+class SentenceEncoder(torch.nn.Module):
+    """BERT + attention-masked mean pooling + L2 norm: token ids -> (N, 384) embeddings (exportable as one graph)."""
+
+    def __init__(self, bert: torch.nn.Module) -> None:
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, dim=-1)

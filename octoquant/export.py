@@ -1,0 +1,1003 @@
+"""ONNX QDQ export of octoquant models, and verification in ONNX Runtime / OpenVINO.
+
+    import octoquant as oq
+    oq.export.onnx(qmodel, example, "model.onnx")            # QuantizeLinear / DequantizeLinear graph
+    report = oq.export.verify(qmodel, "model.onnx", inputs)   # runtime vs octoquant, side by side
+
+What the graph holds, per quantized module (the octoquant scales and zero-points, unchanged):
+- weights: int8 initializers + per-output-channel `DequantizeLinear` (axis set), zero-point 0;
+- static W8A8: the input through `QuantizeLinear` -> `DequantizeLinear` with the calibrated scale / zero-point;
+- dynamic W8A8: `DynamicQuantizeLinear` (per-tensor uint8, the granularity ONNX runtimes run in integer
+  kernels; octoquant's own kernels use per-token scales, `verify` measures the difference);
+- W8A16: the dequantized weight feeds a float MatMul (weight-only; per-group scales as Mul on the int8 weight);
+- float bias, fused ReLU / ReLU6 as `Relu` / `Clip` / `Min`.
+
+Placement follows ONNX Runtime's and TensorRT's QDQ rules, so the runtimes fuse the pairs into integer
+kernels: a convolution whose output is not read by a `QuantizeLinear` gets an output Q/DQ pair (ORT fuses
+DQ -> Conv -> Q into QLinearConv), reusing the qparams of a QuantizeLinear that already reads the tensor, else
+the range observed on `calib`; residual Adds stay float unless `quantize_adds` (QLinearAdd / TensorRT's conv + add
+fusion). MatMul outputs stay float (ORT runs DQ -> MatMul as MatMulIntegerToFloat / DynamicQuantizeMatMul).
+Modules with no QDQ mapping (layers kept in float) export in
+float, with a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import tempfile
+import types
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import QDtype, QScheme, QuantMode
+from .functional import cosine_similarity, sqnr_db
+from .nn import QConv2d, QEmbedding, QLinear
+from .nn._base import QuantizedModule
+from .observers import make_observer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+_MARK_DOMAIN = "octoquant"  # temporary marker nodes, removed before the file is written
+RUNTIMES = ("onnxruntime", "openvino")
+
+
+class ExportError(ValueError):
+    """The model cannot be exported as asked (unquantized model, bad inputs, existing file)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Traceable ONNX ops: forward computes what the op computes (so tracing sees true shapes and dtypes), symbolic
+# emits the ONNX node.
+
+
+class _QuantizeLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, zero_point):
+        # no `.to()` on x: a no-op cast returns x itself, and the tracer would then bind x's later uses to it
+        qmin, qmax = (0, 255) if zero_point.dtype == torch.uint8 else (-128, 127)
+        return (torch.round(x / scale) + zero_point.to(torch.int32)).clamp(qmin, qmax).to(zero_point.dtype)
+
+    @staticmethod
+    def symbolic(g, x, scale, zero_point):
+        out = g.op("QuantizeLinear", x, scale, zero_point)
+        out.setType(x.type().with_dtype(zero_point.type().dtype()))
+        return out
+
+
+class _DequantizeLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, scale, zero_point, axis):
+        shape = [1] * q.dim()
+        if scale.dim():
+            shape[axis] = -1
+        return (q.to(torch.float32) - zero_point.to(torch.float32).reshape(shape)) * scale.reshape(shape)
+
+    @staticmethod
+    def symbolic(g, q, scale, zero_point, axis):
+        if scale.type().dim() in (None, 0):  # per-tensor: axis is not allowed to matter
+            out = g.op("DequantizeLinear", q, scale, zero_point)
+        else:
+            out = g.op("DequantizeLinear", q, scale, zero_point, axis_i=axis)
+        out.setType(q.type().with_dtype(torch.float32))  # typed: the exporter adds no Casts after it
+        return out
+
+
+class _DynamicQuantizeLinear(torch.autograd.Function):
+    """ONNX DynamicQuantizeLinear: uint8, scale = (max(0, x) - min(0, x)) / 255, zero-point saturated-rounded."""
+
+    @staticmethod
+    def forward(ctx, x):
+        xf = x.to(torch.float32)
+        lo, hi = torch.clamp(xf.min(), max=0.0), torch.clamp(xf.max(), min=0.0)
+        scale = (hi - lo) / 255.0
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zp = torch.round(-lo / scale).clamp(0, 255)
+        q = (torch.round(xf / scale) + zp).clamp(0, 255).to(torch.uint8)
+        return q, scale, zp.to(torch.uint8)
+
+    @staticmethod
+    def symbolic(g, x):
+        return g.op("DynamicQuantizeLinear", x, outputs=3)
+
+
+class _Mark(torch.autograd.Function):
+    """Identity that tags a quantized module's float output with the module's name (for the placement pass)."""
+
+    @staticmethod
+    def forward(ctx, y, name):
+        return y.clone()
+
+    @staticmethod
+    def symbolic(g, y, name):
+        out = g.op(f"{_MARK_DOMAIN}::Mark", y, name_s=name)
+        out.setType(y.type())
+        return out
+
+
+def _q(x: torch.Tensor, scale: float, zero_point: int, dtype: QDtype) -> torch.Tensor:
+    s = torch.tensor(scale, dtype=torch.float32)
+    z = torch.tensor(zero_point, dtype=dtype.torch_dtype)
+    return _DequantizeLinear.apply(_QuantizeLinear.apply(x, s, z), s, z, 0)
+
+
+def _dq_weight(weight: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
+    zp = torch.zeros(scale.shape, dtype=torch.int8)
+    return _DequantizeLinear.apply(weight, scale, zp, axis)
+
+
+def _clamp(y: torch.Tensor, upper: torch.Tensor | None) -> torch.Tensor:
+    """A fused ReLU (upper = inf) / ReLU6 (upper = 6) / per-channel clamp on an NC... output."""
+    if upper is None:
+        return y
+    if bool(torch.isinf(upper).all()):
+        return torch.relu(y)
+    if bool((upper == upper[0]).all()):
+        return torch.clamp(y, 0.0, float(upper[0]))
+    return torch.minimum(torch.relu(y), upper.reshape(1, -1, *([1] * (y.dim() - 2))))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export forwards of the quantized modules (patched in for the duration of the export)
+
+
+def _input_qdq(m: QuantizedModule, x: torch.Tensor) -> torch.Tensor:
+    if m.mode is QuantMode.W8A8_STATIC:
+        scale, zp = m._static_qparams()
+        return _q(x, scale, zp, m.input_dtype)
+    if m.mode is QuantMode.W8A8_DYNAMIC:
+        q, s, z = _DynamicQuantizeLinear.apply(x)
+        return _DequantizeLinear.apply(q, s, z, 0)
+    return x  # W8A16: float activations
+
+
+def _qlinear_forward(self: QLinear, x: torch.Tensor) -> torch.Tensor:
+    flat = x.dim() == 2 and self.mode is not QuantMode.W8A16
+    if flat:  # (M, K) -> (1, M, K): ORT fuses a 2-D MatMul + bias into a float Gemm before its QDQ fusions
+        x = x.unsqueeze(0)
+    xd = _input_qdq(self, x)
+    wt = self.weight.t()  # (K, N): MatMul's layout, so DQ feeds MatMul directly (no Transpose in between)
+    if self.group_size:  # W8A16 per-group: int8 -> float, times the group scales
+        k, n, g = self.in_features, self.out_features, self.group_size
+        wd = (wt.to(torch.float32).reshape(k // g, g, n) * self.weight_scale.t().reshape(k // g, 1, n)).reshape(k, n)
+    else:
+        wd = _dq_weight(wt, self.weight_scale, axis=1)
+    y = torch.matmul(xd, wd)
+    if self.bias is not None:
+        y = y + self.bias
+    return _Mark.apply(y.squeeze(0) if flat else y, self._export_name)
+
+
+def _qconv_forward(self: QConv2d, x: torch.Tensor) -> torch.Tensor:
+    xd = _input_qdq(self, x)
+    wd = _dq_weight(self.weight, self.weight_scale, axis=0)
+    y = F.conv2d(xd, wd, self.bias, self.stride, self.padding, self.dilation, self.groups)
+    upper = self.output_clamp
+    if upper is not None and not bool(torch.isinf(upper).all()) and not bool((upper == upper[0]).all()):
+        # per-channel clamp (ReLU6 after equalization): ReLU stays fusable into the conv, the Min follows the
+        # output Q/DQ pair (a float Min on dequantized values, requantized by the next layer's Q)
+        marked = _Mark.apply(torch.relu(y), self._export_name)
+        return torch.minimum(marked, upper.reshape(1, -1, *([1] * (y.dim() - 2))))
+    return _Mark.apply(_clamp(y, upper), self._export_name)
+
+
+def _qembedding_forward(self: QEmbedding, ids: torch.Tensor) -> torch.Tensor:
+    w = self.weight.to(torch.float32)
+    s = self.weight_scale
+    table = (
+        w * s.reshape(-1, 1) if s.dim() == 1 else (w.reshape(len(w), s.shape[1], -1) * s[..., None]).reshape(w.shape)
+    )
+    return F.embedding(ids, table)
+
+
+_EXPORT_FORWARDS = {QLinear: _qlinear_forward, QConv2d: _qconv_forward, QEmbedding: _qembedding_forward}
+
+
+@contextlib.contextmanager
+def _export_forwards(model: nn.Module):
+    patched = []
+    try:
+        for name, m in model.named_modules():
+            fwd = _EXPORT_FORWARDS.get(type(m))
+            if fwd is not None:
+                m.forward = types.MethodType(fwd, m)
+                m._export_name = name
+                patched.append(m)
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+            del m._export_name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def _as_args(example) -> tuple[tuple, dict]:
+    if isinstance(example, torch.Tensor):
+        return (example,), {}
+    if isinstance(example, Mapping):
+        return (), dict(example)
+    if isinstance(example, Sequence) and all(isinstance(t, torch.Tensor) for t in example):
+        return tuple(example), {}
+    raise ExportError(f"example inputs must be a tensor, a tuple of tensors or a dict of tensors, got {type(example)}")
+
+
+def _input_names(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
+    if kwargs:
+        return list(kwargs)
+    return ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
+
+
+def _default_dynamic_axes(names: list[str], tensors: list[torch.Tensor], outputs: list[str]) -> dict:
+    """Batch (dim 0) everywhere; for integer inputs of 2+ dims (token ids, masks) also the sequence (dim 1)."""
+    axes = {}
+    for n, t in zip(names, tensors, strict=True):
+        if t.dim() == 0:
+            continue
+        axes[n] = {0: "batch"}
+        if t.dim() >= 2 and not t.is_floating_point():
+            axes[n][1] = "sequence"
+    for n in outputs:
+        axes[n] = {0: "batch"}
+    return axes
+
+
+def _run(model: nn.Module, example):
+    args, kwargs = _as_args(example)
+    return model(*args, **kwargs)
+
+
+def _flat_outputs(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in _flat_outputs(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _flat_outputs(v)]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output ranges of the quantized convolutions (for the Q/DQ pairs ORT / TensorRT need at their outputs)
+
+
+@torch.no_grad()
+def _observe_outputs(model: nn.Module, batches: Iterable, calibrator: str) -> dict[str, tuple[float, float]]:
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, QConv2d)}
+    observers = {n: make_observer(calibrator, QScheme(QDtype.UINT8, symmetric=False), name=n) for n in convs}
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out, n=n: observers[n].update(out.detach())) for n, m in convs.items()
+    ]
+    try:
+        for b in batches:
+            _run(model, b)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for n, ob in observers.items():
+        lo, hi = ob.compute_range()
+        out[n] = (float(lo), float(hi))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The placement pass on the ONNX graph
+
+
+class _Graph:
+    """Producer / consumer maps and constant lookup over an onnx GraphProto, with small edits."""
+
+    def __init__(self, model) -> None:
+        import onnx
+        from onnx import numpy_helper
+
+        self.onnx, self.numpy_helper = onnx, numpy_helper
+        self.model, self.g = model, model.graph
+        # standalone copies: protobuf repeated fields copy on extend, so edits work on this list (see commit)
+        self.nodes = []
+        for n in self.g.node:
+            c = onnx.NodeProto()
+            c.CopyFrom(n)
+            self.nodes.append(c)
+        self._uid = 0
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.producer = {o: n for n in self.nodes for o in n.output}
+        self.consumers: dict[str, list] = {}
+        for n in self.nodes:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.inits = {t.name: t for t in self.g.initializer}
+
+    def commit(self) -> None:
+        """Write the edited node list back into the graph, topologically sorted (stable)."""
+        ready = {i.name for i in self.g.input} | set(self.inits) | {""}
+        pending, order = list(self.nodes), []
+        while pending:
+            rest = []
+            for n in pending:
+                if all(i in ready for i in n.input):
+                    order.append(n)
+                    ready.update(n.output)
+                else:
+                    rest.append(n)
+            if len(rest) == len(pending):
+                raise ExportError(f"the edited graph has a cycle or a missing input at node {rest[0].name}")
+            pending = rest
+        self.nodes = order
+        used = {i for n in order for i in n.input} | {o.name for o in self.g.output}
+        keep = [t for t in self.g.initializer if t.name in used]
+        if len(keep) != len(self.g.initializer):  # constants of removed nodes
+            kept = []
+            for t in keep:
+                c = self.onnx.TensorProto()
+                c.CopyFrom(t)
+                kept.append(c)
+            del self.g.initializer[:]
+            self.g.initializer.extend(kept)
+        del self.g.node[:]
+        self.g.node.extend(self.nodes)
+
+    def const(self, name: str):
+        """numpy value of an initializer or Constant output, else None."""
+        if name in self.inits:
+            return self.numpy_helper.to_array(self.inits[name])
+        p = self.producer.get(name)
+        if p is not None and p.op_type == "Constant":
+            for a in p.attribute:
+                if a.name == "value":
+                    return self.numpy_helper.to_array(a.t)
+        return None
+
+    def fresh(self, base: str) -> str:
+        self._uid += 1
+        return f"{base}_oq{self._uid}"
+
+    def add_const(self, base: str, value) -> str:
+        name = self.fresh(base)
+        self.g.initializer.append(self.numpy_helper.from_array(value, name))
+        return name
+
+    def qparams_of(self, node) -> tuple:
+        """(scale, zero_point) numpy values of a Q / DQ node, None where not constant."""
+        s = self.const(node.input[1])
+        z = self.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        return s, z
+
+    def same_qparams(self, a, b) -> bool:
+        import numpy as np
+
+        (sa, za), (sb, zb) = self.qparams_of(a), self.qparams_of(b)
+        if sa is None or sb is None or za is None or zb is None:
+            return False
+        return sa.shape == sb.shape and za.dtype == zb.dtype and np.array_equal(sa, sb) and np.array_equal(za, zb)
+
+    def rename_input(self, node, old: str, new: str) -> None:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+
+    def replace_uses(self, old: str, new: str) -> None:
+        """Every reader of `old` (nodes and graph outputs) reads `new` instead."""
+        for n in self.consumers.get(old, []):
+            self.rename_input(n, old, new)
+        for o in self.g.output:
+            if o.name == old:
+                self._alias_output(o.name, new)
+
+    def _alias_output(self, out_name: str, src: str) -> None:
+        self.nodes.append(self.onnx.helper.make_node("Identity", [src], [out_name], name=self.fresh("out")))
+
+    def remove(self, nodes) -> None:
+        ids = {id(n) for n in nodes}
+        self.nodes = [n for n in self.nodes if id(n) not in ids]
+
+    def insert_after(self, anchor, new_nodes) -> None:
+        """Insert nodes right after `anchor` (keeps the node list topologically sorted)."""
+        at = next(i for i, n in enumerate(self.nodes) if n is anchor) + 1
+        self.nodes[at:at] = list(new_nodes)
+
+
+def _constants_to_initializers(gr: _Graph) -> None:
+    """Constant nodes (scales, zero-points, clamp bounds) become initializers: one place for every constant."""
+    drop = []
+    for n in gr.nodes:
+        if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
+            t = gr.onnx.TensorProto()
+            t.CopyFrom(n.attribute[0].t)
+            t.name = n.output[0]
+            gr.g.initializer.append(t)
+            drop.append(n)
+    gr.remove(drop)
+    gr.refresh()
+
+
+def _merge_duplicate_quantize(gr: _Graph) -> None:
+    """One QuantizeLinear per tensor and qparams (e.g. Q, K, V projections reading the same hidden state)."""
+    drop = []
+    for t, cons in list(gr.consumers.items()):
+        qs = [c for c in cons if c.op_type == "QuantizeLinear" and c.input[0] == t]
+        for i, a in enumerate(qs):
+            if any(a is d for d in drop):
+                continue
+            for b in qs[i + 1 :]:
+                if not any(b is d for d in drop) and gr.same_qparams(a, b):
+                    gr.replace_uses(b.output[0], a.output[0])
+                    drop.append(b)
+    gr.remove(drop)
+    gr.refresh()
+
+
+def _quantize_outputs(gr: _Graph, kinds: dict[str, str], ranges: dict[str, tuple[float, float]]) -> list[str]:
+    """Resolve the Mark nodes: a convolution output read by anything but a QuantizeLinear gets a Q/DQ pair.
+
+    The pair reuses the qparams of a QuantizeLinear that already reads the tensor (calibrated by octoquant for
+    exactly this tensor), else the observed output range. Returns the modules left without an output pair.
+    """
+    import numpy as np
+
+    unquantized = []
+    for mark in [n for n in gr.nodes if n.op_type == "Mark" and n.domain == _MARK_DOMAIN]:
+        name = next(a.s.decode() for a in mark.attribute if a.name == "name")
+        y, m = mark.input[0], mark.output[0]
+        cons = gr.consumers.get(m, [])
+        qs = [c for c in cons if c.op_type == "QuantizeLinear"]
+        others = [c for c in cons if c.op_type != "QuantizeLinear"]
+        # qparams to reuse: a Q reading this tensor, or one reading it through a clamp (Min / Clip / Relu)
+        reuse = qs or (
+            [c for c in gr.consumers.get(others[0].output[0], []) if c.op_type == "QuantizeLinear"]
+            if len(others) == 1 and others[0].op_type in ("Min", "Clip", "Relu")
+            else []
+        )
+        is_output = any(o.name == m for o in gr.g.output)
+        gr.replace_uses(m, y)
+        gr.remove([mark])
+        if kinds.get(name) != "conv" or (not others and not is_output):
+            continue  # MatMul / Gemm run integer with a float output; Conv -> Q already fuses
+        if reuse:
+            s_name, z_name = reuse[0].input[1], reuse[0].input[2]
+        elif name in ranges:
+            from .qparams import choose_qparams
+
+            lo, hi = ranges[name]
+            s, z = choose_qparams(torch.tensor(lo), torch.tensor(hi), QDtype.UINT8, symmetric=False)
+            s_name = gr.add_const(f"{name}.output_scale", np.array(float(s), dtype=np.float32))
+            z_name = gr.add_const(f"{name}.output_zero_point", np.array(int(z), dtype=np.uint8))
+        else:
+            unquantized.append(name)
+            continue
+        qn, dn = gr.fresh(f"{name}.output_q"), gr.fresh(f"{name}.output_dq")
+        helper = gr.onnx.helper
+        q = helper.make_node("QuantizeLinear", [y, s_name, z_name], [qn], name=gr.fresh("Q"))
+        dq = helper.make_node("DequantizeLinear", [qn, s_name, z_name], [dn], name=gr.fresh("DQ"))
+        gr.insert_after(gr.producer[y], [q, dq])
+        for c in others:
+            gr.rename_input(c, y, dn)
+        for c in qs:
+            if gr.same_qparams(c, q):  # the same quantization: its readers take the new Q's output
+                for r in gr.consumers.get(c.output[0], []):
+                    gr.rename_input(r, c.output[0], qn)
+                gr.remove([c])
+        if is_output:
+            for o in gr.g.output:
+                if o.name == y:
+                    gr._alias_output(y, dn)  # pragma: no cover - outputs keep their exporter names
+        gr.refresh()
+    return unquantized
+
+
+def _q_limits(gr: _Graph, q) -> tuple[float, float] | None:
+    """The float range a QuantizeLinear can represent: ((qmin - zp) * s, (qmax - zp) * s), per-tensor only."""
+    s, z = gr.qparams_of(q)
+    if s is None or z is None or s.ndim or z.ndim:
+        return None
+    qmin, qmax = (0, 255) if z.dtype.kind == "u" else (-128, 127)
+    return (qmin - int(z)) * float(s), (qmax - int(z)) * float(s)
+
+
+def _drop_redundant_clamps(gr: _Graph) -> int:
+    """Bypass a Relu / Clip / Min (with constant bounds) read only by QuantizeLinear nodes that saturate inside it.
+
+    Q(min(y, u)) == Q(y) when every u >= the Q's largest representable value (and likewise for lower bounds):
+    exact, and it keeps conv -> Q chains free of float islands (a per-channel ReLU6 bound after depthwise
+    equalization would otherwise stop ORT at every block). Returns the number of nodes removed.
+    """
+    drop = []
+    for n in gr.nodes:
+        if n.op_type not in ("Relu", "Clip", "Min"):
+            continue
+        readers = gr.consumers.get(n.output[0], [])
+        if not readers or any(r.op_type != "QuantizeLinear" for r in readers):
+            continue
+        if any(o.name == n.output[0] for o in gr.g.output):
+            continue
+        lo, hi = -math.inf, math.inf
+        if n.op_type == "Relu":
+            lo = 0.0
+        elif n.op_type == "Clip":
+            vals = [gr.const(i) if i else None for i in list(n.input[1:3]) + [""] * (3 - len(n.input))]
+            if (n.input[1:2] and vals[0] is None) or (len(n.input) > 2 and n.input[2] and vals[1] is None):
+                continue
+            lo = float(vals[0]) if vals[0] is not None else -math.inf
+            hi = float(vals[1]) if vals[1] is not None else math.inf
+        else:
+            if len(n.input) != 2 or gr.const(n.input[1]) is None:
+                continue
+            hi = float(gr.const(n.input[1]).min())
+        limits = [_q_limits(gr, r) for r in readers]
+        if any(lim is None or lim[0] < lo or lim[1] > hi for lim in limits):
+            continue
+        for r in readers:
+            gr.rename_input(r, n.output[0], n.input[0])
+        drop.append(n)
+    gr.remove(drop)
+    gr.refresh()
+    return len(drop)
+
+
+def _collapse_requantize(gr: _Graph) -> None:
+    """DQ -> Q with the same qparams is the identity on the integers: readers of the Q read the first Q's output."""
+    drop = []
+    for q in gr.nodes:
+        if q.op_type != "QuantizeLinear":
+            continue
+        dq = gr.producer.get(q.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear" or not gr.same_qparams(q, dq):
+            continue
+        if any(o.name == q.output[0] for o in gr.g.output):
+            continue
+        for r in gr.consumers.get(q.output[0], []):
+            gr.rename_input(r, q.output[0], dq.input[0])
+        drop.append(q)
+    gr.remove(drop)
+    gr.refresh()
+    # DQ nodes left without readers
+    gr.remove(
+        [
+            n
+            for n in gr.nodes
+            if n.op_type == "DequantizeLinear"
+            and not gr.consumers.get(n.output[0])
+            and not any(o.name == n.output[0] for o in gr.g.output)
+        ]
+    )
+    gr.refresh()
+
+
+def _quantize_residual_adds(gr: _Graph) -> int:
+    """An Add whose sum is quantized reads DQ'd inputs (ORT: QLinearAdd; TensorRT: the Add fuses into the conv).
+
+    An input with a QuantizeLinear reader reads its DequantizeLinear instead of the float tensor. Returns the
+    number of inputs rewired.
+    """
+    rewired = 0
+    for add in [n for n in gr.nodes if n.op_type == "Add"]:
+        if not any(c.op_type == "QuantizeLinear" for c in gr.consumers.get(add.output[0], [])):
+            continue
+        for i, t in enumerate(add.input):
+            p = gr.producer.get(t)
+            if p is not None and p.op_type == "DequantizeLinear":
+                continue
+            qs = [c for c in gr.consumers.get(t, []) if c.op_type == "QuantizeLinear"]
+            if not qs:
+                continue
+            q = qs[0]
+            dn = gr.fresh(f"{t}_dq")
+            dq = gr.onnx.helper.make_node("DequantizeLinear", [q.output[0], *q.input[1:3]], [dn], name=gr.fresh("DQ"))
+            gr.insert_after(q, [dq])
+            add.input[i] = dn
+            rewired += 1
+            gr.refresh()
+    return rewired
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checker
+
+
+_COMPUTE = {"Conv": 1, "MatMul": 1, "Gemm": 1}  # op -> index of the weight input
+
+
+@dataclass(frozen=True)
+class QDQCheck:
+    """What the placement check found: integer-ready layers, weight-only layers, float layers, problems."""
+
+    integer: tuple[str, ...]
+    weight_only: tuple[str, ...]
+    float_layers: tuple[str, ...]
+    problems: tuple[str, ...]
+
+
+def check(model_or_path) -> QDQCheck:
+    """onnx.checker (full) plus the QDQ placement rules the runtimes' fusions need.
+
+    Rules: a DequantizeLinear has constant float32 scales and int8/uint8 zero-points, per-axis scales as long as
+    the axis; a QuantizeLinear is read only by DequantizeLinear nodes with the same qparams; a weight DQ is int8
+    with zero-point 0 (symmetric); a Conv with DQ'd input and weight writes to exactly one QuantizeLinear.
+    """
+    import numpy as np
+    import onnx
+
+    model = onnx.load(str(model_or_path)) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
+    onnx.checker.check_model(model, full_check=True)
+    gr = _Graph(model)
+    problems, integer, weight_only, floats = [], [], [], []
+    for n in gr.nodes:
+        label = n.name or n.output[0]
+        src = gr.producer.get(n.input[0]) if n.input else None
+        if n.op_type == "DequantizeLinear" and src is not None and src.op_type == "DynamicQuantizeLinear":
+            pass  # run-time qparams
+        elif n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            s, z = gr.qparams_of(n)
+            if s is None or s.dtype != np.float32:
+                problems.append(f"{n.op_type} {label}: scale is not a float32 constant")
+                continue
+            if z is None or z.dtype not in (np.int8, np.uint8):
+                problems.append(f"{n.op_type} {label}: zero-point is not an int8/uint8 constant")
+                continue
+            if s.shape != z.shape:
+                problems.append(f"{n.op_type} {label}: scale {s.shape} and zero-point {z.shape} differ in shape")
+            if s.ndim == 1:
+                axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+                w = gr.const(n.input[0])
+                if w is not None and w.shape[axis] != s.shape[0]:
+                    problems.append(f"{label}: {s.shape[0]} scales for axis {axis} of size {w.shape[axis]}")
+            if (s <= 0).any() or not np.isfinite(s).all():
+                problems.append(f"{n.op_type} {label}: non-positive or non-finite scale")
+            if n.op_type == "QuantizeLinear":
+                for c in gr.consumers.get(n.output[0], []):
+                    if c.op_type != "DequantizeLinear" or not gr.same_qparams(n, c):
+                        problems.append(f"QuantizeLinear {label}: read by {c.op_type} {c.name} without matching DQ")
+        if n.op_type not in _COMPUTE or len(n.input) <= _COMPUTE[n.op_type]:
+            continue
+        wp = gr.producer.get(n.input[_COMPUTE[n.op_type]])
+        xp = gr.producer.get(n.input[0])
+        w_dq = wp is not None and wp.op_type == "DequantizeLinear" and gr.const(wp.input[0]) is not None
+        if not w_dq:
+            if wp is None or wp.op_type != "Mul":  # per-group weight-only: Cast * scales
+                floats.append(label)
+            else:
+                weight_only.append(label)
+            continue
+        wq, (_, wz) = gr.const(wp.input[0]), gr.qparams_of(wp)
+        if wq.dtype != np.int8 or wz is None or (wz != 0).any():
+            problems.append(f"{n.op_type} {label}: weight is not symmetric int8 (dtype {wq.dtype})")
+        if xp is None or xp.op_type != "DequantizeLinear":
+            weight_only.append(label)
+            continue
+        integer.append(label)
+        if n.op_type == "Conv":
+            cons = gr.consumers.get(n.output[0], [])
+            # a fused activation may sit between (ORT removes Relu / Clip ahead of a Q that clamps the same)
+            while len(cons) == 1 and cons[0].op_type in ("Relu", "Clip"):
+                cons = gr.consumers.get(cons[0].output[0], [])
+            if len(cons) != 1 or cons[0].op_type != "QuantizeLinear":
+                problems.append(f"Conv {label}: output not read by exactly one QuantizeLinear (no integer fusion)")
+    return QDQCheck(tuple(integer), tuple(weight_only), tuple(floats), tuple(problems))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What `onnx()` wrote: the file, the quantized modules, float layers, Q/DQ pairs added, the check."""
+
+    path: str
+    opset: int
+    quantized_modules: int
+    float_modules: tuple[str, ...]
+    output_pairs: int
+    residual_inputs: int
+    check: QDQCheck
+    input_names: tuple[str, ...] = field(default=())
+    output_names: tuple[str, ...] = field(default=())
+
+
+def _float_compute_modules(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)]
+
+
+def onnx(
+    qmodel: nn.Module,
+    example_inputs,
+    path: str | os.PathLike,
+    *,
+    opset: int = DEFAULT_OPSET,
+    calib: Iterable | None = None,
+    calibrator: str = "mse",
+    quantize_adds: bool = False,
+    dynamic_axes: dict | None = None,
+    output_names: Sequence[str] | None = None,
+    overwrite: bool = False,
+) -> ExportReport:
+    """Export an octoquant model as an ONNX QDQ graph (see the module docstring for what it holds).
+
+    Args:
+        qmodel: a model returned by `oq.quantize` (or holding QLinear / QConv2d modules).
+        example_inputs: a tensor, a tuple of tensors, or a dict of keyword tensors (e.g. a tokenizer batch).
+        calib: batches (same form as example_inputs) to observe the output ranges of convolutions the runtimes
+            need quantized (see module docstring); default: the example inputs.
+        calibrator: observer for those ranges (minmax, percentile, entropy, mse).
+        quantize_adds: also quantize the inputs of residual Adds whose sum is quantized (ORT QLinearAdd,
+            TensorRT's conv + add fusion). Off by default: the residual stream then reuses a clipped scale, which
+            cost MobileNetV2 KL 0.037 -> 0.13 against FP32 (measured); the Add runs in float instead.
+        dynamic_axes: torch.onnx dynamic axes; default: dim 0 of every input and output is "batch", dim 1 of
+            integer inputs (token ids, masks) is "sequence".
+        overwrite: replace an existing file (default: refuse).
+
+    The file is written atomically; the model is left unchanged.
+    """
+    import onnx as onnx_lib
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ExportError(f"{path} exists (pass overwrite=True to replace it)")
+    if not path.parent.is_dir():
+        raise ExportError(f"folder {path.parent} does not exist")
+    if not 13 <= opset <= 20:
+        raise ExportError(f"opset {opset} not supported: per-axis QDQ needs >= 13, the exporter supports <= 20")
+    qmods = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantizedModule)}
+    if not qmods:
+        raise ExportError("the model has no quantized layers: quantize it first (oq.quantize), then export")
+    floats = _float_compute_modules(qmodel)
+    if floats:
+        shown = ", ".join(floats[:8]) + (f" and {len(floats) - 8} more" if len(floats) > 8 else "")
+        warnings.warn(f"{len(floats)} layer(s) have no int8 form and export in float: {shown}", stacklevel=2)
+    outliers = [n for n, m in qmods.items() if isinstance(m, QLinear) and m.outlier_threshold is not None]
+    if outliers:
+        warnings.warn(
+            f"{len(outliers)} layer(s) use LLM.int8() outlier decomposition, which ONNX QDQ cannot express: "
+            "they export as plain dynamic W8A8",
+            stacklevel=2,
+        )
+    args, kwargs = _as_args(example_inputs)
+    was_training = qmodel.training
+    qmodel.eval()
+    try:
+        with torch.no_grad():
+            ref_out = _flat_outputs(qmodel(*args, **kwargs))
+            ranges = _observe_outputs(qmodel, calib if calib is not None else [example_inputs], calibrator)
+        in_names = _input_names(qmodel, args, kwargs)
+        out_names = (
+            list(output_names)
+            if output_names
+            else (["output"] if len(ref_out) == 1 else [f"output_{i}" for i in range(len(ref_out))])
+        )
+        in_tensors = list(kwargs.values()) if kwargs else list(args)
+        axes = dynamic_axes if dynamic_axes is not None else _default_dynamic_axes(in_names, in_tensors, out_names)
+        with tempfile.TemporaryDirectory() as tmp, _export_forwards(qmodel), torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)  # the TorchScript exporter's notice
+            raw = os.path.join(tmp, "raw.onnx")
+            torch.onnx.export(
+                qmodel,
+                args + ((kwargs,) if kwargs else ()),
+                raw,
+                input_names=in_names,
+                output_names=out_names,
+                dynamic_axes=axes,
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+            model = onnx_lib.load(raw)
+    finally:
+        qmodel.train(was_training)
+    kinds = {n: "conv" if isinstance(m, QConv2d) else "linear" for n, m in qmods.items()}
+    gr = _Graph(model)
+    _constants_to_initializers(gr)
+    _merge_duplicate_quantize(gr)
+    n_before = sum(n.op_type == "QuantizeLinear" for n in gr.nodes)
+    unquantized = _quantize_outputs(gr, kinds, ranges)
+    pairs = sum(n.op_type == "QuantizeLinear" for n in gr.nodes) - n_before
+    residual = _quantize_residual_adds(gr) if quantize_adds else 0
+    _merge_duplicate_quantize(gr)
+    _drop_redundant_clamps(gr)
+    _collapse_requantize(gr)
+    if unquantized:
+        log.warning("no output range for %s: their convolutions stay float in ORT", ", ".join(unquantized))
+    gr.commit()
+    keep = [o for o in model.opset_import if o.domain != _MARK_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+    chk = check(model)
+    for p in chk.problems:
+        log.warning("QDQ check: %s", p)
+    tmp_path = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        onnx_lib.save(model, str(tmp_path))
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+    return ExportReport(
+        str(path), opset, len(qmods), tuple(floats), pairs, residual, chk, tuple(in_names), tuple(out_names)
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Verification in a runtime
+
+
+_ORT_INTEGER = (
+    "QLinearConv",
+    "QLinearMatMul",
+    "MatMulInteger",
+    "ConvInteger",
+    "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul",
+    "QGemm",
+    "QLinearAdd",
+    "MatMulNBits",
+)
+_ORT_FLOAT = ("Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm")
+_OV_COMPUTE = ("Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution")
+
+
+@dataclass(frozen=True)
+class Verification:
+    """Runtime vs octoquant on the same inputs.
+
+    outputs: per model output, {"name", "sqnr_db", "cosine_mean", "cosine_min", "max_abs", "top1_agreement"
+    (2-D outputs only)}; integer_ops / float_ops: compute nodes of the runtime's optimized graph by precision
+    (ORT: op types of the optimized model; OpenVINO: layer types of the compiled runtime model by runtime
+    precision); dequantized_float: float Conv / MatMul nodes still fed by a dequantized int8 weight.
+    """
+
+    runtime: str
+    outputs: tuple[dict, ...]
+    integer_ops: dict[str, int]
+    float_ops: dict[str, int]
+    dequantized_float: int
+
+    def summary(self) -> str:
+        lines = [f"{self.runtime}: integer ops {self.integer_ops or '{}'}, float compute ops {self.float_ops or '{}'}"]
+        for o in self.outputs:
+            top1 = f", top-1 agreement {o['top1_agreement']:.4f}" if "top1_agreement" in o else ""
+            lines.append(
+                f"  {o['name']}: SQNR {o['sqnr_db']:.1f} dB, cosine mean {o['cosine_mean']:.5f} "
+                f"(min {o['cosine_min']:.5f}), max |diff| {o['max_abs']:.4g}{top1}"
+            )
+        return "\n".join(lines)
+
+
+def _feeds(names: list[str], example) -> dict:
+    args, kwargs = _as_args(example)
+    if kwargs:
+        missing = [n for n in names if n not in kwargs]
+        if missing:
+            raise ExportError(f"inputs {missing} of the ONNX graph are not in the example dict {list(kwargs)}")
+        return {n: kwargs[n].numpy() for n in names}
+    by_name = dict(zip(_input_names(None, args, {}), args, strict=True))
+    return {n: by_name[n].numpy() for n in names}
+
+
+class _OrtRunner:
+    def __init__(self, path: str, threads: int | None) -> None:
+        import onnx as onnx_lib
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        with tempfile.TemporaryDirectory() as tmp:
+            so.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+            self.session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+            optimized = onnx_lib.load(so.optimized_model_filepath)
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.integer_ops, self.float_ops, self.dequantized_float = _ort_ops(optimized)
+
+    def __call__(self, example) -> list[torch.Tensor]:
+        return [torch.from_numpy(o) for o in self.session.run(None, _feeds(self.inputs, example))]
+
+
+def _ort_ops(model) -> tuple[dict, dict, int]:
+    gr = _Graph(model)
+    integer, floats, deq = {}, {}, 0
+    for n in gr.nodes:
+        if n.op_type in _ORT_INTEGER:
+            integer[n.op_type] = integer.get(n.op_type, 0) + 1
+        elif n.op_type in _ORT_FLOAT:
+            floats[n.op_type] = floats.get(n.op_type, 0) + 1
+            w = gr.producer.get(n.input[1]) if len(n.input) > 1 else None
+            if w is not None and w.op_type == "DequantizeLinear" and gr.const(w.input[0]) is not None:
+                deq += 1
+    return integer, floats, deq
+
+
+class _OpenVinoRunner:
+    def __init__(self, path: str, threads: int | None) -> None:
+        try:
+            import openvino as ov
+        except ImportError as e:
+            raise ExportError("runtime 'openvino' needs the openvino package: pip install openvino") from e
+        core = ov.Core()
+        config = {"INFERENCE_PRECISION_HINT": "f32"}  # no silent bf16 on CPUs that have it: compare like for like
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        model = core.read_model(path)
+        self.inputs = [p.get_any_name() for p in model.inputs]
+        self.compiled = core.compile_model(model, "CPU", config)
+        self.integer_ops, self.float_ops, self.dequantized_float = _openvino_ops(self.compiled.get_runtime_model())
+
+    def __call__(self, example) -> list[torch.Tensor]:
+        res = self.compiled(_feeds(self.inputs, example))
+        return [torch.from_numpy(res[o].copy()) for o in self.compiled.outputs]
+
+
+def _openvino_ops(runtime_model) -> tuple[dict, dict, int]:
+    integer, floats = {}, {}
+    for op in runtime_model.get_ops():
+        rt = op.get_rt_info()
+        kind = rt["layerType"].astype(str) if "layerType" in rt else op.get_type_name()
+        if kind not in _OV_COMPUTE:
+            continue
+        prec = rt["runtimePrecision"].astype(str) if "runtimePrecision" in rt else "?"
+        bucket = integer if prec in ("i8", "u8") else floats
+        key = f"{kind}:{prec}"
+        bucket[key] = bucket.get(key, 0) + 1
+    # float weight layers (FullyConnected / Convolution); a float MatMul is activation x activation (attention)
+    return integer, floats, sum(v for k, v in floats.items() if not k.startswith("MatMul:"))
+
+
+def verify(
+    qmodel: nn.Module, path: str | os.PathLike, inputs, runtime: str = "onnxruntime", threads: int | None = None
+) -> Verification:
+    """Run the exported file in ONNX Runtime or OpenVINO (CPU) beside the octoquant model; report agreement.
+
+    Args:
+        inputs: one example (tensor / tuple / dict, as given to `onnx()`) or a list of them (batches).
+        threads: runtime threads (default: the runtime's own choice).
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; valid: {', '.join(RUNTIMES)}")
+    if not Path(path).is_file():
+        raise ExportError(f"{path} is not a file")
+    runner = (_OrtRunner if runtime == "onnxruntime" else _OpenVinoRunner)(str(path), threads)
+    batches = inputs if isinstance(inputs, list) else [inputs]
+    if not batches:
+        raise ExportError("verify needs at least one input batch")
+    refs, outs = [], []
+    was_training = qmodel.training
+    qmodel.eval()
+    try:
+        with torch.no_grad():
+            for b in batches:
+                refs.append([t.to(torch.float32) for t in _flat_outputs(_run(qmodel, b))])
+                outs.append([t.to(torch.float32) for t in runner(b)])
+    finally:
+        qmodel.train(was_training)
+    if len(refs[0]) != len(outs[0]):
+        raise ExportError(f"the model gives {len(refs[0])} outputs, the ONNX graph {len(outs[0])}")
+    metrics = []
+    for i in range(len(refs[0])):
+        r = torch.cat([b[i].reshape(len(b[i]), -1) if b[i].dim() else b[i].reshape(1, 1) for b in refs])
+        o = torch.cat([b[i].reshape(len(b[i]), -1) if b[i].dim() else b[i].reshape(1, 1) for b in outs])
+        if r.shape != o.shape:
+            raise ExportError(f"output {i}: shape {tuple(o.shape)} from the runtime, {tuple(r.shape)} from octoquant")
+        cos = cosine_similarity(r, o, dim=1)
+        m = {
+            "name": f"output_{i}",
+            "sqnr_db": sqnr_db(r, o),
+            "cosine_mean": float(cos.mean()),
+            "cosine_min": float(cos.min()),
+            "max_abs": float((r - o).abs().max()),
+        }
+        if refs[0][i].dim() == 2 and refs[0][i].shape[1] > 1:
+            m["top1_agreement"] = float((r.argmax(1) == o.argmax(1)).to(torch.float32).mean())
+        metrics.append(m)
+    return Verification(runtime, tuple(metrics), runner.integer_ops, runner.float_ops, runner.dequantized_float)

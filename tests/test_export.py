@@ -1,0 +1,196 @@
+"""ONNX QDQ export: graph structure, runtime integer kernels, parity with octoquant, bad input.
+
+Random-weight models prove plumbing and placement; the real-model parity figures are in test_real_models.py.
+"""
+
+import warnings
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import octoquant as oq
+from octoquant import export
+
+
+class TinyNet(nn.Module):
+    """conv-relu, a residual block whose projection conv feeds an Add, a ReLU6 conv, pooling, a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.expand = nn.Sequential(nn.Conv2d(8, 16, 1), nn.ReLU6())
+        self.project = nn.Conv2d(16, 8, 1)
+        self.head = nn.Sequential(nn.Conv2d(8, 12, 3, stride=2, padding=1), nn.ReLU6())
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.project(self.expand(x))
+        return self.fc(self.head(x).mean((2, 3)))
+
+
+def _static_net():
+    torch.manual_seed(0)
+    net = TinyNet().eval()
+    calib = [torch.randn(4, 3, 16, 16) for _ in range(4)]
+    return oq.quantize(net, oq.W8A8, calib=calib, progress=False), calib
+
+
+def _ops(path) -> dict:
+    out = {}
+    for n in onnx.load(str(path)).graph.node:
+        out[n.op_type] = out.get(n.op_type, 0) + 1
+    return out
+
+
+def test_static_cnn_exports_qdq_and_runs_integer_in_ort(tmp_path):
+    q, calib = _static_net()
+    path = tmp_path / "net.onnx"
+    rep = export.onnx(q, calib[0], path, calib=calib)
+    assert rep.check.problems == ()
+    assert len(rep.check.integer) == 5 and rep.check.float_layers == ()
+    g = onnx.load(str(path))
+    inits = {t.name: t for t in g.graph.initializer}
+    weight_dq = [n for n in g.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert len(weight_dq) == 5
+    for n in weight_dq:  # int8 initializers with per-channel scales along the output channels
+        assert inits[n.input[0]].data_type == onnx.TensorProto.INT8
+        axis = next(a.i for a in n.attribute if a.name == "axis")
+        assert onnx.numpy_helper.to_array(inits[n.input[1]]).shape[0] == inits[n.input[0]].dims[axis]
+    # the octoquant scales, unchanged: the stem's input Q carries the calibrated scale / zero-point
+    stem_q = next(n for n in g.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "input")
+    gr = export._Graph(g)
+    s, z = gr.qparams_of(stem_q)
+    assert float(s) == float(q.stem[0].input_scale) and int(z) == int(q.stem[0].input_zero_point)
+    assert rep.output_pairs >= 1  # the projection conv feeds the residual Add: it gets an output Q/DQ pair
+    v = export.verify(q, path, [torch.randn(4, 3, 16, 16) for _ in range(3)])
+    assert v.integer_ops.get("QLinearConv") == 4 and v.integer_ops.get("MatMulIntegerToFloat") == 1
+    assert v.dequantized_float == 0 and "Conv" not in v.float_ops
+    # same integer pipeline: only rounding-order differences and the projection output pair (~int8 noise)
+    assert v.outputs[0]["sqnr_db"] >= 25.0
+
+
+def test_dynamic_and_weight_only_linear_in_ort(tmp_path):
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)).eval()
+    x = torch.randn(2, 7, 64)
+    dyn = oq.quantize(mlp, oq.W8A8_DYNAMIC, progress=False)
+    rep = export.onnx(dyn, x, tmp_path / "dyn.onnx")
+    assert rep.check.problems == ()
+    assert _ops(tmp_path / "dyn.onnx")["DynamicQuantizeLinear"] == 2
+    v = export.verify(dyn, tmp_path / "dyn.onnx", x)
+    assert v.integer_ops.get("DynamicQuantizeMatMul") == 2 and v.dequantized_float == 0
+    # per-tensor uint8 in ONNX vs octoquant's per-token int8: two int8 quantizations of the same layer
+    assert v.outputs[0]["sqnr_db"] >= 30.0
+    w16 = oq.quantize(mlp, oq.W8A16, progress=False)
+    export.onnx(w16, x, tmp_path / "w16.onnx")
+    v = export.verify(w16, tmp_path / "w16.onnx", x)
+    assert v.outputs[0]["sqnr_db"] >= 60.0  # weight-only: the same dequantized weights, float activations
+
+
+def test_two_dimensional_linear_input_still_fuses(tmp_path):
+    """A (M, K) input: ORT would fold MatMul + bias into a float Gemm before its QDQ fusion; it must not."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    q = oq.quantize(m, oq.W8A8, calib=[torch.randn(8, 32) for _ in range(4)], progress=False)
+    export.onnx(q, torch.randn(8, 32), tmp_path / "m.onnx")
+    v = export.verify(q, tmp_path / "m.onnx", torch.randn(8, 32))
+    assert v.integer_ops.get("MatMulIntegerToFloat") == 2 and not v.float_ops
+    assert v.outputs[0]["sqnr_db"] >= 40.0
+
+
+def test_dynamic_axes_batch_and_sequence(tmp_path):
+    torch.manual_seed(0)
+
+    class Tok(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.lin = nn.Embedding(50, 32), nn.Linear(32, 8)
+
+        def forward(self, input_ids):
+            return self.lin(self.emb(input_ids))
+
+    q = oq.quantize(Tok().eval(), oq.W8A8_DYNAMIC, progress=False)
+    export.onnx(q, {"input_ids": torch.randint(0, 50, (1, 5))}, tmp_path / "t.onnx")
+    g = onnx.load(str(tmp_path / "t.onnx"))
+    dims = [d.dim_param for d in g.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", "sequence"]
+    v = export.verify(q, tmp_path / "t.onnx", {"input_ids": torch.randint(0, 50, (3, 11))})
+    assert v.outputs[0]["sqnr_db"] >= 30.0
+
+
+def test_float_layers_export_with_a_warning(tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    q = oq.quantize(m, oq.W8A8_DYNAMIC, exclude=["2"], progress=False)
+    with pytest.warns(UserWarning, match="export in float: 2"):
+        rep = export.onnx(q, torch.randn(2, 16), tmp_path / "m.onnx")
+    assert rep.float_modules == ("2",) and len(rep.check.float_layers) == 1
+
+
+def test_refusals(tmp_path):
+    m = nn.Sequential(nn.Linear(8, 8)).eval()
+    with pytest.raises(export.ExportError, match="no quantized layers"):
+        export.onnx(m, torch.randn(1, 8), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+    q = oq.quantize(m, oq.W8A8_DYNAMIC, progress=False)
+    (tmp_path / "exists.onnx").write_bytes(b"keep me")
+    with pytest.raises(export.ExportError, match="exists"):
+        export.onnx(q, torch.randn(1, 8), tmp_path / "exists.onnx")
+    assert (tmp_path / "exists.onnx").read_bytes() == b"keep me"
+    export.onnx(q, torch.randn(1, 8), tmp_path / "exists.onnx", overwrite=True)
+    assert onnx.load(str(tmp_path / "exists.onnx")).graph.node
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.onnx"]  # no temporary file left
+    with pytest.raises(export.ExportError, match="opset"):
+        export.onnx(q, torch.randn(1, 8), tmp_path / "o.onnx", opset=11)
+    with pytest.raises(ValueError, match="valid: onnxruntime, openvino"):
+        export.verify(q, tmp_path / "exists.onnx", torch.randn(1, 8), runtime="tensorrt")
+
+
+def test_check_reports_broken_placement(tmp_path):
+    q, calib = _static_net()
+    path = tmp_path / "net.onnx"
+    export.onnx(q, calib[0], path, calib=calib)
+    g = onnx.load(str(path))
+    gr = export._Graph(g)
+    # tamper: a weight DQ gets a non-zero zero-point (asymmetric int8 weights are not what was exported)
+    dq = next(n for n in gr.nodes if n.op_type == "DequantizeLinear" and n.input[0] in gr.inits)
+    zp = onnx.numpy_helper.to_array(gr.inits[dq.input[2]]).copy()
+    zp[0] = 3
+    gr.inits[dq.input[2]].CopyFrom(onnx.numpy_helper.from_array(zp, dq.input[2]))
+    problems = export.check(g).problems
+    assert any("not symmetric int8" in p for p in problems)
+    # tamper: a Conv output no longer reaches a QuantizeLinear
+    g2 = onnx.load(str(path))
+    conv = next(n for n in g2.graph.node if n.op_type == "Conv")
+    relu = onnx.helper.make_node("Sigmoid", [conv.output[0]], ["extra"])
+    g2.graph.node.append(relu)
+    g2.graph.output.append(onnx.helper.make_tensor_value_info("extra", onnx.TensorProto.FLOAT, ["b", "c", "h", "w"]))
+    assert any("exactly one QuantizeLinear" in p for p in export.check(g2).problems)
+
+
+def test_openvino_runs_the_file_in_int8(tmp_path):
+    pytest.importorskip("openvino")
+    q, calib = _static_net()
+    path = tmp_path / "net.onnx"
+    export.onnx(q, calib[0], path, calib=calib)
+    v = export.verify(q, path, torch.randn(4, 3, 16, 16), runtime="openvino")
+    assert sum(v.integer_ops.values()) == 5 and v.dequantized_float == 0
+    assert v.outputs[0]["sqnr_db"] >= 25.0
+
+
+def test_model_is_left_unchanged(tmp_path):
+    q, calib = _static_net()
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        y0 = q(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export.onnx(q, calib[0], tmp_path / "n.onnx", calib=calib)
+    assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())
+    assert not any(hasattr(m, "_export_name") or "forward" in vars(m) for m in q.modules())
+    with torch.no_grad():
+        assert torch.equal(q(x), y0)
