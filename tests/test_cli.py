@@ -86,3 +86,80 @@ def test_quantize_missing_model_path(tmp_path):
 def test_quantize_output_exists(hf_folder, tmp_path):
     (tmp_path / "q").mkdir()
     _one_line_error(run_cli("quantize", str(hf_folder), "--out", str(tmp_path / "q")), "exists")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# eval / bench / export / report
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_lm_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ck") / "q"
+    r = run_cli("quantize", str(tiny_lm_folder), "--preset", "w8a8-dynamic", "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_eval_checkpoint_and_fp32_model(tiny_checkpoint, tiny_lm_folder):
+    import json
+
+    r = run_cli("eval", str(tiny_checkpoint), "--windows", "2", "--seq-len", "64", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["task"] == "perplexity" and res["compared"] == "checkpoint vs its dequantized weights"
+    assert res["drop_pct"] == pytest.approx(100 * (res["int8"] / res["fp32"] - 1))
+    # an FP32 model: quantized with --preset, compared with itself in FP32
+    r = run_cli("eval", str(tiny_lm_folder), "--preset", "w8a16", "--windows", "2", "--seq-len", "64")
+    assert r.returncode == 0, r.stderr
+    assert "perplexity (FP32 vs w8a16)" in r.stdout
+
+
+def test_bench_checkpoint(tiny_checkpoint):
+    import json
+
+    r = run_cli("bench", str(tiny_checkpoint), "--batches", "1", "2", "--reps", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [s["batch"] for s in res["speed"]] == [1, 2]
+    assert res["memory"]["tested"]["weight_bytes"] < res["memory"]["reference"]["weight_bytes"]
+    assert all(s["int8"]["latency_ms"] > 0 and s["fp32"]["latency_ms"] > 0 for s in res["speed"])
+
+
+def test_export_checkpoint_to_onnx(tiny_checkpoint, tmp_path):
+    r = run_cli("export", str(tiny_checkpoint), "--format", "onnx", "--out", str(tmp_path / "m.onnx"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "m.onnx").is_file()
+    assert "DynamicQuantizeMatMul" in r.stdout and "output_0: SQNR" in r.stdout
+
+
+def test_report_cli_prints_the_table(tiny_lm_folder, tmp_path):
+    args = ["--calib-windows", "2", "--eval-windows", "2", "--seq-len", "64", "--reps", "1"]
+    r = run_cli("report", str(tiny_lm_folder), "--out", str(tmp_path / "rep"), *args)
+    assert r.returncode == 0, r.stderr
+    for row in ("bytes per weight", "decode 32 tokens, batch 1", "perplexity", "hardware path", "layers int8"):
+        assert row in r.stdout, row
+    assert (tmp_path / "rep" / "index.html").is_file()
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["report", "{lm}", "--preset", "bogus", "--out", "{tmp}/r"], "unknown preset 'bogus'; valid: w8a8, "),
+        (["eval", "{lm}", "--preset", "int4"], "unknown preset 'int4'; valid:"),
+        (["bench", "{tmp}/nothing-here"], "not found"),
+        (["eval", "{tmp}/nothing-here"], "not found"),
+        (["report", "{tmp}/nothing-here", "--out", "{tmp}/r"], "not found"),
+        (["report", "{lm}", "--calib", "{tmp}/no-such-text", "--out", "{tmp}/r"], "calibration data"),
+        (["report", "{lm}", "--out", "{tmp}"], "exists"),
+        (["export", "{ck}", "--out", "{tmp}/exists.onnx"], "exists"),
+        (["export", "{lm}", "--out", "{tmp}/m.onnx"], "not a quantized checkpoint"),
+        (["export", "{ck}", "--format", "tflite", "--out", "{tmp}/m.tflite"], "unknown format 'tflite'"),
+        (["eval", "{ck}", "--task", "top1"], "does not fit a causal model; valid for it: perplexity"),
+        (["eval", "{ck}", "--preset", "w8a8"], "already quantized"),
+    ],
+)
+def test_new_commands_user_errors_one_line_exit_2(tiny_lm_folder, tiny_checkpoint, tmp_path, args, match):
+    (tmp_path / "exists.onnx").write_bytes(b"keep")
+    fmt = {"lm": str(tiny_lm_folder), "ck": str(tiny_checkpoint), "tmp": str(tmp_path)}
+    _one_line_error(run_cli(*[a.format(**fmt) for a in args]), match.format(**fmt))
+    assert (tmp_path / "exists.onnx").read_bytes() == b"keep"

@@ -302,3 +302,22 @@ def test_minilm_onnx_export_parity(minilm_setup, tmp_path):
     print(v.summary())
     assert v.integer_ops.get("FullyConnected:u8") == 36 and v.dequantized_float == 0
     assert v.outputs[0]["cosine_mean"] >= ONNX_MINILM_OV_COS
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# octoquant report on the real vision and encoder models (the LLM one is the README's main job)
+
+
+@pytest.mark.parametrize(
+    "name,metric", [("mobilenetv2", "top-1 agreement with FP32"), ("minilm", "embedding cosine vs FP32")]
+)
+def test_report_on_real_models(tmp_path, name, metric):
+    from octoquant import report
+
+    r = report.run(name, tmp_path / "rep", calib_windows=2, eval_windows=1, seq_len=128, reps=1, progress=False)
+    acc = r["accuracy"]
+    print(report.terminal(r))
+    assert acc["metric"] == metric and acc["fp32"] == 1.0
+    assert acc["int8"] >= (0.80 if name == "mobilenetv2" else 0.99)  # a working INT8 model, not a collapsed one
+    assert r["layers_int8"] == len(r["layers"])
+    assert r["memory"]["int8"]["bytes_per_weight"] < 1.1 and (tmp_path / "rep" / "index.html").is_file()
