@@ -122,14 +122,6 @@ def _calib_text(spec: str | None) -> str | None:
     raise UsageError(f"calibration data {spec!r} not found (a text file, a folder of .txt files, or 'wiki')")
 
 
-def _load_model(name: str):
-    """(model, tokenizer or None, kind) for a built-in name or a Hugging Face folder."""
-    from .workloads import load_workload
-
-    w = load_workload(name)
-    return w.model, w.tokenizer, w.kind
-
-
 def cmd_quantize(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -144,6 +136,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise UsageError(f"output folder {out} exists; pass --overwrite to replace it")
     text = _calib_text(args.calib)
     needs_calib = config.needs_calibration or args.preset == "smoothquant"
+    if args.stream and args.max_drop is not None:
+        raise UsageError("--max-drop needs the model in memory; it does not combine with --stream")
     if needs_calib and text is None and args.model != "mobilenetv2":  # checked before any model is loaded
         raise UsageError(f"preset {args.preset} needs calibration data: --calib FILE|DIR|wiki")
     t0 = time.perf_counter()
@@ -161,20 +155,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         oq.quantize_checkpoint(args.model, out, config, calib, exclude=args.exclude, overwrite=args.overwrite)
         result = {"model": args.model, "preset": args.preset, "out": str(out), "streamed": True}
     else:
-        model, tok, kind = _load_model(args.model)
-        calib = None
-        if kind == "vision":
-            from .evaluate.vision import photo_crops
+        from . import workloads as wl
 
-            crops = photo_crops(args.calib_windows * 16, seed=0)
-            calib = [crops[i : i + 16] for i in range(0, len(crops), 16)]
-        elif text is not None:
-            if tok is None:
-                raise UsageError(f"{args.model}: no tokenizer to turn the calibration text into tokens")
-            calib = oq.hf.calibration_batches(tok, text, args.calib_windows, args.seq_len)
+        w = wl.load_workload(args.model)
+        model, tok = w.model, w.tokenizer
+        calib = wl.calibration(w, text, args.calib_windows, args.seq_len)
         if needs_calib and calib is None:
             raise UsageError(f"preset {args.preset} needs calibration data: --calib FILE|DIR|wiki")
         qmodel = oq.quantize(model, config, calib=calib, exclude=args.exclude, progress=not args.json)
+        if args.max_drop is not None:
+            qmodel, drops = _within_drop(w, config, calib, args, qmodel)
         oq.save(qmodel, out, overwrite=args.overwrite)
         if tok is not None and hasattr(tok, "save_pretrained"):
             tok.save_pretrained(out)  # a served checkpoint needs its tokenizer (vLLM, eval, export)
@@ -186,6 +176,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             "layers_int8": sum(r.status == "int8" for r in rows),
             "layers": len(rows),
         }
+        if args.max_drop is not None:
+            result["max_drop_pct"], result["drops_pct"] = args.max_drop, drops
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["checkpoint_bytes"] = sum(p.stat().st_size for p in out.iterdir())
     if args.json:
@@ -193,6 +185,60 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     else:
         print(f"wrote {out} ({result['checkpoint_bytes'] / 1e6:.1f} MB) in {result['seconds']} s")
     return 0
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text.strip().rstrip("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a percentage (e.g. 1%)") from None
+    if not 0 <= value < 100:
+        raise argparse.ArgumentTypeError(f"{text!r}: a drop between 0% and 100% expected")
+    return value
+
+
+def _within_drop(w, config, calib, args, qmodel):
+    """--max-drop: measure the accuracy drop on held-out data; while it is above the bound, keep the 1, 2, 4, ...
+    most sensitive layers out of int8 (static Linear layers fall back to dynamic W8A8, others to float).
+
+    Returns (model, [drop % of each attempt]); raises UsageError when even half the layers cannot meet it.
+    """
+    import octoquant as oq
+
+    from . import workloads as wl
+
+    n_eval = args.eval_windows if w.kind == "causal" else 32 * args.eval_windows
+    data = wl.eval_data(w, n_eval, args.seq_len)
+    ref = wl.outputs(w, w.model, data, args.eval_windows, args.seq_len, progress=not args.json)
+    layers = len(oq.summary(qmodel, print_table=False))
+    # text models keep every layer int8 (static -> dynamic per-token); convolutions fall back to float
+    fallback = "dynamic" if config.mode is oq.QuantMode.W8A8_STATIC and w.kind != "vision" else "float"
+    drops, keep = [], 0
+    while True:
+        acc = wl.compare(w, ref, wl.outputs(w, qmodel, data, args.eval_windows, args.seq_len, not args.json))
+        drops.append(round(acc["drop_pct"], 4))
+        if not args.json:
+            print(
+                f"{acc['metric']}: {acc['int8']:.4f} vs FP32 {acc['fp32']:.4f}, drop {acc['drop_pct']:.2f}% "
+                f"with {keep} layer(s) out of int8 (bound {args.max_drop}%)"
+            )
+        if acc["drop_pct"] <= args.max_drop:
+            return qmodel, drops
+        keep = max(1, 2 * keep)
+        if keep > layers // 2:
+            raise UsageError(
+                f"accuracy drop {acc['drop_pct']:.2f}% stays above {args.max_drop}% even with half the layers "
+                f"out of int8; try another preset"
+            )
+        qmodel = oq.quantize(
+            w.model,
+            config,
+            calib=calib,
+            exclude=args.exclude,
+            keep_float=keep,
+            fallback=fallback,
+            progress=not args.json,
+        )
 
 
 def _check_preset(name: str | None) -> None:
@@ -282,7 +328,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from . import workloads as wl
 
     w, ref, test, label = _pair(args)
-    rows = wl.measure_speed(w, ref, test, tuple(args.batches), reps=args.reps)
+    rows = wl.measure_speed(w, ref, test, tuple(args.batches), reps=args.reps, progress=not args.json)
     mem = {"reference": wl.weight_stats(ref), "tested": wl.weight_stats(test)}
     if args.json:
         print(json.dumps({"model": args.model, "compared": label, "speed": rows, "memory": mem}))
@@ -389,6 +435,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
     q.add_argument("--overwrite", action="store_true")
     q.add_argument("--stream", action="store_true", help="quantize block by block from the safetensors files")
+    q.add_argument(
+        "--max-drop",
+        type=_percent,
+        help="accuracy drop bound on held-out data, e.g. 1%%: sensitive "
+        "layers fall back (static -> dynamic, else float) until it holds",
+    )
+    q.add_argument(
+        "--eval-windows",
+        type=int,
+        default=8,
+        help="--max-drop evaluation: LM windows; x32 sentences or crops (default 8)",
+    )
     q.add_argument("--json", action="store_true", help="print a JSON result line instead of tables")
     q.set_defaults(func=cmd_quantize)
 

@@ -125,7 +125,7 @@ def run(
         if w.tokenizer is not None and hasattr(w.tokenizer, "save_pretrained"):
             w.tokenizer.save_pretrained(ckpt)
         ckpt_bytes = sum(p.stat().st_size for p in Path(ckpt).iterdir() if p.suffix == ".safetensors")
-        speed = wl.measure_speed(w, w.model, qmodel, batches or DEFAULT_BATCHES[w.kind], reps=reps)
+        speed = wl.measure_speed(w, w.model, qmodel, batches or DEFAULT_BATCHES[w.kind], reps=reps, progress=progress)
         fp_mem, q_mem = wl.weight_stats(w.model), wl.weight_stats(qmodel)
         int8_rows = [r for r in rows if r.status == "int8" and r.sqnr_db is not None]
         sensitive = [r.name for r in sorted(int8_rows, key=lambda r: r.sqnr_db)[:3]]

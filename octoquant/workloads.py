@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 BUILTIN_MODELS = ("smollm2", "minilm", "mobilenetv2")
 PRESETS = {
@@ -263,7 +264,7 @@ def speed_fns(w: Workload, batch: int, new_tokens: int = 32):
 
 
 def measure_speed(
-    w: Workload, fp32: nn.Module, qmodel: nn.Module, batches: tuple[int, ...], reps: int = 5
+    w: Workload, fp32: nn.Module, qmodel: nn.Module, batches: tuple[int, ...], reps: int = 5, progress: bool = False
 ) -> list[dict]:
     """FP32 and INT8 timed alternately (A B, B A, ...) in this process after one warm-up call each; medians.
 
@@ -274,7 +275,7 @@ def measure_speed(
         desc, unit, items, fn = speed_fns(w, batch)
         fn(fp32), fn(qmodel)  # warm-up: packing, allocator, thread pool
         res = {"fp32": [], "int8": []}
-        for r in range(max(1, reps)):
+        for r in tqdm(range(max(1, reps)), desc=f"benchmark batch {batch}", disable=not progress, leave=False):
             order = (("fp32", fp32), ("int8", qmodel)) if r % 2 == 0 else (("int8", qmodel), ("fp32", fp32))
             for key, m in order:
                 res[key].append(_timed(lambda m=m, fn=fn: fn(m)))

@@ -163,3 +163,60 @@ def test_new_commands_user_errors_one_line_exit_2(tiny_lm_folder, tiny_checkpoin
     fmt = {"lm": str(tiny_lm_folder), "ck": str(tiny_checkpoint), "tmp": str(tmp_path)}
     _one_line_error(run_cli(*[a.format(**fmt) for a in args]), match.format(**fmt))
     assert (tmp_path / "exists.onnx").read_bytes() == b"keep"
+
+
+def _drop_args(max_drop):
+    import argparse
+
+    return argparse.Namespace(eval_windows=1, seq_len=64, json=True, max_drop=max_drop, exclude=[])
+
+
+def _vision_workload():
+    import torch
+    from torch import nn
+
+    from octoquant import workloads as wl
+
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()]
+    layers += [m for _ in range(8) for m in (nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())]
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    calib = [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    return wl.Workload("tiny", "vision", model, None, False), calib
+
+
+def test_max_drop_escalates_fallback_until_the_bound_holds(monkeypatch):
+    """--max-drop control: 1, 2, 4 ... layers leave int8 until the (here: scripted) drop is within the bound."""
+    import torch
+
+    import octoquant as oq
+    from octoquant import cli
+    from octoquant import workloads as wl
+
+    w, calib = _vision_workload()
+    monkeypatch.setattr(wl, "eval_data", lambda w, n, s: torch.randn(4, 3, 16, 16))
+
+    def scripted(w_, ref, out):  # the drop falls by 3 points per float layer of the model last evaluated
+        n_float = sum(r.status == "float" for r in oq.summary(state["model"], print_table=False))
+        return {"metric": "m", "fp32": 1.0, "int8": 1.0, "drop_pct": 10.0 - 3.0 * n_float}
+
+    state = {}
+    real_outputs = wl.outputs
+    monkeypatch.setattr(wl, "outputs", lambda w_, m, *a, **k: state.__setitem__("model", m) or real_outputs(w_, m, *a))
+    monkeypatch.setattr(wl, "compare", scripted)
+    q = oq.quantize(w.model, oq.W8A8, calib=calib, progress=False)
+    q, drops = cli._within_drop(w, oq.W8A8, calib, _drop_args(1.0), q)
+    assert drops == [10.0, 7.0, 4.0, -2.0]  # 0, 1, 2, then 4 layers out of int8
+    assert sum(r.status == "float" for r in oq.summary(q, print_table=False)) == 4
+    with pytest.raises(cli.UsageError, match="stays above 0.5%"):
+        monkeypatch.setattr(wl, "compare", lambda *a: {"metric": "m", "fp32": 1.0, "int8": 0.5, "drop_pct": 50.0})
+        cli._within_drop(w, oq.W8A8, calib, _drop_args(0.5), oq.quantize(w.model, oq.W8A8, calib=calib, progress=False))
+
+
+def test_max_drop_argument_is_a_percentage(tiny_lm_folder, tmp_path):
+    r = run_cli("quantize", str(tiny_lm_folder), "--max-drop", "lots", "--out", str(tmp_path / "q"))
+    assert r.returncode == 2 and "not a percentage" in r.stderr
+    _one_line_error(
+        run_cli("quantize", str(tiny_lm_folder), "--stream", "--max-drop", "1%", "--out", str(tmp_path / "q")),
+        "does not combine with --stream",
+    )
