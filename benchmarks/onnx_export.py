@@ -119,10 +119,11 @@ def minilm(tmp: str, threads: int) -> dict:
     with torch.no_grad():
         fp = torch.cat([enc(**b) for b in test])
     out = {}
-    for name, cfg in (("static", oq.W8A8), ("dynamic", oq.W8A8_DYNAMIC)):
+    forms = (("static", oq.W8A8, "per-token"), ("dynamic", oq.W8A8_DYNAMIC, "per-token"))
+    for name, cfg, form in forms + (("dynamic_per_tensor_qdq", oq.W8A8_DYNAMIC, "per-tensor"),):
         q = oq.quantize(enc, cfg, calib=calib if cfg is oq.W8A8 else None, progress=False)
         path = os.path.join(tmp, f"minilm_{name}.onnx")
-        export.onnx(q, calib[0], path, calib=calib[:2])
+        export.onnx(q, calib[0], path, calib=calib[:2], dynamic=form)
         with torch.no_grad():
             ours = torch.cat([q(**b) for b in test])
         row = {"octoquant_cos_vs_fp32": float(oq.cosine_similarity(fp, ours, dim=1).mean())}

@@ -7,8 +7,9 @@
 What the graph holds, per quantized module (the octoquant scales and zero-points, unchanged):
 - weights: int8 initializers + per-output-channel `DequantizeLinear` (axis set), zero-point 0;
 - static W8A8: the input through `QuantizeLinear` -> `DequantizeLinear` with the calibrated scale / zero-point;
-- dynamic W8A8: `DynamicQuantizeLinear` (per-tensor uint8, the granularity ONNX runtimes run in integer
-  kernels; octoquant's own kernels use per-token scales, `verify` measures the difference);
+- dynamic W8A8: octoquant's per-token scales computed in the graph (ReduceMax, Round) feeding
+  `MatMulInteger` (int8 x int8 -> int32) and the rescale; or, with `dynamic="per-tensor"`, the QDQ form
+  `DynamicQuantizeLinear` (uint8, one scale per tensor) -> `DequantizeLinear` -> MatMul;
 - W8A16: the dequantized weight feeds a float MatMul (weight-only; per-group scales as Mul on the int8 weight);
 - float bias, fused ReLU / ReLU6 as `Relu` / `Clip` / `Min`.
 
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 DEFAULT_OPSET = 17
 _MARK_DOMAIN = "octoquant"  # temporary marker nodes, removed before the file is written
 RUNTIMES = ("onnxruntime", "openvino")
+DYNAMIC_FORMS = ("per-token", "per-tensor")
 
 
 class ExportError(ValueError):
@@ -110,6 +112,20 @@ class _DynamicQuantizeLinear(torch.autograd.Function):
         return g.op("DynamicQuantizeLinear", x, outputs=3)
 
 
+class _MatMulInteger(torch.autograd.Function):
+    """ONNX MatMulInteger: int8 x int8 -> int32, zero-points 0 (symmetric per-token x per-channel)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        return torch.matmul(a.to(torch.float64), b.to(torch.float64)).round().to(torch.int32)
+
+    @staticmethod
+    def symbolic(g, a, b):
+        out = g.op("MatMulInteger", a, b)
+        out.setType(a.type().with_dtype(torch.int32))
+        return out
+
+
 class _Mark(torch.autograd.Function):
     """Identity that tags a quantized module's float output with the module's name (for the placement pass)."""
 
@@ -160,7 +176,24 @@ def _input_qdq(m: QuantizedModule, x: torch.Tensor) -> torch.Tensor:
     return x  # W8A16: float activations
 
 
+def _per_token_linear(self: QLinear, x: torch.Tensor) -> torch.Tensor:
+    """octoquant's dynamic W8A8 as ONNX ops: per-row absmax scale, Round (half to even), MatMulInteger, rescale."""
+    absmax = x.abs().amax(dim=-1, keepdim=True)  # (..., 1)
+    scale = torch.clamp(absmax / 127.0, min=torch.finfo(torch.float32).tiny)
+    scale = torch.where(absmax == 0, torch.ones_like(scale), scale)
+    xq = torch.clamp(torch.round(x / scale), -128.0, 127.0).to(torch.int8)
+    acc = _MatMulInteger.apply(xq, self.weight.t())
+    # column scales first, row scales after: ORT fuses MatMulInteger -> Cast -> Mul(a_scale * b_scale) into
+    # MatMulIntegerToFloat, which reads a (..., 1) row scale as a per-column one (wrong results, measured 7 dB)
+    y = (acc.to(torch.float32) * self.weight_scale) * scale
+    if self.bias is not None:
+        y = y + self.bias
+    return _Mark.apply(y, self._export_name)
+
+
 def _qlinear_forward(self: QLinear, x: torch.Tensor) -> torch.Tensor:
+    if self.mode is QuantMode.W8A8_DYNAMIC and self._export_dynamic == "per-token":
+        return _per_token_linear(self, x)
     flat = x.dim() == 2 and self.mode is not QuantMode.W8A16
     if flat:  # (M, K) -> (1, M, K): ORT fuses a 2-D MatMul + bias into a float Gemm before its QDQ fusions
         x = x.unsqueeze(0)
@@ -203,20 +236,21 @@ _EXPORT_FORWARDS = {QLinear: _qlinear_forward, QConv2d: _qconv_forward, QEmbeddi
 
 
 @contextlib.contextmanager
-def _export_forwards(model: nn.Module):
+def _export_forwards(model: nn.Module, dynamic: str = "per-token"):
     patched = []
     try:
         for name, m in model.named_modules():
             fwd = _EXPORT_FORWARDS.get(type(m))
             if fwd is not None:
                 m.forward = types.MethodType(fwd, m)
-                m._export_name = name
+                m._export_name, m._export_dynamic = name, dynamic
                 patched.append(m)
         yield
     finally:
         for m in patched:
             del m.forward
             del m._export_name
+            del m._export_dynamic
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -661,6 +695,10 @@ def check(model_or_path) -> QDQCheck:
                 for c in gr.consumers.get(n.output[0], []):
                     if c.op_type != "DequantizeLinear" or not gr.same_qparams(n, c):
                         problems.append(f"QuantizeLinear {label}: read by {c.op_type} {c.name} without matching DQ")
+        if n.op_type == "MatMulInteger":
+            w = gr.const(n.input[1])
+            (integer if w is not None and w.dtype == np.int8 else floats).append(label)
+            continue
         if n.op_type not in _COMPUTE or len(n.input) <= _COMPUTE[n.op_type]:
             continue
         wp = gr.producer.get(n.input[_COMPUTE[n.op_type]])
@@ -721,6 +759,7 @@ def onnx(
     calib: Iterable | None = None,
     calibrator: str = "mse",
     quantize_adds: bool = False,
+    dynamic: str = "per-token",
     dynamic_axes: dict | None = None,
     output_names: Sequence[str] | None = None,
     overwrite: bool = False,
@@ -736,6 +775,11 @@ def onnx(
         quantize_adds: also quantize the inputs of residual Adds whose sum is quantized (ORT QLinearAdd,
             TensorRT's conv + add fusion). Off by default: the residual stream then reuses a clipped scale, which
             cost MobileNetV2 KL 0.037 -> 0.13 against FP32 (measured); the Add runs in float instead.
+        dynamic: how dynamic W8A8 layers export: "per-token" (octoquant's numerics: per-row absmax scales,
+            Round, MatMulInteger int8 x int8 -> int32, rescale; ORT and OpenVINO run it on integer kernels) or
+            "per-tensor" (QDQ form: DynamicQuantizeLinear uint8 -> DequantizeLinear -> MatMul, which ORT fuses
+            into DynamicQuantizeMatMul and OpenVINO runs as i8 FullyConnected; a coarser quantization than
+            octoquant's). OpenVINO runs MatMulInteger in f32: use "per-tensor" for OpenVINO.
         dynamic_axes: torch.onnx dynamic axes; default: dim 0 of every input and output is "batch", dim 1 of
             integer inputs (token ids, masks) is "sequence".
         overwrite: replace an existing file (default: refuse).
@@ -749,6 +793,8 @@ def onnx(
         raise ExportError(f"{path} exists (pass overwrite=True to replace it)")
     if not path.parent.is_dir():
         raise ExportError(f"folder {path.parent} does not exist")
+    if dynamic not in DYNAMIC_FORMS:
+        raise ExportError(f"unknown dynamic form {dynamic!r}; valid: {', '.join(DYNAMIC_FORMS)}")
     if not 13 <= opset <= 20:
         raise ExportError(f"opset {opset} not supported: per-axis QDQ needs >= 13, the exporter supports <= 20")
     qmods = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantizedModule)}
@@ -780,7 +826,12 @@ def onnx(
         )
         in_tensors = list(kwargs.values()) if kwargs else list(args)
         axes = dynamic_axes if dynamic_axes is not None else _default_dynamic_axes(in_names, in_tensors, out_names)
-        with tempfile.TemporaryDirectory() as tmp, _export_forwards(qmodel), torch.no_grad(), warnings.catch_warnings():
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            _export_forwards(qmodel, dynamic),
+            torch.no_grad(),
+            warnings.catch_warnings(),
+        ):
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", category=DeprecationWarning)  # the TorchScript exporter's notice
             raw = os.path.join(tmp, "raw.onnx")

@@ -129,7 +129,7 @@ def test_export_checkpoint_to_onnx(tiny_checkpoint, tmp_path):
     r = run_cli("export", str(tiny_checkpoint), "--format", "onnx", "--out", str(tmp_path / "m.onnx"))
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "m.onnx").is_file()
-    assert "DynamicQuantizeMatMul" in r.stdout and "output_0: SQNR" in r.stdout
+    assert "MatMulInteger" in r.stdout and "output_0: SQNR" in r.stdout
 
 
 def test_report_cli_prints_the_table(tiny_lm_folder, tmp_path):

@@ -77,13 +77,22 @@ def test_dynamic_and_weight_only_linear_in_ort(tmp_path):
     mlp = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)).eval()
     x = torch.randn(2, 7, 64)
     dyn = oq.quantize(mlp, oq.W8A8_DYNAMIC, progress=False)
+    # default: octoquant's per-token numerics (row absmax, Round, MatMulInteger int8 x int8 -> int32)
     rep = export.onnx(dyn, x, tmp_path / "dyn.onnx")
-    assert rep.check.problems == ()
-    assert _ops(tmp_path / "dyn.onnx")["DynamicQuantizeLinear"] == 2
-    v = export.verify(dyn, tmp_path / "dyn.onnx", x)
+    assert rep.check.problems == () and len(rep.check.integer) == 2
+    assert _ops(tmp_path / "dyn.onnx")["MatMulInteger"] == 2
+    v = export.verify(dyn, tmp_path / "dyn.onnx", [x, torch.randn(3, 7, 64)])
+    assert v.integer_ops.get("MatMulInteger") == 2 and v.dequantized_float == 0 and not v.float_ops
+    assert v.outputs[0]["sqnr_db"] >= 100.0  # the same integers; only the float rescale order differs
+    # the QDQ form: DynamicQuantizeLinear (per-tensor uint8), fused by ORT into DynamicQuantizeMatMul
+    export.onnx(dyn, x, tmp_path / "dyn_t.onnx", dynamic="per-tensor")
+    assert _ops(tmp_path / "dyn_t.onnx")["DynamicQuantizeLinear"] == 2
+    v = export.verify(dyn, tmp_path / "dyn_t.onnx", x)
     assert v.integer_ops.get("DynamicQuantizeMatMul") == 2 and v.dequantized_float == 0
     # per-tensor uint8 in ONNX vs octoquant's per-token int8: two int8 quantizations of the same layer
-    assert v.outputs[0]["sqnr_db"] >= 30.0
+    assert 30.0 <= v.outputs[0]["sqnr_db"] < 100.0
+    with pytest.raises(export.ExportError, match="valid: per-token, per-tensor"):
+        export.onnx(dyn, x, tmp_path / "bad.onnx", dynamic="per-row")
     w16 = oq.quantize(mlp, oq.W8A16, progress=False)
     export.onnx(w16, x, tmp_path / "w16.onnx")
     v = export.verify(w16, tmp_path / "w16.onnx", x)
