@@ -370,7 +370,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if w.kind == "causal":
             model = _LogitsOnly(model)
-    rep = export.onnx(model, example, out, overwrite=args.overwrite)
+    rep = export.onnx(model, example, out, overwrite=args.overwrite, dynamic=args.dynamic)
     v = export.verify(model, out, example)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, opset {rep.opset}, {len(rep.check.integer)} int8 layers)")
     print(v.summary())
@@ -475,6 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--arch", help="architecture of a non-Hugging Face checkpoint (mobilenetv2)")
     x.add_argument("--out", required=True, help="output file (refused if it exists, unless --overwrite)")
     x.add_argument("--overwrite", action="store_true")
+    x.add_argument(
+        "--dynamic",
+        default="per-token",
+        help="dynamic W8A8 layers: per-token (octoquant's numerics, "
+        "MatMulInteger; ORT runs it int8) or per-tensor (QDQ DynamicQuantizeLinear; OpenVINO runs it int8)",
+    )
     x.set_defaults(func=cmd_export)
     r = sub.add_parser("report", help="quantize + evaluate + benchmark: the FP32-vs-INT8 table, HTML, plots")
     r.add_argument("model", help=f"an FP32 model: a Hugging Face folder or one of {', '.join(BUILTIN_MODELS)}")

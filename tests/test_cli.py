@@ -154,6 +154,7 @@ def test_report_cli_prints_the_table(tiny_lm_folder, tmp_path):
         (["export", "{ck}", "--out", "{tmp}/exists.onnx"], "exists"),
         (["export", "{lm}", "--out", "{tmp}/m.onnx"], "not a quantized checkpoint"),
         (["export", "{ck}", "--format", "tflite", "--out", "{tmp}/m.tflite"], "unknown format 'tflite'"),
+        (["export", "{ck}", "--dynamic", "per-row", "--out", "{tmp}/m.onnx"], "valid: per-token, per-tensor"),
         (["eval", "{ck}", "--task", "top1"], "does not fit a causal model; valid for it: perplexity"),
         (["eval", "{ck}", "--preset", "w8a8"], "already quantized"),
     ],
