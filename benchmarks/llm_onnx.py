@@ -33,15 +33,6 @@ from octoquant.models.smollm2 import load_smollm2  # noqa: E402
 warnings.filterwarnings("ignore")
 
 
-class LogitsOnly(torch.nn.Module):
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, input_ids, attention_mask):
-        return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-
 def ort_perplexity(sess, ids: torch.Tensor, seq_len: int, windows: int) -> float:
     nll, count = 0.0, 0
     for w in range(windows):
@@ -82,7 +73,7 @@ def main() -> None:
         fp32_path, ours_path, theirs_path = (os.path.join(tmp, f) for f in ("fp32.onnx", "ours.onnx", "ort.onnx"))
         with torch.no_grad():
             torch.onnx.export(
-                LogitsOnly(model),
+                export.LogitsOnly(model),
                 (),
                 fp32_path,
                 kwargs=example,
@@ -92,11 +83,11 @@ def main() -> None:
                 dynamo=False,
                 dynamic_axes={k: {0: "batch", 1: "sequence"} for k in example},
             )
-        rep = export.onnx(LogitsOnly(q), example, ours_path)
+        rep = export.onnx(export.LogitsOnly(q), example, ours_path)
         quantize_dynamic(fp32_path, theirs_path, weight_type=QuantType.QInt8)
         sizes = {k: os.path.getsize(p) for k, p in (("fp32", fp32_path), ("ours", ours_path), ("ort", theirs_path))}
         s_fp, s_ours, s_ort = sess(fp32_path), sess(ours_path), sess(theirs_path)
-        v = export.verify(LogitsOnly(q), ours_path, example, threads=args.threads)
+        v = export.verify(export.LogitsOnly(q), ours_path, example, threads=args.threads)
         res["export"] = {
             "integer_layers": len(rep.check.integer),
             "integer_ops": v.integer_ops,

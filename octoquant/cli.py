@@ -9,6 +9,8 @@ import time
 
 import torch
 
+from .workloads import BUILTIN_MODELS, PRESETS
+
 
 class UsageError(Exception):
     """A user error: printed as one line, exit code 2."""
@@ -90,15 +92,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-from .workloads import BUILTIN_MODELS, PRESETS  # noqa: E402
-
-
 def _preset(name: str):
-    import octoquant as oq
+    from .workloads import preset_config
 
-    if name not in PRESETS:
-        raise UsageError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
-    return getattr(oq, PRESETS[name])
+    return preset_config(name)  # ValueError naming the valid presets: one line, exit 2
 
 
 def _calib_text(spec: str | None) -> str | None:
@@ -207,8 +204,7 @@ def _within_drop(w, config, calib, args, qmodel):
 
     from . import workloads as wl
 
-    n_eval = args.eval_windows if w.kind == "causal" else 32 * args.eval_windows
-    data = wl.eval_data(w, n_eval, args.seq_len)
+    data = wl.eval_data(w, args.eval_windows)
     ref = wl.outputs(w, w.model, data, args.eval_windows, args.seq_len, progress=not args.json)
     layers = len(oq.summary(qmodel, print_table=False))
     # text models keep every layer int8 (static -> dynamic per-token); convolutions fall back to float
@@ -241,12 +237,7 @@ def _within_drop(w, config, calib, args, qmodel):
         )
 
 
-def _check_preset(name: str | None) -> None:
-    if name is not None and name not in PRESETS:
-        raise UsageError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
-
-
-def _pair(args: argparse.Namespace, need_reference: bool = True):
+def _pair(args: argparse.Namespace):
     """(workload, FP32 reference, model under test, label) for eval / bench.
 
     A quantized checkpoint is tested against --reference (an FP32 model) or, without it, its own dequantized
@@ -254,15 +245,14 @@ def _pair(args: argparse.Namespace, need_reference: bool = True):
     """
     from . import workloads as wl
 
-    _check_preset(args.preset)
+    if args.preset:
+        _preset(args.preset)  # checked before any model is loaded
     w = wl.load_workload(args.model, getattr(args, "arch", None))
     if w.quantized:
         if args.preset:
             raise UsageError(f"{args.model} is already quantized: --preset applies to FP32 models")
         ref_name = getattr(args, "reference", None)
-        ref = (
-            wl.load_workload(ref_name).model if ref_name else (wl.dequantized_copy(w.model) if need_reference else None)
-        )
+        ref = wl.load_workload(ref_name).model if ref_name else wl.dequantized_copy(w.model)
         return w, ref, w.model, "checkpoint vs " + (ref_name or "its dequantized weights")
     import octoquant as oq
 
@@ -278,13 +268,13 @@ def _pair(args: argparse.Namespace, need_reference: bool = True):
     return w, w.model, qmodel, f"FP32 vs {preset}"
 
 
-def _eval_text(spec: str | None, kind: str):
-    from .evaluate.text import wiki_sentences, wiki_text
+def _eval_text(spec: str | None, w, windows: int):
+    from . import workloads as wl
 
     if spec in (None, "wiki"):
-        return wiki_text("eval") if kind == "causal" else wiki_sentences("eval", 256)
+        return wl.eval_data(w, windows)
     text = _calib_text(spec)
-    if kind == "causal":
+    if w.kind == "causal":
         return text
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not lines:
@@ -305,9 +295,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if w.kind == "vision":
         if args.data is not None:
             raise UsageError("task top1 runs on the bundled photo crops; --data applies to text tasks")
-        data = wl.eval_data(w, 32 * args.windows, args.seq_len)
+        data = wl.eval_data(w, args.windows)
     else:
-        data = _eval_text(args.data, w.kind)
+        data = _eval_text(args.data, w, args.windows)
     r = wl.outputs(w, ref, data, args.windows, args.seq_len, progress=not args.json)
     q = wl.outputs(w, test, data, args.windows, args.seq_len, progress=not args.json)
     result = {"model": args.model, "task": task, "compared": label, **wl.compare(w, r, q)}
@@ -369,7 +359,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         ids = torch.arange(16).reshape(1, 16) % 100 + 1
         example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if w.kind == "causal":
-            model = _LogitsOnly(model)
+            model = export.LogitsOnly(model)
     rep = export.onnx(model, example, out, overwrite=args.overwrite, dynamic=args.dynamic)
     v = export.verify(model, out, example)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, opset {rep.opset}, {len(rep.check.integer)} int8 layers)")
@@ -379,23 +369,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-class _LogitsOnly(torch.nn.Module):
-    """A causal LM as (input_ids, attention_mask) -> logits, without the KV cache (one exportable graph)."""
-
-    def __init__(self, lm: torch.nn.Module) -> None:
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, input_ids, attention_mask):
-        return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-
 def cmd_report(args: argparse.Namespace) -> int:
     import json
 
     from . import report
 
-    _check_preset(args.preset)
+    if args.preset:
+        _preset(args.preset)
     text = _calib_text(args.calib) if args.calib else None
     result = report.run(
         args.model,

@@ -152,17 +152,6 @@ def _dq_weight(weight: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Te
     return _DequantizeLinear.apply(weight, scale, zp, axis)
 
 
-def _clamp(y: torch.Tensor, upper: torch.Tensor | None) -> torch.Tensor:
-    """A fused ReLU (upper = inf) / ReLU6 (upper = 6) / per-channel clamp on an NC... output."""
-    if upper is None:
-        return y
-    if bool(torch.isinf(upper).all()):
-        return torch.relu(y)
-    if bool((upper == upper[0]).all()):
-        return torch.clamp(y, 0.0, float(upper[0]))
-    return torch.minimum(torch.relu(y), upper.reshape(1, -1, *([1] * (y.dim() - 2))))
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Export forwards of the quantized modules (patched in for the duration of the export)
 
@@ -218,13 +207,17 @@ def _qconv_forward(self: QConv2d, x: torch.Tensor) -> torch.Tensor:
     xd = _input_qdq(self, x)
     wd = _dq_weight(self.weight, self.weight_scale, axis=0)
     y = F.conv2d(xd, wd, self.bias, self.stride, self.padding, self.dilation, self.groups)
-    upper = self.output_clamp
-    if upper is not None and not bool(torch.isinf(upper).all()) and not bool((upper == upper[0]).all()):
-        # per-channel clamp (ReLU6 after equalization): ReLU stays fusable into the conv, the Min follows the
-        # output Q/DQ pair (a float Min on dequantized values, requantized by the next layer's Q)
-        marked = _Mark.apply(torch.relu(y), self._export_name)
-        return torch.minimum(marked, upper.reshape(1, -1, *([1] * (y.dim() - 2))))
-    return _Mark.apply(_clamp(y, upper), self._export_name)
+    upper = self.output_clamp  # a fused ReLU (inf) / ReLU6 (6) / per-channel bound (ReLU6 after equalization)
+    if upper is None:
+        return _Mark.apply(y, self._export_name)
+    if bool(torch.isinf(upper).all()):
+        return _Mark.apply(torch.relu(y), self._export_name)
+    if bool((upper == upper[0]).all()):
+        return _Mark.apply(torch.clamp(y, 0.0, float(upper[0])), self._export_name)
+    # per channel: the ReLU stays fusable into the conv, the Min follows the output Q/DQ pair (a float Min on
+    # dequantized values, requantized by the next layer's Q; dropped when that Q saturates inside it)
+    marked = _Mark.apply(torch.relu(y), self._export_name)
+    return torch.minimum(marked, upper.reshape(1, -1, *([1] * (y.dim() - 2))))
 
 
 def _qembedding_forward(self: QEmbedding, ids: torch.Tensor) -> torch.Tensor:
@@ -257,6 +250,17 @@ def _export_forwards(model: nn.Module, dynamic: str = "per-token"):
             del m._export_dynamic
 
 
+class LogitsOnly(nn.Module):
+    """A causal LM as (input_ids, attention_mask) -> logits, without the KV cache: one exportable graph."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Inputs
 
@@ -271,7 +275,7 @@ def _as_args(example) -> tuple[tuple, dict]:
     raise ExportError(f"example inputs must be a tensor, a tuple of tensors or a dict of tensors, got {type(example)}")
 
 
-def _input_names(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
+def _input_names(args: tuple, kwargs: dict) -> list[str]:
     if kwargs:
         return list(kwargs)
     return ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
@@ -500,10 +504,9 @@ def _quantize_outputs(gr: _Graph, kinds: dict[str, str], ranges: dict[str, tuple
             if len(others) == 1 and others[0].op_type in ("Min", "Clip", "Relu")
             else []
         )
-        is_output = any(o.name == m for o in gr.g.output)
         gr.replace_uses(m, y)
         gr.remove([mark])
-        if kinds.get(name) != "conv" or (not others and not is_output):
+        if kinds.get(name) != "conv" or not others:
             continue  # MatMul / Gemm run integer with a float output; Conv -> Q already fuses
         if reuse:
             s_name, z_name = reuse[0].input[1], reuse[0].input[2]
@@ -529,10 +532,6 @@ def _quantize_outputs(gr: _Graph, kinds: dict[str, str], ranges: dict[str, tuple
                 for r in gr.consumers.get(c.output[0], []):
                     gr.rename_input(r, c.output[0], qn)
                 gr.remove([c])
-        if is_output:
-            for o in gr.g.output:
-                if o.name == y:
-                    gr._alias_output(y, dn)  # pragma: no cover - outputs keep their exporter names
         gr.refresh()
     return unquantized
 
@@ -822,7 +821,7 @@ def onnx(
         with torch.no_grad():
             ref_out = _flat_outputs(qmodel(*args, **kwargs))
             ranges = _observe_outputs(qmodel, calib if calib is not None else [example_inputs], calibrator)
-        in_names = _input_names(qmodel, args, kwargs)
+        in_names = _input_names(args, kwargs)
         out_names = (
             list(output_names)
             if output_names
@@ -937,7 +936,7 @@ def _feeds(names: list[str], example) -> dict:
         if missing:
             raise ExportError(f"inputs {missing} of the ONNX graph are not in the example dict {list(kwargs)}")
         return {n: kwargs[n].numpy() for n in names}
-    by_name = dict(zip(_input_names(None, args, {}), args, strict=True))
+    by_name = dict(zip(_input_names(args, {}), args, strict=True))
     return {n: by_name[n].numpy() for n in names}
 
 

@@ -21,14 +21,6 @@ DEFAULT_BATCHES = {"causal": (1, 8), "encoder": (1, 32), "vision": (1, 8)}
 MAX_BARS = 48  # SQNR chart rows for a large model
 
 
-def _config(preset: str):
-    import octoquant as oq
-
-    if preset not in wl.PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; valid: {', '.join(wl.PRESETS)}")
-    return getattr(oq, wl.PRESETS[preset])
-
-
 def _activation_samples(model, names: list[str], batch, limit: int = 1 << 21) -> dict[str, torch.Tensor]:
     """Inputs of the named layers of the FP32 model on one calibration batch (subsampled to `limit` values)."""
     from .convert import _run
@@ -100,7 +92,7 @@ def run(
     if w.quantized:
         raise ValueError(f"{model} is already quantized: the report compares an FP32 model with its INT8 version")
     preset = preset or wl.DEFAULT_PRESET[w.kind]
-    config = _config(preset)
+    config = wl.preset_config(preset)
     if w.kind != "vision" and calib_text is None:
         from .evaluate.text import wiki_text
 
@@ -111,8 +103,8 @@ def run(
     quantize_s = time.perf_counter() - t0
     rows = oq.summary(qmodel, print_table=False)
 
-    n_eval = eval_windows if w.kind == "causal" else 32 * eval_windows
-    data = wl.eval_data(w, n_eval, seq_len)
+    n_eval = wl.eval_size(w, eval_windows)
+    data = wl.eval_data(w, eval_windows)
     ref = wl.outputs(w, w.model, data, eval_windows, seq_len, progress)
     got = wl.outputs(w, qmodel, data, eval_windows, seq_len, progress)
     accuracy = wl.compare(w, ref, got)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -24,7 +23,17 @@ PRESETS = {
     "llm-int8": "LLM_INT8",
     "smoothquant": "W8A8_DYNAMIC",  # per-token int8 with SmoothQuant: needs calibration text
 }
-KINDS = ("causal", "encoder", "vision")
+
+
+def preset_config(name: str):
+    """The Config of a preset name; ValueError listing the valid names."""
+    import octoquant as oq
+
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
+    return getattr(oq, PRESETS[name])
+
+
 # the preset each kind gets by default: the measured best INT8 mode for it (see RESULTS.md)
 DEFAULT_PRESET = {"causal": "smoothquant", "encoder": "w8a8-dynamic", "vision": "w8a8"}
 METRIC = {"causal": "perplexity", "encoder": "cosine", "vision": "top1"}
@@ -134,18 +143,17 @@ def calibration(w: Workload, text: str | None, windows: int, seq_len: int) -> li
 def dequantized_copy(qmodel: nn.Module) -> nn.Module:
     """The float model a quantized one stands for: every QLinear / QConv2d / QEmbedding replaced by its float
     layer with the dequantized weights (the FP32 comparator when only a checkpoint is at hand)."""
+    from .config import PerChannel, PerGroup
+    from .convert import _swap
+    from .functional import dequantize
     from .nn import QConv2d, QEmbedding, QLinear
 
     model = copy.deepcopy(qmodel)
     for name, m in list(model.named_modules()):
         if not isinstance(m, (QLinear, QConv2d, QEmbedding)):
             continue
-        w = m.weight.to(torch.float32)
-        s = m.weight_scale
-        if s.dim() == 2 and w.dim() == 2 and s.shape[1] != 1:  # per-group
-            w = (w.reshape(w.shape[0], s.shape[1], -1) * s[..., None]).reshape(w.shape)
-        else:
-            w = w * s.reshape(-1, *([1] * (w.dim() - 1)))
+        group = m.group_size if isinstance(m, (QLinear, QEmbedding)) else None
+        w = dequantize(m.weight, m.weight_scale, 0, PerGroup(group) if group else PerChannel(0))
         if isinstance(m, QLinear):
             f = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
         elif isinstance(m, QConv2d):
@@ -160,13 +168,12 @@ def dequantized_copy(qmodel: nn.Module) -> nn.Module:
                 m.bias is not None,
             )
         else:
-            f = nn.Embedding(w.shape[0], w.shape[1])
+            f = nn.Embedding(m.num_embeddings, m.embedding_dim)
         with torch.no_grad():
             f.weight.copy_(w)
             if getattr(m, "bias", None) is not None:
                 f.bias.copy_(m.bias)
-        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-        setattr(parent, name.rsplit(".", 1)[-1], f)
+        _swap(model, name, f)
     return model.eval()
 
 
@@ -174,7 +181,12 @@ def dequantized_copy(qmodel: nn.Module) -> nn.Module:
 # accuracy
 
 
-def eval_data(w: Workload, n: int, seq_len: int):
+def eval_size(w: Workload, windows: int) -> int:
+    """Evaluation size: LM windows of seq_len tokens; 32 sentences or crops per window otherwise."""
+    return windows if w.kind == "causal" else 32 * windows
+
+
+def eval_data(w: Workload, windows: int):
     """Held-out evaluation data: wiki text (LM), wiki sentences (encoder), photo crops (vision)."""
     if w.kind == "causal":
         from .evaluate.text import wiki_text
@@ -183,10 +195,10 @@ def eval_data(w: Workload, n: int, seq_len: int):
     if w.kind == "encoder":
         from .evaluate.text import wiki_sentences
 
-        return wiki_sentences("eval", n)
+        return wiki_sentences("eval", eval_size(w, windows))
     from .evaluate.vision import photo_crops
 
-    return photo_crops(n, seed=1)
+    return photo_crops(eval_size(w, windows), seed=1)
 
 
 @torch.no_grad()
@@ -243,7 +255,6 @@ def _timed(fn) -> tuple[float, float, float | None]:
     return wall, cpu, joules
 
 
-@torch.no_grad()
 def speed_fns(w: Workload, batch: int, new_tokens: int = 32):
     """(description, unit, items per call, fn(model)) for one speed row of this kind at `batch`."""
     if w.kind == "causal":
@@ -270,28 +281,31 @@ def measure_speed(
 
     Energy per item: RAPL joules where the counter is readable, else process CPU-seconds (the proxy, labelled).
     """
-    rows = []
-    for batch in batches:
-        desc, unit, items, fn = speed_fns(w, batch)
-        fn(fp32), fn(qmodel)  # warm-up: packing, allocator, thread pool
-        res = {"fp32": [], "int8": []}
-        for r in tqdm(range(max(1, reps)), desc=f"benchmark batch {batch}", disable=not progress, leave=False):
-            order = (("fp32", fp32), ("int8", qmodel)) if r % 2 == 0 else (("int8", qmodel), ("fp32", fp32))
-            for key, m in order:
-                res[key].append(_timed(lambda m=m, fn=fn: fn(m)))
-        row = {"what": desc, "unit": unit, "batch": batch, "reps": max(1, reps)}
-        for key in ("fp32", "int8"):
-            wall = statistics.median(t for t, _, _ in res[key])
-            joules = [j for _, _, j in res[key] if j is not None]
-            row[key] = {
-                "latency_ms": 1e3 * wall,
-                "throughput": items / wall,
-                "cpu_s_per_item": statistics.fmean(c for _, c, _ in res[key]) / items,
-                "joules_per_item": statistics.fmean(joules) / items if len(joules) == len(res[key]) else None,
-            }
-        row["speedup"] = row["fp32"]["latency_ms"] / row["int8"]["latency_ms"]
-        rows.append(row)
-    return rows
+    with torch.no_grad():  # inference timing: no autograd graph on either side
+        return [_speed_row(w, fp32, qmodel, batch, reps, progress) for batch in batches]
+
+
+def _speed_row(w: Workload, fp32: nn.Module, qmodel: nn.Module, batch: int, reps: int, progress: bool) -> dict:
+    """One speed row: FP32 and INT8 alternated, after one warm-up call each."""
+    desc, unit, items, fn = speed_fns(w, batch)
+    fn(fp32), fn(qmodel)  # warm-up: packing, allocator, thread pool
+    res = {"fp32": [], "int8": []}
+    for r in tqdm(range(max(1, reps)), desc=f"benchmark batch {batch}", disable=not progress, leave=False):
+        order = (("fp32", fp32), ("int8", qmodel)) if r % 2 == 0 else (("int8", qmodel), ("fp32", fp32))
+        for key, m in order:
+            res[key].append(_timed(lambda m=m, fn=fn: fn(m)))
+    row = {"what": desc, "unit": unit, "batch": batch, "reps": max(1, reps)}
+    for key in ("fp32", "int8"):
+        wall = statistics.median(t for t, _, _ in res[key])
+        joules = [j for _, _, j in res[key] if j is not None]
+        row[key] = {
+            "latency_ms": 1e3 * wall,
+            "throughput": items / wall,
+            "cpu_s_per_item": statistics.fmean(c for _, c, _ in res[key]) / items,
+            "joules_per_item": statistics.fmean(joules) / items if len(joules) == len(res[key]) else None,
+        }
+    row["speedup"] = row["fp32"]["latency_ms"] / row["int8"]["latency_ms"]
+    return row
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -353,7 +367,3 @@ def hardware_path() -> dict:
         "fp32": f"PyTorch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()})",
         "threads": torch.get_num_threads(),
     }
-
-
-def finite(x: float) -> float | None:
-    return x if isinstance(x, (int, float)) and math.isfinite(x) else None

@@ -195,7 +195,7 @@ def test_max_drop_escalates_fallback_until_the_bound_holds(monkeypatch):
     from octoquant import workloads as wl
 
     w, calib = _vision_workload()
-    monkeypatch.setattr(wl, "eval_data", lambda w, n, s: torch.randn(4, 3, 16, 16))
+    monkeypatch.setattr(wl, "eval_data", lambda w, windows: torch.randn(4, 3, 16, 16))
 
     def scripted(w_, ref, out):  # the drop falls by 3 points per float layer of the model last evaluated
         n_float = sum(r.status == "float" for r in oq.summary(state["model"], print_table=False))

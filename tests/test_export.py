@@ -210,7 +210,6 @@ def test_llm_with_tied_int8_head_exports_compactly(tmp_path):
     pytest.importorskip("transformers")
     import numpy as np
 
-    from octoquant.cli import _LogitsOnly
     from tests._tiny import tiny_llama
 
     lm = tiny_llama(tie=True, vocab=512)
@@ -218,11 +217,11 @@ def test_llm_with_tied_int8_head_exports_compactly(tmp_path):
     assert isinstance(q.model.embed_tokens, oq.nn.QEmbedding) and q.lm_head.group_size == 64
     ids = torch.randint(0, 512, (2, 9))
     example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    export.onnx(_LogitsOnly(q), example, tmp_path / "lm.onnx")
+    export.onnx(export.LogitsOnly(q), example, tmp_path / "lm.onnx")
     g = onnx.load(str(tmp_path / "lm.onnx"))
     arrays = [onnx.numpy_helper.to_array(t) for t in g.graph.initializer]
     table = 512 * 64
     assert not [a for a in arrays if a.dtype == np.float32 and a.size >= table]  # no float copy of the table
     assert sum(a.size for a in arrays if a.dtype == np.int8 and a.size == table) == table  # one int8 copy
-    v = export.verify(_LogitsOnly(q), tmp_path / "lm.onnx", example)
+    v = export.verify(export.LogitsOnly(q), tmp_path / "lm.onnx", example)
     assert v.outputs[0]["sqnr_db"] >= 60.0
