@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .config import QDtype, QuantMode
-from .nn import QConv2d, QEmbedding, QLinear
+from .nn import QConv2d, QEmbedding, QLinear, chain_convolutions
 from .nn._base import QuantizedModule
 from .transforms.equalize import ChannelClamp
 
@@ -522,7 +522,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
             "stored: build the architecture with accelerate.init_empty_weights(include_buffers=False))"
         )
     _retie(model, aliases)
-    return model.eval()
+    return chain_convolutions(model).eval()
 
 
 def _hf_quantization_config(path: Path) -> dict:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .config import W8A8, Calibrator, Config, PerChannel, PerGroup, PerTensor, QScheme, QuantMode, Rounding
 from .functional import check_finite, dequantize, sqnr_db
-from .nn import QConv2d, QEmbedding, QLinear
+from .nn import QConv2d, QEmbedding, QLinear, chain_convolutions
 from .nn._base import QuantizedModule
 from .observers import CalibrationError, MSEObserver, Observer, make_observer
 from .rounding import gptq_round, input_hessian_update
@@ -497,6 +497,7 @@ def quantize(
     _fuse_activations(work, act_pairs)
     if tie is not None:
         _tie_embedding(work, *tie)
+    work = chain_convolutions(work)  # consecutive QConv2d layers pass uint8 codes (bit-identical, faster)
     work.octoquant_layers = records
     return work
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..config import QDtype
-from .reference import check_int8_operands, check_k
+from .reference import ActivationQParams, check_int8_operands, check_k
 
 try:
     from .. import _C
@@ -168,7 +168,9 @@ class CpuBackend:
         row_scale0: float,
         out: torch.Tensor,
         acc_out: bool = False,
+        out_q: ActivationQParams | None = None,
     ) -> None:
+        """out: (M, N) float32, int32 (acc_out) or uint8 codes (out_q: requantized in the epilogue)."""
         m = a_u8.shape[0]
         _C.gemm_u8s8(
             a_u8.data_ptr(),
@@ -181,7 +183,7 @@ class CpuBackend:
             p.scale.data_ptr(),
             _ptr(p.bias),
             _ptr(p.clamp_hi),
-            0 if acc_out else out.data_ptr(),
+            0 if acc_out or out_q else out.data_ptr(),
             out.data_ptr() if acc_out else 0,
             out.stride(0),
             m,
@@ -189,6 +191,7 @@ class CpuBackend:
             p.kp,
             self._isa_id,
             torch.get_num_threads(),
+            _out_q(out, out_q),
         )
 
     def int8_mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -257,13 +260,19 @@ class CpuBackend:
         return self.linear_static_u8(a_u8, p, in_scale, in_zero_point, in_dtype)
 
     def linear_static_u8(
-        self, a_u8: torch.Tensor, p: CpuPackedW8A8, in_scale: float, in_zero_point: int, in_dtype: QDtype
+        self,
+        a_u8: torch.Tensor,
+        p: CpuPackedW8A8,
+        in_scale: float,
+        in_zero_point: int,
+        in_dtype: QDtype,
+        out_q: ActivationQParams | None = None,
     ) -> torch.Tensor:
-        """GEMM on already quantized (M, kp) u8 activations (e.g. an im2col buffer)."""
+        """GEMM on already quantized (M, kp) u8 activations (e.g. an im2col buffer): float32 or codes out."""
         offset = in_zero_point + (128 if in_dtype is QDtype.INT8 else 0)
-        out = torch.empty(a_u8.shape[0], p.n, dtype=torch.float32)
+        out = torch.empty(a_u8.shape[0], p.n, dtype=torch.uint8 if out_q else torch.float32)
         rs = float(np.float32(in_scale))  # the float32 value the reference uses
-        self._gemm(a_u8, offset, p, None, rs, out)
+        self._gemm(a_u8, offset, p, None, rs, out, out_q=out_q)
         return out
 
     def linear_weight_only(self, x: torch.Tensor, p: CpuPackedW8A16) -> torch.Tensor:
@@ -308,26 +317,37 @@ class CpuBackend:
         )
         return CpuPackedConv(groups, (kh, kw), o, None, s, b, gemms, hi)
 
-    def conv2d_static(self, x, p: CpuPackedConv, stride, padding, dilation, in_scale, in_zero_point, in_dtype):
-        """NHWC int8 conv: quantize once, im2col (none for 1x1 stride 1), int8 GEMM; or the depthwise kernel.
-
-        Padding reads the zero-point (real 0). Returns an NCHW tensor in channels_last memory (no copy back).
-        """
+    def quantize_nhwc(self, x: torch.Tensor, q: ActivationQParams) -> torch.Tensor:
+        """(N, C, H, W) float -> (N, H, W, C) uint8 codes (no float copy when x is channels_last)."""
         if x.dim() != 4:
-            raise ValueError(f"QConv2d expects (N, C, H, W) input, got shape {tuple(x.shape)}")
-        n, c, h, w = x.shape
+            raise ValueError(f"expected an (N, C, H, W) activation, got shape {tuple(x.shape)}")
+        x_nhwc = x.to(torch.float32).permute(0, 2, 3, 1).contiguous()
+        a = self.quantize_static_u8(x_nhwc.reshape(1, -1), x_nhwc.numel(), q.scale, q.zero_point, q.dtype)
+        return a.reshape(x_nhwc.shape)
+
+    def conv2d_codes(self, a, p: CpuPackedConv, stride, padding, dilation, in_q: ActivationQParams, out_q=None):
+        """NHWC int8 conv on (N, H, W, C) codes: im2col (none for 1x1 stride 1) + int8 GEMM, or the depthwise
+        kernel. Padding reads the zero-point (real 0). Returns (N, Ho, Wo, O) float32, or codes given `out_q`.
+        """
+        if a.dim() != 4 or a.dtype != torch.uint8 or not a.is_contiguous():
+            raise ValueError(
+                f"conv2d_codes expects contiguous (N, H, W, C) uint8 codes, got {a.dtype} {tuple(a.shape)}"
+            )
+        n, h, w, c = a.shape
         kh, kw = p.kernel_size
+        expected = (
+            p.depthwise_weight.shape[2] if p.depthwise_weight is not None else p.gemms[0].k // (kh * kw) * p.groups
+        )
+        if c != expected:
+            raise ValueError(f"conv2d_codes: input has {c} channels, the convolution expects {expected}")
         (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-        shift = 128 if in_dtype is QDtype.INT8 else 0
-        pad_value = in_zero_point + shift
-        x_nhwc = x.to(torch.float32).permute(0, 2, 3, 1).contiguous()  # no copy if x is channels_last
-        a = self.quantize_static_u8(x_nhwc.reshape(1, -1), x_nhwc.numel(), in_scale, in_zero_point, in_dtype)
-        a = a.reshape(n, h, w, c)
+        pad_value = in_q.zero_point + in_q.shift
         ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
         wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        rs = float(np.float32(in_scale))  # the float32 value the reference uses
+        rs = float(np.float32(in_q.scale))  # the float32 value the reference uses
+        out_dtype = torch.uint8 if out_q else torch.float32
         if p.depthwise_weight is not None:  # taps outside the image are skipped in the kernel: no padded copy
-            y = torch.empty(n, ho, wo, c, dtype=torch.float32)
+            y = torch.empty(n, ho, wo, c, dtype=out_dtype)
             _C.depthwise_conv_u8(
                 a.data_ptr(),
                 n,
@@ -350,13 +370,12 @@ class CpuBackend:
                 p.scale.data_ptr(),
                 _ptr(p.bias),
                 _ptr(p.clamp_hi),
-                y.data_ptr(),
+                0 if out_q else y.data_ptr(),
                 self._isa_id,
                 torch.get_num_threads(),
+                _out_q(y, out_q),
             )
-            return y.permute(0, 3, 1, 2)
-        if ph or pw:
-            a = torch.nn.functional.pad(a, (0, 0, pw, pw, ph, ph), value=pad_value)
+            return y
         cg = c // p.groups
         m = n * ho * wo
         outs = []
@@ -365,18 +384,45 @@ class CpuBackend:
                 cols = a.reshape(m, c)  # 1x1 stride 1 in NHWC: the activation already is the GEMM operand
             else:
                 cols = torch.empty(m, gemm.kp, dtype=torch.uint8)
-                if gemm.kp != gemm.k:
-                    cols[:, gemm.k :] = pad_value
-                st = a.stride()
-                patches = a.as_strided(
-                    (n, ho, wo, kh, kw, cg),
-                    (st[0], sh * st[1], sw * st[2], dh * st[1], dw * st[2], 1),
-                    a.storage_offset() + g * cg,
+                _C.im2col_u8(
+                    a.data_ptr(),
+                    n,
+                    h,
+                    w,
+                    c,
+                    g * cg,
+                    cg,
+                    kh,
+                    kw,
+                    sh,
+                    sw,
+                    ph,
+                    pw,
+                    dh,
+                    dw,
+                    ho,
+                    wo,
+                    pad_value,
+                    cols.data_ptr(),
+                    gemm.kp,
+                    torch.get_num_threads(),
                 )
-                cols[:, : gemm.k].view(n, ho, wo, kh, kw, cg).copy_(patches)
-            outs.append(self.linear_static_u8(cols, gemm, rs, in_zero_point, in_dtype))
+            outs.append(self.linear_static_u8(cols, gemm, rs, in_q.zero_point, in_q.dtype, out_q))
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-        return y.reshape(n, ho, wo, p.out_channels).permute(0, 3, 1, 2)
+        return y.reshape(n, ho, wo, p.out_channels)
+
+    def conv2d_static(self, x, p: CpuPackedConv, stride, padding, dilation, in_q: ActivationQParams):
+        """Float (N, C, H, W) in, float (N, O, Ho, Wo) out, in channels_last memory (no copy back)."""
+        y = self.conv2d_codes(self.quantize_nhwc(x, in_q), p, stride, padding, dilation, in_q)
+        return y.permute(0, 3, 1, 2)
+
+
+def _out_q(out: torch.Tensor, q: ActivationQParams | None) -> tuple:
+    """The kernels' requantized-output argument: (address, scale, zero-point, qmin, qmax, shift) or ()."""
+    if q is None:
+        return ()
+    qmin, qmax = q.dtype.qrange()
+    return (out.data_ptr(), float(np.float32(q.scale)), int(q.zero_point), qmin, qmax, q.shift)
 
 
 def _as_f32_rows(x: torch.Tensor) -> torch.Tensor:

@@ -137,8 +137,11 @@ class CudaBackend:
     def pack_conv(self, weight, scale, bias, groups, clamp_hi=None):
         return reference.ReferenceBackend().pack_conv(weight, scale, bias, groups, clamp_hi)
 
-    def conv2d_static(self, x, p, stride, padding, dilation, in_scale, in_zero_point, in_dtype):
-        y = reference.ReferenceBackend().conv2d_static(
-            x, p, stride, padding, dilation, in_scale, in_zero_point, in_dtype
-        )
-        return y.to(x.dtype)
+    def quantize_nhwc(self, x, q):
+        return reference.ReferenceBackend().quantize_nhwc(x, q)
+
+    def conv2d_codes(self, a, p, stride, padding, dilation, in_q, out_q=None):
+        return reference.ReferenceBackend().conv2d_codes(a, p, stride, padding, dilation, in_q, out_q)
+
+    def conv2d_static(self, x, p, stride, padding, dilation, in_q):
+        return reference.ReferenceBackend().conv2d_static(x, p, stride, padding, dilation, in_q).to(x.dtype)

@@ -61,6 +61,29 @@ def rescale(
 
 
 @dataclass(frozen=True)
+class ActivationQParams:
+    """Per-tensor activation quantization: q = clamp(round_half_even(x / scale) + zero_point, qmin, qmax).
+
+    Convolution kernels take and give activations as "codes": uint8 tensors holding q (uint8 data) or q + 128
+    (int8 data), NHWC. A convolution given `out_q` requantizes its result for the next layer in its epilogue,
+    bit-identical to storing float and quantizing it.
+    """
+
+    scale: float
+    zero_point: int
+    dtype: QDtype
+
+    @property
+    def shift(self) -> int:
+        return 128 if self.dtype is QDtype.INT8 else 0
+
+
+def to_codes(q: torch.Tensor, dtype: QDtype) -> torch.Tensor:
+    """int8 / uint8 quantized values -> uint8 codes (int8 stored as q + 128)."""
+    return (q.to(torch.int16) + 128).to(torch.uint8) if dtype is QDtype.INT8 else q
+
+
+@dataclass(frozen=True)
 class PackedW8A8:
     """Weights for an int8 x int8 linear, in the reference layout: (N, K) int8 as given."""
 
@@ -134,13 +157,31 @@ class ReferenceBackend:
         b = None if bias is None else bias.to(torch.float32)
         return PackedConv(weight, scale.to(torch.float32), b, groups, clamp_hi)
 
-    def conv2d_static(self, x, p: PackedConv, stride, padding, dilation, in_scale, in_zero_point, in_dtype):
-        """Static-quantized conv: exact integer conv of (q - zp) and w (float64 holds the integers exactly)."""
-        s = torch.tensor(in_scale, dtype=torch.float32)
-        q = quantize(x, s, in_zero_point, PerTensor(), in_dtype).to(torch.float64) - in_zero_point
+    def quantize_nhwc(self, x: torch.Tensor, q: ActivationQParams) -> torch.Tensor:
+        """(N, C, H, W) float -> (N, H, W, C) uint8 codes."""
+        codes = to_codes(
+            quantize(x, torch.tensor(q.scale, dtype=torch.float32), q.zero_point, PerTensor(), q.dtype), q.dtype
+        )
+        return codes.permute(0, 2, 3, 1).contiguous()
+
+    def conv2d_codes(self, a, p: PackedConv, stride, padding, dilation, in_q: ActivationQParams, out_q=None):
+        """Exact integer conv of (q - zp) and w on (N, H, W, C) codes; float64 holds the integers exactly.
+
+        Returns (N, Ho, Wo, O): float32 y = float32(acc) * (in_scale * w_scale) + bias (then the fused clamp),
+        or, given `out_q`, that y quantized to codes.
+        """
+        q = a.permute(0, 3, 1, 2).to(torch.float64) - (in_q.zero_point + in_q.shift)
         acc = F.conv2d(q, p.weight.to(torch.float64), None, stride, padding, dilation, p.groups).to(torch.int32)
+        s = torch.tensor(in_q.scale, dtype=torch.float32)
         y = acc.to(torch.float32) * (s * p.scale).reshape(1, -1, 1, 1)
         y = y + p.bias.reshape(1, -1, 1, 1) if p.bias is not None else y
         if p.clamp_hi is not None:
             y = torch.minimum(y.clamp_min(0.0), p.clamp_hi.reshape(1, -1, 1, 1))
-        return y
+        if out_q is not None:
+            return self.quantize_nhwc(y, out_q)
+        return y.permute(0, 2, 3, 1).contiguous()
+
+    def conv2d_static(self, x, p: PackedConv, stride, padding, dilation, in_q: ActivationQParams):
+        """Float (N, C, H, W) in, float (N, O, Ho, Wo) out (channels_last memory)."""
+        y = self.conv2d_codes(self.quantize_nhwc(x, in_q), p, stride, padding, dilation, in_q)
+        return y.permute(0, 3, 1, 2)

@@ -10,6 +10,7 @@ import octoquant.kernels as kernels
 from octoquant.config import QDtype
 from octoquant.kernels import MAX_K, available_isas, get_backend
 from octoquant.kernels.cpu import CpuBackend
+from octoquant.kernels.reference import ActivationQParams
 
 REF = get_backend("reference")
 FAST = {f"cpu-{isa}": CpuBackend(isa) for isa in available_isas()}
@@ -165,10 +166,43 @@ def test_conv2d_bit_equal(fast, cfg, dtype, zp, scale):
     c, o, k, s, p, d, g = cfg
     x = torch.randn(2, c, 9, 11)
     w, ws, bias = rand_i8(o, c // g, k, k), torch.rand(o) * 0.01, torch.randn(o)
-    args = ((s, s), (p, p), (d, d), scale, zp, dtype)
+    args = ((s, s), (p, p), (d, d), ActivationQParams(scale, zp, dtype))
     y_ref = REF.conv2d_static(x, REF.pack_conv(w, ws, bias, g), *args)
     y = fast.conv2d_static(x, fast.pack_conv(w, ws, bias, g), *args)
     assert y.shape == y_ref.shape and torch.equal(y.contiguous(), y_ref.contiguous())
+
+
+# The next layer's input quantization, written by the epilogue: uint8 asymmetric and int8 symmetric.
+OUT_QS = {"to-u8-zp3": ActivationQParams(0.01, 3, QDtype.UINT8), "to-s8": ActivationQParams(0.015, 0, QDtype.INT8)}
+
+
+@pytest.mark.parametrize("out_name", list(OUT_QS))
+@pytest.mark.parametrize("cfg", list(CONVS.values()), ids=list(CONVS))
+@pytest.mark.parametrize("clamp", [False, True], ids=["linear", "relu6"])
+def test_conv2d_codes_requantized_bit_equal(fast, cfg, out_name, clamp):
+    """Codes in, codes out: equal to the reference and to quantizing the float output (what an unchained
+    next layer would do), so a chain of layers passing codes is bit-identical to one passing float."""
+    c, o, k, s, p, d, g = cfg
+    x = torch.randn(2, c, 9, 11)
+    w, ws, bias = rand_i8(o, c // g, k, k), torch.rand(o) * 0.01, torch.randn(o)
+    hi = torch.full((o,), 6.0) if clamp else None
+    in_q, out_q = ActivationQParams(0.02, 0, QDtype.INT8), OUT_QS[out_name]
+    a = REF.quantize_nhwc(x, in_q)
+    assert torch.equal(fast.quantize_nhwc(x, in_q), a)
+    geometry = ((s, s), (p, p), (d, d), in_q)
+    y_ref = REF.conv2d_codes(a, REF.pack_conv(w, ws, bias, g, hi), *geometry, out_q)
+    y = fast.conv2d_codes(a, fast.pack_conv(w, ws, bias, g, hi), *geometry, out_q)
+    assert y.dtype == torch.uint8 and y.shape == y_ref.shape and torch.equal(y, y_ref)
+    y_float = REF.conv2d_codes(a, REF.pack_conv(w, ws, bias, g, hi), *geometry)
+    assert torch.equal(REF.quantize_nhwc(y_float.permute(0, 3, 1, 2), out_q), y_ref)
+    assert len(y.unique()) > 20  # the scales above spread the outputs over many codes (not a saturated test)
+
+
+def test_conv2d_codes_channel_mismatch_is_refused(fast):
+    a = torch.zeros(1, 4, 4, 8, dtype=torch.uint8)
+    p = fast.pack_conv(rand_i8(6, 16, 1, 1), torch.ones(6), None, 1)
+    with pytest.raises(ValueError, match="8 channels, the convolution expects 16"):
+        fast.conv2d_codes(a, p, (1, 1), (0, 0), (1, 1), ActivationQParams(0.1, 0, QDtype.UINT8))
 
 
 def test_unknown_backend_lists_valid():
@@ -231,7 +265,7 @@ def test_conv2d_fused_clamp_bit_equal(fast, cfg):
     x = torch.randn(2, c, 9, 11)
     w, ws, bias = rand_i8(o, c // g, k, k), torch.rand(o) * 0.01, torch.randn(o)
     hi = torch.rand(o) * 0.5  # per-channel upper bounds that actually clip
-    args = ((s, s), (p, p), (d, d), 0.03, 100, QDtype.UINT8)
+    args = ((s, s), (p, p), (d, d), ActivationQParams(0.03, 100, QDtype.UINT8))
     y_ref = REF.conv2d_static(x, REF.pack_conv(w, ws, bias, g, hi), *args)
     y = fast.conv2d_static(x, fast.pack_conv(w, ws, bias, g, hi), *args)
     assert torch.equal(y.contiguous(), y_ref.contiguous())

@@ -12,6 +12,9 @@
 // No vpmaddubsw anywhere: its int16 pair sums saturate (255*127*2 > 32767).
 // Epilogue (the spec in kernels/reference.py): y = float(acc) * (row_scale[m] * col_scale[n]) + bias[n],
 // as separate IEEE multiplies and an add (no FMA contraction), so results match the reference bit for bit.
+// Optionally the epilogue requantizes y for the next layer instead of storing it (OutQ): the u8 it writes
+// is what quantize_static would produce from the stored float, so a chain of layers passing u8 codes is
+// bit-identical to the same layers passing float.
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
@@ -150,6 +153,20 @@ bool has_avx512vnni() {
 
 enum Isa { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512VNNI = 2 };
 
+// Requantized output: u8 = clamp(round_half_even(y / scale), lo, hi) + add, with lo = qmin - zp,
+// hi = qmax - zp, add = zp + shift: the arithmetic of q_u8 / quantize_static, in the same order.
+struct OutQ {
+  uint8_t* y;  // (M, ldy) u8, or null: the epilogue stores float
+  float scale, lo, hi;
+  int32_t add;
+};
+
+inline uint8_t requantize_scalar(float v, const OutQ& q) {
+  float r = std::nearbyint(v / q.scale);  // default rounding mode: to nearest, ties to even
+  r = r < q.lo ? q.lo : (r > q.hi ? q.hi : r);
+  return (uint8_t)((int32_t)r + q.add);
+}
+
 struct GemmArgs {
   const uint8_t* a;      // (M, lda) u8, K padded to Kp (multiple of 4) with any value (weights are 0 there)
   int64_t lda;
@@ -165,6 +182,7 @@ struct GemmArgs {
   int32_t* acc_out;        // (M, ldy) int32, or null
   int64_t ldy;
   int64_t M, N, Kp;
+  OutQ out_q;              // out_q.y set: u8 output (M, ldy), requantized
 };
 
 constexpr int64_t TILE_BLOCKS = 4;  // 16-column blocks per packed tile
@@ -187,15 +205,16 @@ inline void epilogue_scalar(const GemmArgs& g, int64_t m, int64_t n0, const int3
       float v = (float)acc * cs;
       if (g.bias) v = v + g.bias[n];
       if (g.clamp_hi) v = std::min(std::max(v, 0.0f), g.clamp_hi[n]);
-      g.y[m * g.ldy + n] = v;
+      if (g.out_q.y) g.out_q.y[m * g.ldy + n] = requantize_scalar(v, g.out_q);
+      else g.y[m * g.ldy + n] = v;
     }
   }
 }
 
 // ------------------------------------------------------------------------------------------------ scalar
-void gemm_scalar(const GemmArgs& g, int64_t nb_lo, int64_t nb_hi) {
+void gemm_scalar(const GemmArgs& g, int64_t nb_lo, int64_t nb_hi, int64_t m_lo, int64_t m_hi) {
   int64_t K4 = g.Kp / 4;
-  for (int64_t m = 0; m < g.M; ++m) {
+  for (int64_t m = m_lo; m < m_hi; ++m) {
     const uint8_t* a = g.a + m * g.lda;
     for (int64_t nb = nb_lo; nb < nb_hi; ++nb) {
       int32_t s[16] = {0};
@@ -214,6 +233,12 @@ void gemm_scalar(const GemmArgs& g, int64_t nb_lo, int64_t nb_hi) {
 // ------------------------------------------------------------------------------------------------ AVX-512 VNNI
 #define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,fma")))
 
+VNNI_TARGET inline __m128i requantize_avx512(__m512 v, const OutQ& q) {
+  __m512 r = _mm512_roundscale_ps(_mm512_div_ps(v, _mm512_set1_ps(q.scale)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  r = _mm512_min_ps(_mm512_max_ps(r, _mm512_set1_ps(q.lo)), _mm512_set1_ps(q.hi));
+  return _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(r), _mm512_set1_epi32(q.add)));
+}
+
 VNNI_TARGET inline void epilogue_vnni(const GemmArgs& g, int64_t m, int64_t n0, __m512i s, int valid) {
   __m512i cs = _mm512_loadu_si512((const void*)(g.colsum + n0));
   __m512i acc = _mm512_sub_epi32(s, _mm512_mullo_epi32(_mm512_set1_epi32(g.offset), cs));
@@ -227,7 +252,8 @@ VNNI_TARGET inline void epilogue_vnni(const GemmArgs& g, int64_t m, int64_t n0, 
   __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), scale);
   if (g.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, g.bias + n0));
   if (g.clamp_hi) v = _mm512_min_ps(_mm512_max_ps(v, _mm512_setzero_ps()), _mm512_loadu_ps(g.clamp_hi + n0));
-  _mm512_mask_storeu_ps(g.y + m * g.ldy + n0, mask, v);
+  if (g.out_q.y) _mm_mask_storeu_epi8(g.out_q.y + m * g.ldy + n0, mask, requantize_avx512(v, g.out_q));
+  else _mm512_mask_storeu_ps(g.y + m * g.ldy + n0, mask, v);
 }
 
 // MR rows x one 64-column tile (4 blocks), k steps [k4_lo, k4_hi). 4*MR int32 accumulators (<= 16 zmm).
@@ -284,7 +310,7 @@ VNNI_TARGET void rows_vnni(const GemmArgs& g, int64_t m0, int64_t mr, int64_t t,
 // Tiles [t_lo, t_hi). Rows in L2-sized blocks (mc x Kp bytes of A stay in L2). Within a block, each tile is
 // walked in K chunks of 64 KiB of weights: every row tile consumes a chunk while it is in L1/L2, so the
 // weights come from DRAM once per row block, in one sequential stream.
-VNNI_TARGET void gemm_vnni(const GemmArgs& g, int64_t t_lo, int64_t t_hi) {
+VNNI_TARGET void gemm_vnni(const GemmArgs& g, int64_t t_lo, int64_t t_hi, int64_t m_lo, int64_t m_hi) {
   constexpr int64_t MR = 4;  // 4 rows x 4 blocks = 16 accumulators; 6 rows (24) spills to the stack
   // k4 steps per chunk: 256 * 256 B = 64 KiB of a tile (measured best of 16/64/256 KiB and no chunking)
   constexpr int64_t KC4 = 256;
@@ -292,8 +318,8 @@ VNNI_TARGET void gemm_vnni(const GemmArgs& g, int64_t t_lo, int64_t t_hi) {
   int64_t mc = std::max<int64_t>(MR, ((256 * 1024) / std::max<int64_t>(g.Kp, 1)) / MR * MR);
   mc = std::min<int64_t>(mc, 256);
   std::vector<int32_t> part((size_t)(mc * 64));
-  for (int64_t mb = 0; mb < g.M; mb += mc) {
-    int64_t me = std::min(g.M, mb + mc);
+  for (int64_t mb = m_lo; mb < m_hi; mb += mc) {
+    int64_t me = std::min(m_hi, mb + mc);
     int64_t rows = me - mb;
     int64_t ntiles = (rows + MR - 1) / MR;
     int64_t kc = ntiles == 1 ? K4 : KC4;  // a single row tile needs no chunking
@@ -320,6 +346,14 @@ VNNI_TARGET void gemm_vnni(const GemmArgs& g, int64_t t_lo, int64_t t_hi) {
 // ------------------------------------------------------------------------------------------------ AVX2
 #define AVX2_TARGET __attribute__((target("avx2,fma")))
 
+AVX2_TARGET inline void requantize_store_avx2(__m256 v, const OutQ& q, uint8_t* out) {
+  __m256 r = _mm256_round_ps(_mm256_div_ps(v, _mm256_set1_ps(q.scale)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  r = _mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(q.lo)), _mm256_set1_ps(q.hi));
+  alignas(32) int32_t qi[8];
+  _mm256_store_si256((__m256i*)qi, _mm256_add_epi32(_mm256_cvtps_epi32(r), _mm256_set1_epi32(q.add)));
+  for (int j = 0; j < 8; ++j) out[j] = (uint8_t)qi[j];
+}
+
 // acc holds, for one 16-column block, 4 ymm of pair sums: ymm q covers columns 4q..4q+3, two lanes each.
 AVX2_TARGET inline void finish_block_avx2(const GemmArgs& g, int64_t m, int64_t n0, const __m256i* acc, int valid) {
   const __m256i perm = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
@@ -339,7 +373,8 @@ AVX2_TARGET inline void finish_block_avx2(const GemmArgs& g, int64_t m, int64_t 
       if (g.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(g.bias + n0 + 8 * h));
       if (g.clamp_hi)
         v = _mm256_min_ps(_mm256_max_ps(v, _mm256_setzero_ps()), _mm256_loadu_ps(g.clamp_hi + n0 + 8 * h));
-      _mm256_storeu_ps(g.y + m * g.ldy + n0 + 8 * h, v);
+      if (g.out_q.y) requantize_store_avx2(v, g.out_q, g.out_q.y + m * g.ldy + n0 + 8 * h);
+      else _mm256_storeu_ps(g.y + m * g.ldy + n0 + 8 * h, v);
     }
     return;
   }
@@ -373,11 +408,11 @@ AVX2_TARGET void tile_avx2(const GemmArgs& g, int64_t m0, int64_t nb) {
     finish_block_avx2(g, m0 + r, nb * 16, acc[r], (int)std::min<int64_t>(16, g.N - nb * 16));
 }
 
-AVX2_TARGET void gemm_avx2(const GemmArgs& g, int64_t nb_lo, int64_t nb_hi) {
+AVX2_TARGET void gemm_avx2(const GemmArgs& g, int64_t nb_lo, int64_t nb_hi, int64_t m_lo, int64_t m_hi) {
   constexpr int64_t MR = 2;
   int64_t mc = std::max<int64_t>(MR, ((256 * 1024) / std::max<int64_t>(g.Kp, 1)) / MR * MR);
-  for (int64_t mb = 0; mb < g.M; mb += mc) {
-    int64_t me = std::min(g.M, mb + mc);
+  for (int64_t mb = m_lo; mb < m_hi; mb += mc) {
+    int64_t me = std::min(m_hi, mb + mc);
     for (int64_t nb = nb_lo; nb < nb_hi; ++nb)
       for (int64_t m = mb; m < me; m += MR) {
         if (me - m >= 2) tile_avx2<2>(g, m, nb);
@@ -405,22 +440,34 @@ int threads_for(int64_t macs, int64_t blocks, int nthreads) {
   return (int)std::max<int64_t>(1, std::min<int64_t>(t, blocks));
 }
 
+void gemm_part(const GemmArgs& g, int isa, int64_t nb_lo, int64_t nb_hi, int64_t m_lo, int64_t m_hi) {
+  if (nb_lo >= nb_hi || m_lo >= m_hi) return;
+  if (isa == ISA_AVX512VNNI) gemm_vnni(g, nb_lo / TILE_BLOCKS, (nb_hi + TILE_BLOCKS - 1) / TILE_BLOCKS, m_lo, m_hi);
+  else if (isa == ISA_AVX2) gemm_avx2(g, nb_lo, nb_hi, m_lo, m_hi);
+  else gemm_scalar(g, nb_lo, nb_hi, m_lo, m_hi);
+}
+
 void gemm(const GemmArgs& g, int isa, int nthreads) {
   int64_t NB = (g.N + 15) / 16;
-  // threads own whole 64-column tiles
   const int64_t unit = TILE_BLOCKS;
-  int64_t units = (NB + unit - 1) / unit;
-  int t = threads_for(g.M * g.N * g.Kp, units, nthreads);
+  int64_t units = (NB + unit - 1) / unit;  // 64-column tiles
+  constexpr int64_t ROW_UNIT = 16;         // rows per share when threads split M
+  int64_t row_units = (g.M + ROW_UNIT - 1) / ROW_UNIT;
+  // Threads own whole 64-column tiles (each weight byte read by one thread: decode, large N), or, when the
+  // tiles are too few to share evenly (a conv's tall-thin GEMM: M = pixels, N = channels), row ranges that
+  // read all of the (small) weights.
+  bool by_rows = units < 4 * (int64_t)nthreads && row_units >= 4 * (int64_t)nthreads;
+  int t = threads_for(g.M * g.N * g.Kp, by_rows ? row_units : units, nthreads);
   py::gil_scoped_release nogil;
   pool().run(t, [&](int i) {
     int64_t lo, hi;
-    split(units, t, i, &lo, &hi);
-    lo *= unit;
-    hi = std::min(NB, hi * unit);
-    if (lo >= hi) return;
-    if (isa == ISA_AVX512VNNI) gemm_vnni(g, lo / unit, (hi + unit - 1) / unit);
-    else if (isa == ISA_AVX2) gemm_avx2(g, lo, hi);
-    else gemm_scalar(g, lo, hi);
+    if (by_rows) {
+      split(row_units, t, i, &lo, &hi);
+      gemm_part(g, isa, 0, NB, lo * ROW_UNIT, std::min(g.M, hi * ROW_UNIT));
+    } else {
+      split(units, t, i, &lo, &hi);
+      gemm_part(g, isa, lo * unit, std::min(NB, hi * unit), 0, g.M);
+    }
   });
 }
 
@@ -637,6 +684,7 @@ struct DwArgs {
   const uint8_t* x; int64_t N, H, W, C;
   const int32_t* w; int64_t kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo;
   int32_t offset; float in_scale; const float* col_scale; const float* bias; const float* clamp_hi; float* y;
+  OutQ out_q;  // out_q.y set: u8 output (N, Ho, Wo, C), requantized
 };
 
 struct Taps {  // the in-image taps of one output pixel
@@ -656,7 +704,8 @@ inline Taps taps_of(const DwArgs& a, int64_t ho, int64_t wo) {
   return t;
 }
 
-inline void dw_pixel_scalar(const DwArgs& a, const uint8_t* img, const Taps& t, float* out, int64_t c0, int64_t c1) {
+// `pix` is the output pixel's index: its C results go to y + pix * C (float) or out_q.y + pix * C (u8).
+inline void dw_pixel_scalar(const DwArgs& a, const uint8_t* img, const Taps& t, int64_t pix, int64_t c0, int64_t c1) {
   for (int64_t c = c0; c < c1; ++c) {
     int32_t acc = 0;
     for (int64_t i = t.i0; i < t.i1; ++i)
@@ -667,11 +716,12 @@ inline void dw_pixel_scalar(const DwArgs& a, const uint8_t* img, const Taps& t, 
     float v = (float)acc * cs;
     if (a.bias) v = v + a.bias[c];
     if (a.clamp_hi) v = std::min(std::max(v, 0.0f), a.clamp_hi[c]);
-    out[c] = v;
+    if (a.out_q.y) a.out_q.y[pix * a.C + c] = requantize_scalar(v, a.out_q);
+    else a.y[pix * a.C + c] = v;
   }
 }
 
-VNNI_TARGET void dw_pixel_avx512(const DwArgs& a, const uint8_t* img, const Taps& t, float* out) {
+VNNI_TARGET void dw_pixel_avx512(const DwArgs& a, const uint8_t* img, const Taps& t, int64_t pix) {
   int64_t c = 0;
   __m512i off = _mm512_set1_epi32(a.offset);
   __m512 rs = _mm512_set1_ps(a.in_scale);
@@ -687,12 +737,13 @@ VNNI_TARGET void dw_pixel_avx512(const DwArgs& a, const uint8_t* img, const Taps
     __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(rs, _mm512_loadu_ps(a.col_scale + c)));
     if (a.bias) v = _mm512_add_ps(v, _mm512_loadu_ps(a.bias + c));
     if (a.clamp_hi) v = _mm512_min_ps(_mm512_max_ps(v, _mm512_setzero_ps()), _mm512_loadu_ps(a.clamp_hi + c));
-    _mm512_storeu_ps(out + c, v);
+    if (a.out_q.y) _mm_storeu_si128((__m128i*)(a.out_q.y + pix * a.C + c), requantize_avx512(v, a.out_q));
+    else _mm512_storeu_ps(a.y + pix * a.C + c, v);
   }
-  dw_pixel_scalar(a, img, t, out, c, a.C);
+  dw_pixel_scalar(a, img, t, pix, c, a.C);
 }
 
-AVX2_TARGET void dw_pixel_avx2(const DwArgs& a, const uint8_t* img, const Taps& t, float* out) {
+AVX2_TARGET void dw_pixel_avx2(const DwArgs& a, const uint8_t* img, const Taps& t, int64_t pix) {
   int64_t c = 0;
   __m256i off = _mm256_set1_epi32(a.offset);
   __m256 rs = _mm256_set1_ps(a.in_scale);
@@ -708,9 +759,10 @@ AVX2_TARGET void dw_pixel_avx2(const DwArgs& a, const uint8_t* img, const Taps& 
     __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_mul_ps(rs, _mm256_loadu_ps(a.col_scale + c)));
     if (a.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(a.bias + c));
     if (a.clamp_hi) v = _mm256_min_ps(_mm256_max_ps(v, _mm256_setzero_ps()), _mm256_loadu_ps(a.clamp_hi + c));
-    _mm256_storeu_ps(out + c, v);
+    if (a.out_q.y) requantize_store_avx2(v, a.out_q, a.out_q.y + pix * a.C + c);
+    else _mm256_storeu_ps(a.y + pix * a.C + c, v);
   }
-  dw_pixel_scalar(a, img, t, out, c, a.C);
+  dw_pixel_scalar(a, img, t, pix, c, a.C);
 }
 
 void depthwise(const DwArgs& a, int isa, int nthreads) {
@@ -725,13 +777,51 @@ void depthwise(const DwArgs& a, int isa, int nthreads) {
       const uint8_t* img = a.x + n * a.H * a.W * a.C;
       for (int64_t wo = 0; wo < a.Wo; ++wo) {
         Taps tp = taps_of(a, ho, wo);
-        float* out = a.y + ((n * a.Ho + ho) * a.Wo + wo) * a.C;
-        if (isa == ISA_AVX512VNNI) dw_pixel_avx512(a, img, tp, out);
-        else if (isa == ISA_AVX2) dw_pixel_avx2(a, img, tp, out);
-        else dw_pixel_scalar(a, img, tp, out, 0, a.C);
+        int64_t pix = (n * a.Ho + ho) * a.Wo + wo;
+        if (isa == ISA_AVX512VNNI) dw_pixel_avx512(a, img, tp, pix);
+        else if (isa == ISA_AVX2) dw_pixel_avx2(a, img, tp, pix);
+        else dw_pixel_scalar(a, img, tp, pix, 0, a.C);
       }
     }
   });
+}
+
+// ------------------------------------------------------------------------------------------------ im2col
+// NHWC u8 (N, H, W, C) -> cols (N*Ho*Wo, ldc): row = output pixel, columns (i, j, c) for the channels
+// [c0, c0 + cg) of tap (i, j); taps outside the image and the columns [kh*kw*cg, ldc) hold `pad` (the
+// zero-point, real 0). One pass, no padded copy of the input.
+void im2col(const uint8_t* x, int64_t N, int64_t H, int64_t W, int64_t C, int64_t c0, int64_t cg, int64_t kh,
+            int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t Ho, int64_t Wo,
+            uint8_t pad, uint8_t* cols, int64_t ldc, int nthreads) {
+  int64_t rows = N * Ho * Wo, K = kh * kw * cg;
+  int t = rows * ldc < (1 << 16) ? 1 : (int)std::min<int64_t>(nthreads, rows);
+  py::gil_scoped_release nogil;
+  pool().run(t, [&](int ti) {
+    int64_t lo, hi;
+    split(rows, t, ti, &lo, &hi);
+    for (int64_t r = lo; r < hi; ++r) {
+      int64_t n = r / (Ho * Wo), ho = (r / Wo) % Ho, wo = r % Wo;
+      uint8_t* dst = cols + r * ldc;
+      for (int64_t i = 0; i < kh; ++i) {
+        int64_t ih = ho * sh - ph + i * dh;
+        for (int64_t j = 0; j < kw; ++j, dst += cg) {
+          int64_t iw = wo * sw - pw + j * dw;
+          if (ih < 0 || ih >= H || iw < 0 || iw >= W) std::memset(dst, pad, (size_t)cg);
+          else std::memcpy(dst, x + ((n * H + ih) * W + iw) * C + c0, (size_t)cg);
+        }
+      }
+      if (ldc > K) std::memset(cols + r * ldc + K, pad, (size_t)(ldc - K));
+    }
+  });
+}
+
+// (u8 address, scale, zero-point, qmin, qmax, shift), or () for float output
+OutQ out_q_of(const py::tuple& t) {
+  if (t.size() == 0) return OutQ{nullptr, 1.0f, 0.0f, 0.0f, 0};
+  if (t.size() != 6) throw std::invalid_argument("out_q: expected (address, scale, zero_point, qmin, qmax, shift)");
+  int32_t zp = t[2].cast<int32_t>(), qmin = t[3].cast<int32_t>(), qmax = t[4].cast<int32_t>();
+  return OutQ{(uint8_t*)t[0].cast<uintptr_t>(), t[1].cast<float>(), (float)(qmin - zp), (float)(qmax - zp),
+              zp + t[5].cast<int32_t>()};
 }
 
 }  // namespace
@@ -779,10 +869,10 @@ PYBIND11_MODULE(_C, m) {
       "gemm_u8s8",
       [](uintptr_t a, int64_t lda, uintptr_t w, uintptr_t colsum, int32_t offset, uintptr_t row_scale, float row_scale0,
          uintptr_t col_scale, uintptr_t bias, uintptr_t clamp_hi, uintptr_t y, uintptr_t acc_out, int64_t ldy, int64_t M,
-         int64_t N, int64_t Kp, int isa, int nthreads) {
+         int64_t N, int64_t Kp, int isa, int nthreads, py::tuple out_q) {
         GemmArgs g{(const uint8_t*)a, lda, (const int8_t*)w, (const int32_t*)colsum, offset,
                    (const float*)row_scale, row_scale0, (const float*)col_scale, (const float*)bias,
-                   (const float*)clamp_hi, (float*)y, (int32_t*)acc_out, ldy, M, N, Kp};
+                   (const float*)clamp_hi, (float*)y, (int32_t*)acc_out, ldy, M, N, Kp, out_q_of(out_q)};
         gemm(g, check_isa(isa), nthreads);
       });
 
@@ -822,10 +912,19 @@ PYBIND11_MODULE(_C, m) {
   m.def("depthwise_conv_u8", [](uintptr_t x, int64_t N, int64_t H, int64_t W, int64_t C, uintptr_t w, int64_t kh,
                                 int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
                                 int64_t Ho, int64_t Wo, int32_t offset, float in_scale, uintptr_t col_scale,
-                                uintptr_t bias, uintptr_t clamp_hi, uintptr_t y, int isa, int nthreads) {
+                                uintptr_t bias, uintptr_t clamp_hi, uintptr_t y, int isa, int nthreads,
+                                py::tuple out_q) {
     DwArgs a{(const uint8_t*)x, N, H, W, C, (const int32_t*)w, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo, offset,
-             in_scale, (const float*)col_scale, (const float*)bias, (const float*)clamp_hi, (float*)y};
+             in_scale, (const float*)col_scale, (const float*)bias, (const float*)clamp_hi, (float*)y,
+             out_q_of(out_q)};
     depthwise(a, check_isa(isa), nthreads);
+  });
+
+  m.def("im2col_u8", [](uintptr_t x, int64_t N, int64_t H, int64_t W, int64_t C, int64_t c0, int64_t cg, int64_t kh,
+                        int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t Ho,
+                        int64_t Wo, int pad, uintptr_t cols, int64_t ldc, int nthreads) {
+    im2col((const uint8_t*)x, N, H, W, C, c0, cg, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo, (uint8_t)pad, (uint8_t*)cols,
+           ldc, nthreads);
   });
 
   m.def("linear_wo", [](uintptr_t x, int64_t ldx, int64_t M, int64_t K, uintptr_t w, uintptr_t scales,
