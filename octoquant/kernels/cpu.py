@@ -99,7 +99,7 @@ class CpuPackedConv:
     groups: int
     kernel_size: tuple[int, int]
     out_channels: int
-    depthwise_weight: torch.Tensor | None  # (kh, kw, C) int32, depthwise only
+    depthwise_weight: torch.Tensor | None  # (kh, kw, C) int32 lanes (int16 weight, 0), depthwise only
     scale: torch.Tensor  # (O,) float32
     bias: torch.Tensor | None
     gemms: tuple[CpuPackedW8A8, ...]  # one per group (K order kh, kw, C/groups), empty for depthwise
@@ -303,7 +303,8 @@ class CpuBackend:
         s = scale.to(torch.float32).contiguous()
         hi = None if clamp_hi is None else clamp_hi.to(torch.float32).contiguous()
         if groups > 1 and cg == 1 and o == groups:
-            dw = weight[:, 0].permute(1, 2, 0).to(torch.int32).contiguous()  # (kh, kw, C)
+            # (kh, kw, C) 32-bit lanes: int16 weight in the low half, 0 in the high half (see the C++ kernel)
+            dw = (weight[:, 0].permute(1, 2, 0).to(torch.int32) & 0xFFFF).contiguous()
             return CpuPackedConv(groups, (kh, kw), o, dw, s, b, (), hi)
         og = o // groups
         gemms = tuple(
@@ -318,12 +319,29 @@ class CpuBackend:
         return CpuPackedConv(groups, (kh, kw), o, None, s, b, gemms, hi)
 
     def quantize_nhwc(self, x: torch.Tensor, q: ActivationQParams) -> torch.Tensor:
-        """(N, C, H, W) float -> (N, H, W, C) uint8 codes (no float copy when x is channels_last)."""
+        """(N, C, H, W) float -> (N, H, W, C) uint8 codes (no float copy when x is channels_last float32)."""
         if x.dim() != 4:
             raise ValueError(f"expected an (N, C, H, W) activation, got shape {tuple(x.shape)}")
-        x_nhwc = x.to(torch.float32).permute(0, 2, 3, 1).contiguous()
-        a = self.quantize_static_u8(x_nhwc.reshape(1, -1), x_nhwc.numel(), q.scale, q.zero_point, q.dtype)
-        return a.reshape(x_nhwc.shape)
+        if x.device.type != "cpu":
+            raise ValueError(f"activation is on {x.device}; the cpu backend needs a cpu tensor")
+        x_nhwc = x.permute(0, 2, 3, 1)
+        if x.dtype != torch.float32 or not x_nhwc.is_contiguous():
+            x_nhwc = x_nhwc.to(torch.float32).contiguous()
+        out = torch.empty(x_nhwc.shape, dtype=torch.uint8)
+        qmin, qmax = q.dtype.qrange()
+        _C.quantize_static(
+            x_nhwc.data_ptr(),
+            out.numel(),
+            q.scale,
+            q.zero_point,
+            qmin,
+            qmax,
+            q.shift,
+            out.data_ptr(),
+            self._isa_id,
+            torch.get_num_threads(),
+        )
+        return out
 
     def conv2d_codes(self, a, p: CpuPackedConv, stride, padding, dilation, in_q: ActivationQParams, out_q=None):
         """NHWC int8 conv on (N, H, W, C) codes: im2col (none for 1x1 stride 1) + int8 GEMM, or the depthwise
@@ -344,7 +362,7 @@ class CpuBackend:
         pad_value = in_q.zero_point + in_q.shift
         ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
         wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        rs = float(np.float32(in_q.scale))  # the float32 value the reference uses
+        rs = in_q.scale  # float32-exact (ActivationQParams)
         out_dtype = torch.uint8 if out_q else torch.float32
         if p.depthwise_weight is not None:  # taps outside the image are skipped in the kernel: no padded copy
             y = torch.empty(n, ho, wo, c, dtype=out_dtype)
@@ -422,7 +440,7 @@ def _out_q(out: torch.Tensor, q: ActivationQParams | None) -> tuple:
     if q is None:
         return ()
     qmin, qmax = q.dtype.qrange()
-    return (out.data_ptr(), float(np.float32(q.scale)), int(q.zero_point), qmin, qmax, q.shift)
+    return (out.data_ptr(), q.scale, q.zero_point, qmin, qmax, q.shift)
 
 
 def _as_f32_rows(x: torch.Tensor) -> torch.Tensor:

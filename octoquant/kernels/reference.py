@@ -73,6 +73,13 @@ class ActivationQParams:
     zero_point: int
     dtype: QDtype
 
+    def __post_init__(self) -> None:
+        # the float32 value every kernel computes with; validated once here, not on every call
+        object.__setattr__(self, "scale", float(torch.tensor(self.scale, dtype=torch.float32)))
+        object.__setattr__(self, "zero_point", int(self.zero_point))
+        if not (self.scale > 0 and self.scale < float("inf")):
+            raise ValueError(f"activation scale must be positive and finite, got {self.scale}")
+
     @property
     def shift(self) -> int:
         return 128 if self.dtype is QDtype.INT8 else 0

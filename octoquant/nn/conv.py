@@ -55,6 +55,7 @@ class QConv2d(QuantizedModule):
         if self.mode is QuantMode.W8A8_STATIC:
             self.register_buffer("input_scale", torch.ones((), dtype=torch.float32))
             self.register_buffer("input_zero_point", torch.zeros((), dtype=torch.int32))
+        self._in_q = self._in_q_of = None  # input_q() cache, keyed on the cached (scale, zero-point)
         # A fused ReLU/ReLU6 (see fuse_activation): output clamped to [0, output_clamp[c]] in the epilogue.
         self.register_buffer("output_clamp", None)
 
@@ -107,8 +108,10 @@ class QConv2d(QuantizedModule):
     def input_q(self, x: torch.Tensor | None = None) -> ActivationQParams:
         """This layer's input quantization: calibrated (static) or taken from x's own range (dynamic)."""
         if self.mode is QuantMode.W8A8_STATIC:
-            scale, zp = self._static_qparams()
-            return ActivationQParams(scale, zp, self.input_dtype)
+            qparams = self._static_qparams()  # cached with the packed weights
+            if getattr(self, "_in_q_of", None) is not qparams:  # (getattr: modules pickled before the cache)
+                self._in_q, self._in_q_of = ActivationQParams(*qparams, self.input_dtype), qparams
+            return self._in_q
         if x is None:
             raise ValueError("a dynamic QConv2d's input qparams depend on its input")
         lo, hi = torch.aminmax(x.detach().to(torch.float32))
