@@ -23,7 +23,7 @@ from .config import (
     QScheme,
     QuantMode,
 )
-from .convert import quantize, sensitivity, summary
+from .convert import quantize, sensitivity, static_to_dynamic, summary
 from .functional import (
     check_finite,
     cosine_similarity,
@@ -44,6 +44,7 @@ __version__ = "0.1.0"
 __all__ = [
     "quantize",
     "sensitivity",
+    "static_to_dynamic",
     "summary",
     "save",
     "load",

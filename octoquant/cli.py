@@ -195,10 +195,13 @@ def _percent(text: str) -> float:
 
 
 def _within_drop(w, config, calib, args, qmodel):
-    """--max-drop: measure the accuracy drop on held-out data; while it is above the bound, keep the 1, 2, 4, ...
-    most sensitive layers out of int8 (static Linear layers fall back to dynamic W8A8, others to float).
+    """--max-drop: measure the accuracy drop on held-out data; while it is above the bound, move the 1, 2, 4, ...
+    most sensitive layers out of static int8. Text models: static Linear layers become dynamic W8A8 in place (same
+    int8 weights, `oq.static_to_dynamic`, no re-quantization), and once a count meets the bound a bisection finds
+    the smallest one (to 1/16 of it). Vision models: layers fall back to float (re-quantizing with `keep_float`,
+    up to half the layers).
 
-    Returns (model, [drop % of each attempt]); raises UsageError when even half the layers cannot meet it.
+    Returns (model, [drop % of each attempt]); raises UsageError when the bound cannot be met.
     """
     import octoquant as oq
 
@@ -206,35 +209,49 @@ def _within_drop(w, config, calib, args, qmodel):
 
     data = wl.eval_data(w, args.eval_windows)
     ref = wl.outputs(w, w.model, data, args.eval_windows, args.seq_len, progress=not args.json)
-    layers = len(oq.summary(qmodel, print_table=False))
-    # text models keep every layer int8 (static -> dynamic per-token); convolutions fall back to float
-    fallback = "dynamic" if config.mode is oq.QuantMode.W8A8_STATIC and w.kind != "vision" else "float"
-    drops, keep = [], 0
-    while True:
+    in_place = config.mode is oq.QuantMode.W8A8_STATIC and w.kind != "vision"
+    records = oq.summary(qmodel, print_table=False)
+    limit = sum(r.dynamic_sqnr_db is not None for r in records) if in_place else len(records) // 2
+    what = "static int8" if in_place else "int8"
+    drops = []
+
+    def drop_with(keep: int) -> float:
+        nonlocal qmodel
+        if in_place:
+            oq.static_to_dynamic(qmodel, keep)
+        elif keep:
+            qmodel = oq.quantize(
+                w.model, config, calib=calib, exclude=args.exclude, keep_float=keep, progress=not args.json
+            )
         acc = wl.compare(w, ref, wl.outputs(w, qmodel, data, args.eval_windows, args.seq_len, not args.json))
         drops.append(round(acc["drop_pct"], 4))
         if not args.json:
             print(
                 f"{acc['metric']}: {acc['int8']:.4f} vs FP32 {acc['fp32']:.4f}, drop {acc['drop_pct']:.2f}% "
-                f"with {keep} layer(s) out of int8 (bound {args.max_drop}%)"
+                f"with {keep} layer(s) out of {what} (bound {args.max_drop}%)"
             )
-        if acc["drop_pct"] <= args.max_drop:
-            return qmodel, drops
-        keep = max(1, 2 * keep)
-        if keep > layers // 2:
+        return acc["drop_pct"]
+
+    lo, keep = -1, 0  # lo: largest count known to miss the bound
+    while drop_with(keep) > args.max_drop:
+        lo = keep
+        if keep == limit:
             raise UsageError(
-                f"accuracy drop {acc['drop_pct']:.2f}% stays above {args.max_drop}% even with half the layers "
-                f"out of int8; try another preset"
+                f"accuracy drop {drops[-1]:.2f}% stays above {args.max_drop}% even with {keep} layers out of {what}; "
+                "try another preset"
             )
-        qmodel = oq.quantize(
-            w.model,
-            config,
-            calib=calib,
-            exclude=args.exclude,
-            keep_float=keep,
-            fallback=fallback,
-            progress=not args.json,
-        )
+        keep = min(limit, max(1, 2 * keep))
+    if in_place:  # bisect (lo, keep]: the fewest dynamic layers that meet the bound
+        hi = keep
+        while hi - lo > max(1, hi // 16):
+            mid = (lo + hi) // 2
+            if drop_with(mid) <= args.max_drop:
+                hi = mid
+            else:
+                lo = mid
+        if hi != mid:
+            drop_with(hi)
+    return qmodel, drops
 
 
 def _pair(args: argparse.Namespace):

@@ -8,6 +8,7 @@ residual add it covers the sum. Data flows one way: Config -> observers -> qpara
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import logging
 import math
@@ -49,6 +50,8 @@ class LayerRecord:
     calibrator: str = ""
     clip_range: tuple[float, float] | None = None
     sqnr_db: float | None = None  # layer output vs FP32 on the calibration sample
+    dynamic_sqnr_db: float | None = None  # static Linear layers: the same with per-token activations instead
+    token_spread_db: float | None = None  # Linear inputs: 20 log10(largest token absmax / geometric mean of them)
     weight_sqnr_db: float | None = None
     bytes: int = 0
     float_bytes: int = 0
@@ -193,6 +196,8 @@ class _Recorder:
         self.module = module
         self.hessian: torch.Tensor | None = None
         self.wants_hessian = cfg.weight_rounding is Rounding.GPTQ
+        # Linear inputs: the spread of per-token ranges (what one static scale for all tokens costs)
+        self.token_stats = [0.0, 0.0, 0] if not isinstance(module, nn.Conv2d) else None  # max, sum log, count
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         if not args or not isinstance(args[0], torch.Tensor):
@@ -202,6 +207,12 @@ class _Recorder:
         for obs in self.observers.values():
             obs.update(x)
         self.sketch.add(x)
+        if self.token_stats is not None:
+            absmax = x.detach().reshape(-1, x.shape[-1]).abs().amax(dim=1).to(torch.float64).clamp_min(1e-30)
+            st = self.token_stats
+            st[0] = max(st[0], float(absmax.max()))
+            st[1] += float(absmax.log().sum())
+            st[2] += absmax.numel()
         if self.wants_hessian:
             self.hessian = input_hessian_update(self.hessian, x, self.module)
 
@@ -320,8 +331,13 @@ def _build(
     else:
         q = make(None)
         record.calibrator = "dynamic" if cfg.mode is QuantMode.W8A8_DYNAMIC else "-"
+    if rec is not None and rec.token_stats is not None and rec.token_stats[2]:
+        top, log_sum, n = rec.token_stats
+        record.token_spread_db = 20 * (math.log10(top) - log_sum / n / math.log(10))
     if sample is not None:
         record.sqnr_db = sqnr_db(ref, q(sample))
+        if isinstance(q, QLinear) and q.mode is QuantMode.W8A8_STATIC:  # what a dynamic fallback would give
+            record.dynamic_sqnr_db = sqnr_db(ref, q.to_dynamic()(sample))
     record.weight_sqnr_db = _weight_sqnr_db(w.detach(), q)
     record.bytes = sum(b.numel() * b.element_size() for b in q.buffers())
     return q, record
@@ -405,10 +421,16 @@ def _smooth(work: nn.Module, batches: list, config: Config) -> None:
     work.octoquant_smoothquant = chosen
 
 
+def is_token_model(model: nn.Module) -> bool:
+    """A model fed token embeddings (a transformer / LLM), whose static activations default to minmax ranges."""
+    return any(isinstance(m, nn.Embedding) for m in model.modules())
+
+
 @torch.no_grad()
 def _prepare(model, config, calib, exclude, inplace, backend, progress):
     if not isinstance(config, Config):
         raise TypeError(f"config must be an oq.Config (e.g. oq.W8A8), got {type(config).__name__}")
+    config = config.with_default_calibrator(is_token_model(model))
     work = model if inplace else copy.deepcopy(model)
     work.eval()
     targets, floats = _select(work, config, list(exclude))
@@ -599,6 +621,46 @@ def _fallback(work, targets, built, records, batches, max_error, keep_float, fal
         kept += 1
     log.info("octoquant: %d layers fell back to %s; output SQNR %.1f dB", kept, fallback, _db(err))
     work.octoquant_output_sqnr_db = _db(err)
+
+
+def static_to_dynamic(qmodel: nn.Module, count: int) -> list[str]:
+    """Make exactly `count` of a quantized model's static QLinear layers dynamic per-token W8A8 (same int8 weights,
+    `QLinear.to_dynamic`; no float weights or calibration data needed): those whose output noise, measured on the
+    calibration sample, drops most with per-token activation scales. Layers beyond `count` that an earlier call
+    made dynamic return to static, so the count can be searched up and down.
+
+    Returns the names now dynamic, largest gain first. `oq.summary` shows them as dynamic fallbacks.
+    """
+    records = getattr(qmodel, "octoquant_layers", None)
+    if records is None:
+        raise ValueError("static_to_dynamic needs a model returned by oq.quantize (its per-layer records)")
+    order = sorted(
+        (n for n, r in records.items() if r.dynamic_sqnr_db is not None), key=lambda n: -_dynamic_gain(records[n])
+    )
+    if not 0 <= count <= len(order):
+        raise ValueError(f"count must be in [0, {len(order)}] (the static W8A8 Linear layers), got {count}")
+    originals = qmodel.__dict__.setdefault("_octoquant_static", {})  # name -> (static module, its record)
+    for i, name in enumerate(order):
+        if i < count and name not in originals:
+            static = _swap(qmodel, name, qmodel.get_submodule(name).to_dynamic())
+            originals[name] = (static, records[name])
+            records[name] = dataclasses.replace(
+                records[name],
+                mode=QuantMode.W8A8_DYNAMIC.value,
+                clip_range=None,
+                calibrator=f"dynamic (fallback; {records[name].sqnr_db:.1f} dB static)",
+            )
+        elif i >= count and name in originals:
+            static, records[name] = originals.pop(name)
+            _swap(qmodel, name, static)
+    return order[:count]
+
+
+def _dynamic_gain(rec: LayerRecord) -> float:
+    """Noise-to-signal power ratio removed by per-token activation scales (0 when not measured)."""
+    if rec.sqnr_db is None or rec.dynamic_sqnr_db is None:
+        return 0.0
+    return 10 ** (-rec.sqnr_db / 10) - 10 ** (-rec.dynamic_sqnr_db / 10)
 
 
 def _db(noise_ratio: float) -> float:

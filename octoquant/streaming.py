@@ -281,7 +281,7 @@ def quantize_checkpoint(
     batches = list(calib) if calib is not None else None
     if batches and config.smoothquant and config.mode is not QuantMode.W8A16:
         log.warning("octoquant: quantize_checkpoint does not apply SmoothQuant yet; quantizing without it")
-    config = config.replace(smoothquant=False)
+    config = config.replace(smoothquant=False).with_default_calibrator(token_model=True)  # an LLM checkpoint
     if config.needs_calibration and not batches:
         raise CheckpointError("static W8A8 needs calibration batches (calib=...); or use oq.W8A8_DYNAMIC")
 

@@ -221,3 +221,45 @@ def test_max_drop_argument_is_a_percentage(tiny_lm_folder, tmp_path):
         run_cli("quantize", str(tiny_lm_folder), "--stream", "--max-drop", "1%", "--out", str(tmp_path / "q")),
         "does not combine with --stream",
     )
+
+
+def test_max_drop_on_text_models_moves_static_layers_to_dynamic_in_place(monkeypatch):
+    """Text models: no re-quantization; the static Linears that gain most from per-token scales become dynamic,
+    1, 2, 4 ... of them."""
+    import torch
+    from torch import nn
+
+    import octoquant as oq
+    from octoquant import cli
+    from octoquant import workloads as wl
+    from octoquant.nn import QLinear
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(10) for m in (nn.Linear(16, 16), nn.GELU())]).eval()
+    calib = [torch.randn(8, 16) for _ in range(2)]
+    w = wl.Workload("tiny-text", "encoder", model, None, False)
+    monkeypatch.setattr(wl, "eval_data", lambda w, windows: torch.randn(4, 16))
+
+    def dynamic(m):
+        return sum(isinstance(x, QLinear) and x.mode is oq.QuantMode.W8A8_DYNAMIC for x in m.modules())
+
+    state = {}
+    monkeypatch.setattr(wl, "outputs", lambda w_, m, *a, **k: state.__setitem__("model", m) or m(torch.ones(1, 16)))
+    monkeypatch.setattr(
+        wl,
+        "compare",
+        lambda w_, ref, out: {"metric": "m", "fp32": 1, "int8": 1, "drop_pct": 9.0 - 2 * dynamic(state["model"])},
+    )
+    monkeypatch.setattr(oq, "quantize", lambda *a, **k: pytest.fail("text models must not be re-quantized"))
+    q = oq.convert.quantize(model, oq.W8A8, calib=calib, progress=False)
+    gain = {n: 10 ** (-r.sqnr_db / 10) - 10 ** (-r.dynamic_sqnr_db / 10) for n, r in q.octoquant_layers.items()}
+    q2, drops = cli._within_drop(w, oq.W8A8, calib, _drop_args(3.5), q)
+    assert q2 is q and drops == [9.0, 7.0, 5.0, 1.0, 3.0]  # 0, 1, 2, 4 layers dynamic; bisection: 3 suffice
+    moved = [n for n, m in q.named_modules() if isinstance(m, QLinear) and m.mode is oq.QuantMode.W8A8_DYNAMIC]
+    assert sorted(moved) == sorted(sorted(gain, key=gain.get)[-3:])  # the three that gain most from dynamic
+    assert all(q.octoquant_layers[n].mode == "w8a8_dynamic" for n in moved)
+    static = [n for n, r in q.octoquant_layers.items() if r.mode == "w8a8_static"]
+    assert len(static) == 7 and all(q.get_submodule(n).mode is oq.QuantMode.W8A8_STATIC for n in static)
+    monkeypatch.setattr(wl, "compare", lambda *a: {"metric": "m", "fp32": 1, "int8": 0.5, "drop_pct": 50.0})
+    with pytest.raises(cli.UsageError, match="stays above 0.5% even with 10 layers"):  # every layer dynamic
+        cli._within_drop(w, oq.W8A8, calib, _drop_args(0.5), q)

@@ -268,3 +268,24 @@ def test_activations_fused_into_int8_convs_exactly():
         unfused.features[act_i] = ChannelClamp(upper)
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(q(x), unfused(x))
+
+
+def test_static_to_dynamic_keeps_the_int8_weights():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 6)).eval()
+    calib = [torch.randn(16, 12) for _ in range(2)]
+    q = oq.quantize(model, oq.W8A8, calib=calib, progress=False)
+    recs = q.octoquant_layers
+    assert all(r.dynamic_sqnr_db is not None for r in recs.values())  # measured for every static Linear
+    worst = max(recs, key=lambda n: 10 ** (-recs[n].sqnr_db / 10) - 10 ** (-recs[n].dynamic_sqnr_db / 10))
+    before = q.get_submodule(worst)
+    assert oq.static_to_dynamic(q, 1) == [worst]
+    after = q.get_submodule(worst)
+    assert after.mode is oq.QuantMode.W8A8_DYNAMIC and after.weight is before.weight
+    x = torch.randn(5, before.in_features)
+    same = QLinear(before.in_features, before.out_features, True, "w8a8_dynamic")
+    same.load_state_dict({"weight": before.weight, "weight_scale": before.weight_scale, "bias": before.bias})
+    assert torch.equal(after(x), same(x))
+    assert "fallback" in q.octoquant_layers[worst].calibrator
+    with pytest.raises(ValueError, match="converts a static"):
+        after.to_dynamic()

@@ -101,6 +101,21 @@ class QLinear(QuantizedModule):
         q._set_quantized(wq, ws, module.bias, input_range if mode is QuantMode.W8A8_STATIC else None, name)
         return q
 
+    def to_dynamic(self) -> QLinear:
+        """This static layer with per-token activation scales computed at run time: the same int8 weights (no
+        float weights needed), no calibrated range that an outlier can overflow."""
+        if self.mode is not QuantMode.W8A8_STATIC:
+            raise ValueError(f"to_dynamic converts a static W8A8 QLinear, not {self.mode.value}")
+        q = QLinear(
+            self.in_features,
+            self.out_features,
+            self.bias is not None,
+            QuantMode.W8A8_DYNAMIC,
+            backend=self.backend_name,
+        )
+        q.weight, q.weight_scale, q.bias = self.weight, self.weight_scale, self.bias
+        return q
+
     def _pack(self, backend):
         if self.mode is QuantMode.W8A16:
             return backend.pack_w8a16(self.weight, self.weight_scale, self.group_size or self.in_features, self.bias)
