@@ -23,7 +23,7 @@ from .config import (
     QScheme,
     QuantMode,
 )
-from .convert import quantize, sensitivity, static_to_dynamic, summary
+from .convert import quantize, search_dynamic_fallback, sensitivity, static_to_dynamic, summary
 from .functional import (
     check_finite,
     cosine_similarity,
@@ -45,6 +45,7 @@ __all__ = [
     "quantize",
     "sensitivity",
     "static_to_dynamic",
+    "search_dynamic_fallback",
     "summary",
     "save",
     "load",

@@ -195,11 +195,10 @@ def _percent(text: str) -> float:
 
 
 def _within_drop(w, config, calib, args, qmodel):
-    """--max-drop: measure the accuracy drop on held-out data; while it is above the bound, move the 1, 2, 4, ...
-    most sensitive layers out of static int8. Text models: static Linear layers become dynamic W8A8 in place (same
-    int8 weights, `oq.static_to_dynamic`, no re-quantization), and once a count meets the bound a bisection finds
-    the smallest one (to 1/16 of it). Vision models: layers fall back to float (re-quantizing with `keep_float`,
-    up to half the layers).
+    """--max-drop: measure the accuracy drop on held-out data; while it is above the bound, move sensitive layers
+    out of static int8. Text models: static Linear layers become dynamic W8A8 in place (same int8 weights, no
+    re-quantization; `oq.search_dynamic_fallback` finds the fewest). Vision models: the 1, 2, 4, ... most
+    sensitive layers fall back to float (re-quantizing with `keep_float`, up to half the layers).
 
     Returns (model, [drop % of each attempt]); raises UsageError when the bound cannot be met.
     """
@@ -210,47 +209,49 @@ def _within_drop(w, config, calib, args, qmodel):
     data = wl.eval_data(w, args.eval_windows)
     ref = wl.outputs(w, w.model, data, args.eval_windows, args.seq_len, progress=not args.json)
     in_place = config.mode is oq.QuantMode.W8A8_STATIC and w.kind != "vision"
-    records = oq.summary(qmodel, print_table=False)
-    limit = sum(r.dynamic_sqnr_db is not None for r in records) if in_place else len(records) // 2
     what = "static int8" if in_place else "int8"
-    drops = []
 
-    def drop_with(keep: int) -> float:
-        nonlocal qmodel
-        if in_place:
-            oq.static_to_dynamic(qmodel, keep)
-        elif keep:
-            qmodel = oq.quantize(
-                w.model, config, calib=calib, exclude=args.exclude, keep_float=keep, progress=not args.json
-            )
-        acc = wl.compare(w, ref, wl.outputs(w, qmodel, data, args.eval_windows, args.seq_len, not args.json))
-        drops.append(round(acc["drop_pct"], 4))
+    def drop(model) -> dict:
+        return wl.compare(w, ref, wl.outputs(w, model, data, args.eval_windows, args.seq_len, not args.json))
+
+    def report(keep: int, acc: dict) -> None:
         if not args.json:
             print(
                 f"{acc['metric']}: {acc['int8']:.4f} vs FP32 {acc['fp32']:.4f}, drop {acc['drop_pct']:.2f}% "
                 f"with {keep} layer(s) out of {what} (bound {args.max_drop}%)"
             )
-        return acc["drop_pct"]
 
-    lo, keep = -1, 0  # lo: largest count known to miss the bound
-    while drop_with(keep) > args.max_drop:
-        lo = keep
-        if keep == limit:
-            raise UsageError(
-                f"accuracy drop {drops[-1]:.2f}% stays above {args.max_drop}% even with {keep} layers out of {what}; "
-                "try another preset"
+    if in_place:
+        last = {}
+
+        def measure() -> float:
+            last["acc"] = drop(qmodel)
+            return last["acc"]["drop_pct"]
+
+        try:
+            _, drops = oq.search_dynamic_fallback(
+                qmodel, measure, args.max_drop, on_step=lambda keep, _: report(keep, last["acc"])
             )
-        keep = min(limit, max(1, 2 * keep))
-    if in_place:  # bisect (lo, keep]: the fewest dynamic layers that meet the bound
-        hi = keep
-        while hi - lo > max(1, hi // 16):
-            mid = (lo + hi) // 2
-            if drop_with(mid) <= args.max_drop:
-                hi = mid
-            else:
-                lo = mid
-        if hi != mid:
-            drop_with(hi)
+        except ValueError as e:
+            raise UsageError(f"accuracy drop bound {args.max_drop}% not met: {e}; try another preset") from None
+        return qmodel, [round(d, 4) for d in drops]
+    keep, limit = 0, len(oq.summary(qmodel, print_table=False)) // 2
+    acc = drop(qmodel)
+    report(keep, acc)
+    drops = [round(acc["drop_pct"], 4)]
+    while drops[-1] > args.max_drop:
+        keep = max(1, 2 * keep)
+        if keep > limit:
+            raise UsageError(
+                f"accuracy drop {drops[-1]:.2f}% stays above {args.max_drop}% even with half the layers out of "
+                f"{what}; try another preset"
+            )
+        qmodel = oq.quantize(
+            w.model, config, calib=calib, exclude=args.exclude, keep_float=keep, progress=not args.json
+        )
+        acc = drop(qmodel)
+        report(keep, acc)
+        drops.append(round(acc["drop_pct"], 4))
     return qmodel, drops
 
 

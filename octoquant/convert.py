@@ -656,6 +656,44 @@ def static_to_dynamic(qmodel: nn.Module, count: int) -> list[str]:
     return order[:count]
 
 
+def search_dynamic_fallback(
+    qmodel: nn.Module, drop: Callable[[], float], max_drop: float, on_step: Callable[[int, float], None] | None = None
+) -> tuple[int, list[float]]:
+    """The fewest static Linear layers to make dynamic (`static_to_dynamic`) for `drop()` to be <= `max_drop`.
+
+    `drop()` measures the model as it stands (e.g. the perplexity increase in % on held-out text). Counts 0, 1, 2,
+    4, ... until the bound holds, then a bisection down to 1/16 of the count; the model is left at the answer.
+    Returns (count, [drop of each attempt]). Raises ValueError when even every static layer dynamic misses it.
+    """
+    limit = sum(r.dynamic_sqnr_db is not None for r in getattr(qmodel, "octoquant_layers", {}).values())
+    drops: list[float] = []
+
+    def measure(count: int) -> bool:
+        static_to_dynamic(qmodel, count)
+        drops.append(float(drop()))
+        if on_step is not None:
+            on_step(count, drops[-1])
+        return drops[-1] <= max_drop
+
+    lo, hi = -1, 0  # lo: the largest count known to miss the bound
+    while not measure(hi):
+        if hi == limit:
+            raise ValueError(
+                f"the drop stays at {drops[-1]:.2f} > {max_drop} even with all {limit} static layers dynamic"
+            )
+        lo, hi = hi, min(limit, max(1, 2 * hi))
+    last = hi
+    while hi - lo > max(1, hi // 16):
+        mid = last = (lo + hi) // 2
+        if measure(mid):
+            hi = mid
+        else:
+            lo = mid
+    if last != hi:
+        measure(hi)
+    return hi, drops
+
+
 def _dynamic_gain(rec: LayerRecord) -> float:
     """Noise-to-signal power ratio removed by per-token activation scales (0 when not measured)."""
     if rec.sqnr_db is None or rec.dynamic_sqnr_db is None:

@@ -261,5 +261,5 @@ def test_max_drop_on_text_models_moves_static_layers_to_dynamic_in_place(monkeyp
     static = [n for n, r in q.octoquant_layers.items() if r.mode == "w8a8_static"]
     assert len(static) == 7 and all(q.get_submodule(n).mode is oq.QuantMode.W8A8_STATIC for n in static)
     monkeypatch.setattr(wl, "compare", lambda *a: {"metric": "m", "fp32": 1, "int8": 0.5, "drop_pct": 50.0})
-    with pytest.raises(cli.UsageError, match="stays above 0.5% even with 10 layers"):  # every layer dynamic
+    with pytest.raises(cli.UsageError, match="stays at 50.00 > 0.5 even with all 10 static layers"):
         cli._within_drop(w, oq.W8A8, calib, _drop_args(0.5), q)

@@ -364,6 +364,7 @@ class CpuBackend:
         wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         rs = in_q.scale  # float32-exact (ActivationQParams)
         out_dtype = torch.uint8 if out_q else torch.float32
+        window = (kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)  # the kernels' geometry arguments, in their order
         if p.depthwise_weight is not None:  # taps outside the image are skipped in the kernel: no padded copy
             y = torch.empty(n, ho, wo, c, dtype=out_dtype)
             _C.depthwise_conv_u8(
@@ -373,16 +374,7 @@ class CpuBackend:
                 w,
                 c,
                 p.depthwise_weight.data_ptr(),
-                kh,
-                kw,
-                sh,
-                sw,
-                ph,
-                pw,
-                dh,
-                dw,
-                ho,
-                wo,
+                *window,
                 pad_value,
                 rs,
                 p.scale.data_ptr(),
@@ -410,16 +402,7 @@ class CpuBackend:
                     c,
                     g * cg,
                     cg,
-                    kh,
-                    kw,
-                    sh,
-                    sw,
-                    ph,
-                    pw,
-                    dh,
-                    dw,
-                    ho,
-                    wo,
+                    *window,
                     pad_value,
                     cols.data_ptr(),
                     gemm.kp,
