@@ -158,16 +158,20 @@ def _walk(seq: nn.Sequential, layers: list, bypassed: list) -> None:
 
 
 def _links(layers: list[nn.Module]) -> list[bool]:
-    """links[i]: layer i can hand codes to layer i + 1 (both QConv2d, the consumer static)."""
+    """links[i]: layer i can hand codes to layer i + 1 (both QConv2d on one device, the consumer static)."""
     return [
-        isinstance(a, QConv2d) and isinstance(b, QConv2d) and b.mode is QuantMode.W8A8_STATIC
+        isinstance(a, QConv2d)
+        and isinstance(b, QConv2d)
+        and b.mode is QuantMode.W8A8_STATIC
+        and a.weight.device == b.weight.device
         for a, b in zip(layers, layers[1:], strict=False)
     ]
 
 
 def _observed(bypassed: list[nn.Module]) -> bool:
     """Hooks, or a forward patched on the instance (e.g. ONNX export), want each layer run on its own."""
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+    registry = nn.modules.module
+    if getattr(registry, "_global_forward_hooks", None) or getattr(registry, "_global_forward_pre_hooks", None):
         return True
     return any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in bypassed)
 

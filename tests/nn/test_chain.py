@@ -148,3 +148,18 @@ def test_chain_of_root_and_nested(calib):
     assert isinstance(chained, ConvChain) and chained is not seq
     x = torch.randn(2, 3, 5, 5)
     assert torch.equal(chained(x), seq(x))
+
+
+def test_global_hooks_take_plain_path(calib, monkeypatch):
+    q = oq.quantize(small_cnn(), oq.W8A8, calib=calib, progress=False)
+    x = torch.randn(1, 3, 32, 32)
+    calls = _spy_requantized(monkeypatch, q)
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+    try:
+        y = q(x)
+    finally:
+        handle.remove()
+    assert "QConv2d" in seen and not any(c is not None for c in calls)
+    calls.clear()
+    assert torch.equal(q(x), y) and any(c is not None for c in calls)  # hook gone: chained again, same result
