@@ -14,6 +14,9 @@ from ..config import PerChannel, QDtype, QuantMode
 from ..kernels.reference import ActivationQParams
 from ._base import QuantizedModule, input_qparams, quantize_weight
 
+# cached call plans per layer (input shape x qparams); dynamic shapes beyond this start a fresh cache
+PLANS_PER_LAYER = 16
+
 
 class QConv2d(QuantizedModule):
     """Conv2d with int8 per-output-channel weights and per-tensor int8/uint8 activations.
@@ -124,7 +127,11 @@ class QConv2d(QuantizedModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        y = self.backend.conv2d_static(x, self.packed(), self.stride, self.padding, self.dilation, self.input_q(x))
+        backend, in_q = self.backend, self.input_q(x)
+        if hasattr(backend, "conv_plan") and x.device.type == "cpu":  # the same ops through a cached plan
+            y = self.forward_codes(backend.quantize_nhwc(x, in_q), in_q).permute(0, 3, 1, 2)
+        else:
+            y = backend.conv2d_static(x, self.packed(), self.stride, self.padding, self.dilation, in_q)
         return y.to(x.dtype)
 
     def forward_codes(
@@ -132,7 +139,18 @@ class QConv2d(QuantizedModule):
     ) -> torch.Tensor:
         """(N, H, W, C) uint8 codes of `in_q` -> (N, Ho, Wo, O) float32, or codes of `out_q` (requantized in the
         kernel epilogue: bit-identical to quantizing this layer's float output)."""
-        return self.backend.conv2d_codes(a, self.packed(), self.stride, self.padding, self.dilation, in_q, out_q)
+        backend, packed = self.backend, self.packed()
+        if not hasattr(backend, "conv_plan"):
+            return backend.conv2d_codes(a, packed, self.stride, self.padding, self.dilation, in_q, out_q)
+        # plans hold the packed weights' addresses: kept per packed copy, a few shapes at most
+        if getattr(self, "_plans_of", None) is not packed or len(self._plans) > PLANS_PER_LAYER:
+            self._plans, self._plans_of = {}, packed
+        key = (a.shape, id(in_q), id(out_q))  # the entry keeps both objects alive: their ids cannot be reused
+        entry = self._plans.get(key)
+        if entry is None or entry[0] is not in_q or entry[1] is not out_q:
+            plan = backend.conv_plan(a.shape, packed, self.stride, self.padding, self.dilation, in_q, out_q)
+            entry = self._plans[key] = (in_q, out_q, plan)
+        return entry[2](a)
 
     def extra_repr(self) -> str:
         return (
