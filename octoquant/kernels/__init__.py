@@ -4,11 +4,14 @@
     quantize_per_token(x (M,K)) -> (int8 (M,K), scale (M,))     symmetric absmax per row
     pack_w8a8 / linear_dynamic / linear_static                  int8 x int8 -> int32 -> rescale + bias
     pack_w8a16 / linear_weight_only                             int8 weights, float activations
+    pack_conv / quantize_nhwc / conv2d_codes / conv2d_static    NHWC uint8 codes in; float32 out, or codes
+                                                                requantized in the epilogue (ActivationQParams)
 
 `reference` is the spec (pure torch); `cpu` is octoquant's own C++ (AVX-512 VNNI / AVX2) and `cuda` Triton
 kernels on INT8 tensor cores (run in Triton's interpreter on CPU for CI), both tested bit-exact against it.
 `default_backend()` picks the fastest available CPU row and logs once when it has to fall back; modules whose
-weights live on a GPU use `cuda` (see `backend_for`).
+weights live on a GPU use `cuda` (see `backend_for`). The `cpu` row also offers `conv_plan`, the same
+convolution with its arguments worked out once per input shape (QConv2d caches these).
 """
 
 from __future__ import annotations
