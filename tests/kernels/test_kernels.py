@@ -155,6 +155,7 @@ CONVS = {
     "depthwise-s1": (16, 16, 3, 1, 1, 1, 16),
     "depthwise-s2": (24, 24, 3, 2, 1, 1, 24),
     "depthwise-5x5": (20, 20, 5, 1, 2, 1, 20),
+    "depthwise-wide": (100, 100, 3, 2, 1, 1, 100),  # 64-channel blocks + a 16 block + 4 scalar channels
     "grouped-dilated": (8, 12, 3, 1, 2, 2, 2),
     "k-not-mult-4": (5, 7, 3, 1, 1, 1, 1),
 }
