@@ -256,38 +256,35 @@ VNNI_TARGET inline void epilogue_vnni(const GemmArgs& g, int64_t m, int64_t n0, 
   else _mm512_mask_storeu_ps(g.y + m * g.ldy + n0, mask, v);
 }
 
-// MR rows x one 64-column tile (4 blocks), k steps [k4_lo, k4_hi). 4*MR int32 accumulators (<= 16 zmm).
-// Partial sums live in `part` (MR x 64 int32) between K chunks; the last chunk runs the epilogue.
-template <int MR>
+// MR rows x the first NB 16-column blocks of one 64-column tile (NB < 4 only in a last, partial tile: a conv
+// projecting to 16, 24 or 32 channels does not compute the padding columns), k steps [k4_lo, k4_hi).
+// NB*MR int32 accumulators (<= 16 zmm). Partial sums live in `part` (MR x 64 int32) between K chunks; the last
+// chunk runs the epilogue.
+template <int MR, int NB>
 VNNI_TARGET void tile_vnni(const GemmArgs& g, int64_t m0, int64_t t, int64_t k4_lo, int64_t k4_hi, int32_t* part,
                            bool first, bool last, int64_t pf) {
   const int64_t K4 = g.Kp / 4;
-  __m512i acc[MR][4];
+  __m512i acc[MR][NB];
   for (int r = 0; r < MR; ++r)
-    for (int b = 0; b < 4; ++b)
+    for (int b = 0; b < NB; ++b)
       acc[r][b] = first ? _mm512_setzero_si512() : _mm512_loadu_si512((const void*)(part + r * 64 + b * 16));
   const int8_t* w = g.w + t * K4 * 256;
   const uint8_t* a = g.a + m0 * g.lda;
   for (int64_t k4 = k4_lo; k4 < k4_hi; ++k4) {
     const int8_t* wk = w + k4 * 256;
     // pf bytes ahead (see gemm_vnni); prefetching past the end of the weights is harmless (no fault)
-    for (int l = 0; l < 4; ++l) _mm_prefetch((const char*)(wk + pf + 64 * l), _MM_HINT_T1);
-    __m512i w0 = _mm512_loadu_si512((const void*)(wk));
-    __m512i w1 = _mm512_loadu_si512((const void*)(wk + 64));
-    __m512i w2 = _mm512_loadu_si512((const void*)(wk + 128));
-    __m512i w3 = _mm512_loadu_si512((const void*)(wk + 192));
+    for (int l = 0; l < NB; ++l) _mm_prefetch((const char*)(wk + pf + 64 * l), _MM_HINT_T1);
+    __m512i wv[NB];
+    for (int b = 0; b < NB; ++b) wv[b] = _mm512_loadu_si512((const void*)(wk + 64 * b));
     for (int r = 0; r < MR; ++r) {
       int32_t a4;
       std::memcpy(&a4, a + r * g.lda + k4 * 4, 4);
       __m512i av = _mm512_set1_epi32(a4);
-      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], av, w0);
-      acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], av, w1);
-      acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], av, w2);
-      acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], av, w3);
+      for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], av, wv[b]);
     }
   }
   for (int r = 0; r < MR; ++r)
-    for (int b = 0; b < 4; ++b) {
+    for (int b = 0; b < NB; ++b) {
       if (!last) {
         _mm512_storeu_si512((void*)(part + r * 64 + b * 16), acc[r][b]);
         continue;
@@ -297,13 +294,25 @@ VNNI_TARGET void tile_vnni(const GemmArgs& g, int64_t m0, int64_t t, int64_t k4_
     }
 }
 
+template <int NB>
+VNNI_TARGET void rows_nb_vnni(const GemmArgs& g, int64_t m0, int64_t mr, int64_t t, int64_t k4_lo, int64_t k4_hi,
+                              int32_t* part, bool first, bool last, int64_t pf) {
+  switch (mr) {
+    case 1: tile_vnni<1, NB>(g, m0, t, k4_lo, k4_hi, part, first, last, pf); break;
+    case 2: tile_vnni<2, NB>(g, m0, t, k4_lo, k4_hi, part, first, last, pf); break;
+    case 3: tile_vnni<3, NB>(g, m0, t, k4_lo, k4_hi, part, first, last, pf); break;
+    default: tile_vnni<4, NB>(g, m0, t, k4_lo, k4_hi, part, first, last, pf); break;
+  }
+}
+
 VNNI_TARGET void rows_vnni(const GemmArgs& g, int64_t m0, int64_t mr, int64_t t, int64_t k4_lo, int64_t k4_hi,
                            int32_t* part, bool first, bool last, int64_t pf) {
-  switch (mr) {
-    case 1: tile_vnni<1>(g, m0, t, k4_lo, k4_hi, part, first, last, pf); break;
-    case 2: tile_vnni<2>(g, m0, t, k4_lo, k4_hi, part, first, last, pf); break;
-    case 3: tile_vnni<3>(g, m0, t, k4_lo, k4_hi, part, first, last, pf); break;
-    default: tile_vnni<4>(g, m0, t, k4_lo, k4_hi, part, first, last, pf); break;
+  int64_t blocks = std::min<int64_t>(TILE_BLOCKS, (g.N - t * 64 + 15) / 16);  // the valid blocks of this tile
+  switch (blocks) {
+    case 1: rows_nb_vnni<1>(g, m0, mr, t, k4_lo, k4_hi, part, first, last, pf); break;
+    case 2: rows_nb_vnni<2>(g, m0, mr, t, k4_lo, k4_hi, part, first, last, pf); break;
+    case 3: rows_nb_vnni<3>(g, m0, mr, t, k4_lo, k4_hi, part, first, last, pf); break;
+    default: rows_nb_vnni<4>(g, m0, mr, t, k4_lo, k4_hi, part, first, last, pf); break;
   }
 }
 
