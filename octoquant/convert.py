@@ -51,7 +51,6 @@ class LayerRecord:
     clip_range: tuple[float, float] | None = None
     sqnr_db: float | None = None  # layer output vs FP32 on the calibration sample
     dynamic_sqnr_db: float | None = None  # static Linear layers: the same with per-token activations instead
-    token_spread_db: float | None = None  # Linear inputs: 20 log10(largest token absmax / geometric mean of them)
     weight_sqnr_db: float | None = None
     bytes: int = 0
     float_bytes: int = 0
@@ -196,8 +195,6 @@ class _Recorder:
         self.module = module
         self.hessian: torch.Tensor | None = None
         self.wants_hessian = cfg.weight_rounding is Rounding.GPTQ
-        # Linear inputs: the spread of per-token ranges (what one static scale for all tokens costs)
-        self.token_stats = [0.0, 0.0, 0] if not isinstance(module, nn.Conv2d) else None  # max, sum log, count
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         if not args or not isinstance(args[0], torch.Tensor):
@@ -207,12 +204,6 @@ class _Recorder:
         for obs in self.observers.values():
             obs.update(x)
         self.sketch.add(x)
-        if self.token_stats is not None:
-            absmax = x.detach().reshape(-1, x.shape[-1]).abs().amax(dim=1).to(torch.float64).clamp_min(1e-30)
-            st = self.token_stats
-            st[0] = max(st[0], float(absmax.max()))
-            st[1] += float(absmax.log().sum())
-            st[2] += absmax.numel()
         if self.wants_hessian:
             self.hessian = input_hessian_update(self.hessian, x, self.module)
 
@@ -331,9 +322,6 @@ def _build(
     else:
         q = make(None)
         record.calibrator = "dynamic" if cfg.mode is QuantMode.W8A8_DYNAMIC else "-"
-    if rec is not None and rec.token_stats is not None and rec.token_stats[2]:
-        top, log_sum, n = rec.token_stats
-        record.token_spread_db = 20 * (math.log10(top) - log_sum / n / math.log(10))
     if sample is not None:
         record.sqnr_db = sqnr_db(ref, q(sample))
         if isinstance(q, QLinear) and q.mode is QuantMode.W8A8_STATIC:  # what a dynamic fallback would give

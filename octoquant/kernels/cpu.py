@@ -168,9 +168,7 @@ class CpuBackend:
         row_scale0: float,
         out: torch.Tensor,
         acc_out: bool = False,
-        out_q: ActivationQParams | None = None,
     ) -> None:
-        """out: (M, N) float32, int32 (acc_out) or uint8 codes (out_q: requantized in the epilogue)."""
         m = a_u8.shape[0]
         _C.gemm_u8s8(
             a_u8.data_ptr(),
@@ -183,7 +181,7 @@ class CpuBackend:
             p.scale.data_ptr(),
             _ptr(p.bias),
             _ptr(p.clamp_hi),
-            0 if acc_out or out_q else out.data_ptr(),
+            0 if acc_out else out.data_ptr(),
             out.data_ptr() if acc_out else 0,
             out.stride(0),
             m,
@@ -191,7 +189,7 @@ class CpuBackend:
             p.kp,
             self._isa_id,
             torch.get_num_threads(),
-            _out_q(out, out_q),
+            (),
         )
 
     def int8_mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -232,23 +230,11 @@ class CpuBackend:
         """(M, K) float -> (M, kp) u8 holding q (+128 for int8), the padding holding the zero-point."""
         x = _as_f32_rows(x)
         m, k = x.shape
-        qmin, qmax = dtype.qrange()
-        shift = 128 if dtype is QDtype.INT8 else 0
         a = torch.empty(m, k, dtype=torch.uint8)
-        _C.quantize_static(
-            x.data_ptr(),
-            m * k,
-            float(scale),
-            int(zero_point),
-            qmin,
-            qmax,
-            shift,
-            a.data_ptr(),
-            self._isa_id,
-            torch.get_num_threads(),
-        )
+        self._quantize_into(x, float(scale), int(zero_point), dtype, a)
         if kp == k:
             return a
+        shift = 128 if dtype is QDtype.INT8 else 0
         a_u8 = torch.full((m, kp), zero_point + shift, dtype=torch.uint8)  # K padded to a multiple of 4
         a_u8[:, :k] = a
         return a_u8
@@ -260,19 +246,13 @@ class CpuBackend:
         return self.linear_static_u8(a_u8, p, in_scale, in_zero_point, in_dtype)
 
     def linear_static_u8(
-        self,
-        a_u8: torch.Tensor,
-        p: CpuPackedW8A8,
-        in_scale: float,
-        in_zero_point: int,
-        in_dtype: QDtype,
-        out_q: ActivationQParams | None = None,
+        self, a_u8: torch.Tensor, p: CpuPackedW8A8, in_scale: float, in_zero_point: int, in_dtype: QDtype
     ) -> torch.Tensor:
-        """GEMM on already quantized (M, kp) u8 activations (e.g. an im2col buffer): float32 or codes out."""
+        """GEMM on already quantized (M, kp) u8 activations."""
         offset = in_zero_point + (128 if in_dtype is QDtype.INT8 else 0)
-        out = torch.empty(a_u8.shape[0], p.n, dtype=torch.uint8 if out_q else torch.float32)
+        out = torch.empty(a_u8.shape[0], p.n, dtype=torch.float32)
         rs = float(np.float32(in_scale))  # the float32 value the reference uses
-        self._gemm(a_u8, offset, p, None, rs, out, out_q=out_q)
+        self._gemm(a_u8, offset, p, None, rs, out)
         return out
 
     def linear_weight_only(self, x: torch.Tensor, p: CpuPackedW8A16) -> torch.Tensor:
@@ -328,20 +308,23 @@ class CpuBackend:
         if x.dtype != torch.float32 or not x_nhwc.is_contiguous():
             x_nhwc = x_nhwc.to(torch.float32).contiguous()
         out = torch.empty(x_nhwc.shape, dtype=torch.uint8)
-        qmin, qmax = q.dtype.qrange()
+        self._quantize_into(x_nhwc, q.scale, q.zero_point, q.dtype, out)
+        return out
+
+    def _quantize_into(self, x: torch.Tensor, scale: float, zero_point: int, dtype: QDtype, out: torch.Tensor) -> None:
+        """Contiguous float32 x -> u8 codes in `out` (same element count): q (+128 for int8), saturated."""
+        shift = 128 if dtype is QDtype.INT8 else 0
         _C.quantize_static(
-            x_nhwc.data_ptr(),
+            x.data_ptr(),
             out.numel(),
-            q.scale,
-            q.zero_point,
-            qmin,
-            qmax,
-            q.shift,
+            scale,
+            zero_point,
+            *dtype.qrange(),
+            shift,
             out.data_ptr(),
             self._isa_id,
             torch.get_num_threads(),
         )
-        return out
 
     def conv2d_codes(self, a, p: CpuPackedConv, stride, padding, dilation, in_q: ActivationQParams, out_q=None):
         """NHWC int8 conv on (N, H, W, C) codes: im2col (none for 1x1 stride 1) + int8 GEMM, or the depthwise
@@ -447,11 +430,6 @@ def _out_q_rest(q: ActivationQParams) -> tuple:
     """(scale, zero-point, qmin, qmax, shift): the kernels' requantized-output argument after the address."""
     qmin, qmax = q.dtype.qrange()
     return (q.scale, q.zero_point, qmin, qmax, q.shift)
-
-
-def _out_q(out: torch.Tensor, q: ActivationQParams | None) -> tuple:
-    """The kernels' requantized-output argument: (address, scale, zero-point, qmin, qmax, shift) or ()."""
-    return () if q is None else (out.data_ptr(), *_out_q_rest(q))
 
 
 def _as_f32_rows(x: torch.Tensor) -> torch.Tensor:

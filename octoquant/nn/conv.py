@@ -121,18 +121,16 @@ class QConv2d(QuantizedModule):
         s, z = input_qparams((lo, hi), self.input_dtype)
         return ActivationQParams(float(s), int(z), self.input_dtype)
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def input_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, ActivationQParams]:
+        """Float (N, C, H, W) input -> its (N, H, W, C) uint8 codes and their qparams."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"QConv2d expects (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        in_q = self.input_q(x)
+        return self.backend.quantize_nhwc(x, in_q), in_q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        backend, in_q = self.backend, self.input_q(x)
-        if hasattr(backend, "conv_plan") and x.device.type == "cpu":  # the same ops through a cached plan
-            y = self.forward_codes(backend.quantize_nhwc(x, in_q), in_q).permute(0, 3, 1, 2)
-        else:
-            y = backend.conv2d_static(x, self.packed(), self.stride, self.padding, self.dilation, in_q)
-        return y.to(x.dtype)
+        y = self.forward_codes(*self.input_codes(x))  # (N, Ho, Wo, O)
+        return y.permute(0, 3, 1, 2).to(x.dtype)  # NCHW view of NHWC memory
 
     def forward_codes(
         self, a: torch.Tensor, in_q: ActivationQParams, out_q: ActivationQParams | None = None
@@ -216,9 +214,7 @@ class ConvChain(nn.Sequential):
                 x = layer(x)
                 continue
             if codes is None:
-                layer._check_input(x)
-                in_q = layer.input_q(x)
-                codes = layer.backend.quantize_nhwc(x, in_q)
+                codes, in_q = layer.input_codes(x)
             out_q = layers[i + 1].input_q() if i < len(links) and links[i] else None
             y = layer.forward_codes(codes, in_q, out_q)
             if out_q is None:
