@@ -49,7 +49,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     naive = quantize(
         model,
         W8A8.replace(
-            weight_granularity=PerTensor(), calibrator="minmax", bias_correction=False, equalize_depthwise=False
+            weight_granularity=PerTensor(),
+            calibrator="minmax",
+            bias_correction=False,
+            equalize_depthwise=False,
+            equalize_channels=False,
         ),
         calib=list(calib.split(16)),
         progress=False,

@@ -424,7 +424,7 @@ def _prepare(model, config, calib, exclude, inplace, backend, progress):
     targets, floats = _select(work, config, list(exclude))
     if not targets:
         raise ValueError("the model has no quantizable layer (nn.Linear, nn.Conv2d, transformers Conv1D)")
-    from .transforms import equalize_depthwise, fold_batchnorm
+    from .transforms import equalize_channels, equalize_depthwise, fold_batchnorm
 
     fold_batchnorm(work)
     batches = _materialize(calib)
@@ -437,6 +437,12 @@ def _prepare(model, config, calib, exclude, inplace, backend, progress):
                 _run(work, b)
 
         equalize_depthwise(work, calibration_pass)
+        if (
+            config.equalize_channels
+            and config.mode is QuantMode.W8A8_STATIC
+            and isinstance(config.weight_granularity, PerChannel)
+        ):
+            equalize_channels(work, calibration_pass)
     from .transforms import find_conv_activation_pairs
 
     has_conv = any(isinstance(m, nn.Conv2d) for m, _ in targets.values())

@@ -9,7 +9,16 @@ from torch import nn
 
 import octoquant as oq
 from octoquant.nn import QConv2d, QLinear
-from octoquant.transforms import ChannelClamp, equalize_depthwise, find_depthwise_pairs, fold_batchnorm
+from octoquant.transforms import (
+    ChannelClamp,
+    ChannelGroup,
+    equalize_channels,
+    equalize_depthwise,
+    find_channel_groups,
+    find_depthwise_pairs,
+    fold_batchnorm,
+)
+from octoquant.transforms.equalize import _fake_conv_weight, _fake_static_input, search_channel_alpha
 
 # float32 transforms reorder arithmetic: outputs agree to this relative tolerance
 FLOAT_IDENTITY_RTOL = 1e-4
@@ -77,6 +86,111 @@ def test_equalize_depthwise_is_identity_and_equalizes():
     dw_in = m.features[2](m.features[1](m.features[0](x)))
     per_channel = dw_in.amax(dim=(0, 2, 3))
     assert torch.allclose(per_channel, per_channel.max().expand_as(per_channel), rtol=1e-5)
+
+
+class StreamCNN(nn.Module):
+    """Residual stream (stem + two blocks, joined by adds through ReLU / MaxPool), depthwise -> pointwise, a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.b1a, self.b1act, self.b1b = nn.Conv2d(8, 16, 1), nn.ReLU6(), nn.Conv2d(16, 8, 3, padding=1)
+        self.b2a, self.b2act, self.b2b = nn.Conv2d(8, 16, 1), nn.ReLU6(), nn.Conv2d(16, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.proj = nn.Conv2d(8, 12, 1)
+        self.head = nn.Linear(12, 4)
+
+    def forward(self, x):
+        x = self.pool(self.relu(self.stem(x)))
+        x = x + self.b1b(self.b1act(self.b1a(x)))
+        x = x + self.b2b(self.b2act(self.b2a(x)))
+        x = torch.relu(self.proj(self.dw(x)))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def stream_cnn():
+    torch.manual_seed(0)
+    m = StreamCNN().eval()
+    with torch.no_grad():  # outlier channels in the stream and in the block activations: what equalization fixes
+        for conv, rows in ((m.stem, [1, 5]), (m.b1b, [1]), (m.b2b, [5]), (m.b1a, [3]), (m.dw, [2])):
+            conv.weight[rows] *= 20.0
+            conv.bias[rows] *= 20.0
+    return m
+
+
+def test_find_channel_groups_follows_residual_streams():
+    groups = set(find_channel_groups(stream_cnn()))
+    assert groups == {
+        ChannelGroup(("stem", "b1b", "b2b"), (), ("b1a", "b2a", "dw")),  # the stream, through ReLU, pool, adds
+        ChannelGroup(("b1a",), ("b1act",), ("b1b",)),
+        ChannelGroup(("b2a",), ("b2act",), ("b2b",)),
+        ChannelGroup(("dw",), (), ("proj",)),
+    }  # proj -> relu -> mean -> head is not a group: a mean over channels' pixels feeds a Linear
+
+
+class _Shared(nn.Module):
+    """conv -> act -> conv twice with ONE activation module, and a concat: neither may be rescaled."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)
+        self.act = nn.ReLU6()
+        self.e, self.f = nn.Conv2d(3, 4, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.b(self.act(self.a(x))) + self.d(self.act(self.c(x)))
+        z = self.e(x)
+        return y + self.f(torch.cat([z, z], dim=1))
+
+
+def test_find_channel_groups_rejects_shared_modules_and_concat():
+    assert find_channel_groups(_Shared()) == []
+
+
+def test_equalize_channels_is_identity_and_picks_alphas():
+    m = stream_cnn()
+    x = torch.randn(8, 3, 16, 16)
+    ref = m(x)
+    chosen = equalize_channels(m, lambda: m(x))
+    assert len(chosen) == 4
+    assert_close(m(x), ref)
+    stream = next(g for g in chosen if g.producers == ("stem", "b1b", "b2b"))
+    assert chosen[stream] is not None  # two channels 20x the others: worth rescaling
+    assert isinstance(m.b1act, ChannelClamp)  # ReLU6 rescaled per channel, when its group moved
+
+
+def test_search_channel_alpha_cuts_int8_error_of_outlier_channels():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 32, 1)
+    x = torch.randn(4, 16, 8, 8).abs()
+    x[:, [2, 9]] *= 50.0  # two outlier channels set the per-tensor scale
+
+    def rel_error(s):
+        ref = conv(x)
+        out = nn.functional.conv2d(
+            _fake_static_input(x / s.reshape(1, -1, 1, 1)),
+            _fake_conv_weight(conv.weight * s.reshape(1, -1, 1, 1)),
+            conv.bias,
+        )
+        return float((ref - out).pow(2).sum() / ref.pow(2).sum())
+
+    alpha, s, rel = search_channel_alpha([conv], [x], x.abs().amax(dim=(0, 2, 3)))
+    assert alpha is not None
+    assert rel == pytest.approx(rel_error(s), rel=1e-4)  # the reported error is the error of the chosen s
+    assert rel < rel_error(torch.ones(16)) / 4  # measured ~10x lower than leaving the channels alone
+
+
+def test_quantize_equalize_channels_lowers_cnn_error():
+    m = stream_cnn()
+    calib = [torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    x = torch.randn(8, 3, 16, 16)
+    errors = {}
+    for on in (True, False):
+        q = oq.quantize(m, oq.W8A8.replace(equalize_channels=on), calib=calib, progress=False)
+        errors[on] = oq.sqnr_db(m(x), q(x))
+    assert errors[True] > errors[False] + 3.0  # dB
 
 
 @pytest.mark.parametrize(
