@@ -19,12 +19,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import W8A8, Calibrator, Config, PerChannel, PerGroup, PerTensor, QScheme, QuantMode, Rounding
+from .config import W8A8, Calibrator, Config, PerChannel, PerGroup, PerTensor, QDtype, QScheme, QuantMode, Rounding
 from .functional import check_finite, dequantize, sqnr_db
 from .nn import QConv2d, QEmbedding, QLinear, chain_convolutions
 from .nn._base import QuantizedModule
 from .observers import CalibrationError, MSEObserver, Observer, make_observer
 from .rounding import gptq_round, input_hessian_update
+from .sampling import SampleSketch
 
 log = logging.getLogger("octoquant")
 
@@ -32,9 +33,6 @@ __all__ = ["quantize", "sensitivity", "summary", "LayerRecord"]
 
 # Calibrators `auto` chooses among, and the percentile it tries.
 AUTO_CANDIDATES = (Calibrator.MINMAX, Calibrator.PERCENTILE, Calibrator.ENTROPY, Calibrator.MSE)
-# Elements of one layer's input kept (as whole rows or images) for auto selection, bias correction and SQNR.
-SAMPLE_BUDGET = 4_000_000
-SAMPLE_UNITS_MAX = 512
 
 
 @dataclass
@@ -144,42 +142,6 @@ def _materialize(calib: Iterable | None) -> list | None:
     return batches
 
 
-class _SampleSketch:
-    """Keeps the k units (rows of a Linear input, images of a Conv input) with the smallest content hash.
-
-    A bottom-k sketch: the kept set depends only on the multiset of units seen, not on batch order or size,
-    and, the hash being pseudo-random, it is a uniform random sample of them.
-    """
-
-    def __init__(self, unit_dims: int) -> None:
-        self.unit_dims = unit_dims
-        self.keys: torch.Tensor | None = None
-        self.units: torch.Tensor | None = None
-        self.k = 0
-        self._probe: torch.Tensor | None = None
-
-    def add(self, x: torch.Tensor) -> None:
-        units = x.detach().to(torch.float32).reshape(-1, *x.shape[x.dim() - self.unit_dims :])
-        flat = units.reshape(units.shape[0], -1)
-        if self._probe is None:
-            n = flat.shape[1]
-            self.k = int(max(2, min(SAMPLE_UNITS_MAX, SAMPLE_BUDGET // max(n, 1))))
-            step = max(1, n // 1024)
-            self._idx = torch.arange(0, n, step)[:1024]
-            self._probe = torch.randn(
-                len(self._idx), generator=torch.Generator().manual_seed(1234), dtype=torch.float64
-            )
-        proj = flat[:, self._idx].to(torch.float64) @ self._probe + 1e-9 * flat.to(torch.float64).sum(dim=1)
-        # The kept units must be an unbiased sample (bias correction averages over them): the projection
-        # itself would select units lying in one direction. Its fractional part at a fine scale is a
-        # deterministic, content-derived key that behaves like a uniform random draw.
-        keys = torch.frac(proj * 7_919_000.0).abs()
-        if self.keys is not None:
-            keys, units = torch.cat([self.keys, keys]), torch.cat([self.units, units])
-        order = torch.argsort(keys, stable=True)[: self.k]
-        self.keys, self.units = keys[order], units[order].clone()
-
-
 class _Recorder:
     """Forward pre-hook: feeds a layer's input to its observers and sample sketch."""
 
@@ -191,7 +153,7 @@ class _Recorder:
         for c in cals:
             kwargs = {"percentile": cfg.percentile} if c is Calibrator.PERCENTILE else {}
             self.observers[c] = make_observer(c.value, scheme, f"{name} (input)", **kwargs)
-        self.sketch = _SampleSketch(3 if isinstance(module, nn.Conv2d) else 1)
+        self.sketch = SampleSketch(3 if isinstance(module, nn.Conv2d) else 1)
         self.module = module
         self.hessian: torch.Tensor | None = None
         self.wants_hessian = cfg.weight_rounding is Rounding.GPTQ
@@ -233,6 +195,20 @@ def _weight_range(w: torch.Tensor, cfg: Config, name: str) -> tuple[torch.Tensor
         obs.update(w2)
         return obs.compute_range()
     return None
+
+
+def _clip_range_of(cfg: Config) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """x -> (lo, hi): the static input range `cfg`'s calibrator picks for one tensor (auto: mse)."""
+    cal = Calibrator.MSE if cfg.calibrator is Calibrator.AUTO else cfg.calibrator
+    scheme = QScheme(cfg.activation_dtype, symmetric=cfg.activation_dtype is QDtype.INT8)
+    kwargs = {"percentile": cfg.percentile} if cal is Calibrator.PERCENTILE else {}
+
+    def clip_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        obs = make_observer(cal.value, scheme, "channel-equalization sample", **kwargs)
+        obs.update(x)
+        return obs.compute_range()
+
+    return clip_range
 
 
 def _granularity_name(cfg: Config) -> str:
@@ -442,7 +418,7 @@ def _prepare(model, config, calib, exclude, inplace, backend, progress):
             and config.mode is QuantMode.W8A8_STATIC
             and isinstance(config.weight_granularity, PerChannel)
         ):
-            equalize_channels(work, calibration_pass)
+            equalize_channels(work, calibration_pass, _clip_range_of(config), config.bias_correction)
     from .transforms import find_conv_activation_pairs
 
     has_conv = any(isinstance(m, nn.Conv2d) for m, _ in targets.values())

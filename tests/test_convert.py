@@ -18,7 +18,7 @@ from octoquant.transforms import (
     find_depthwise_pairs,
     fold_batchnorm,
 )
-from octoquant.transforms.equalize import _fake_conv_weight, _fake_static_input, search_channel_alpha
+from octoquant.transforms.equalize import _fake_conv_weight, _fake_static_input, minmax_range, search_channel_alpha
 
 # float32 transforms reorder arithmetic: outputs agree to this relative tolerance
 FLOAT_IDENTITY_RTOL = 1e-4
@@ -161,6 +161,16 @@ def test_equalize_channels_is_identity_and_picks_alphas():
     assert isinstance(m.b1act, ChannelClamp)  # ReLU6 rescaled per channel, when its group moved
 
 
+def test_equalize_channels_ignores_calibration_order_and_batching():
+    x = torch.randn(12, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    models = []
+    for batches in ([x[:4], x[4:8], x[8:]], [x[torch.randperm(12, generator=torch.Generator().manual_seed(5))]]):
+        m = stream_cnn()
+        equalize_channels(m, lambda m=m, batches=batches: [m(b) for b in batches])
+        models.append(m.state_dict())
+    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+
+
 def test_search_channel_alpha_cuts_int8_error_of_outlier_channels():
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 32, 1)
@@ -170,7 +180,7 @@ def test_search_channel_alpha_cuts_int8_error_of_outlier_channels():
     def rel_error(s):
         ref = conv(x)
         out = nn.functional.conv2d(
-            _fake_static_input(x / s.reshape(1, -1, 1, 1)),
+            _fake_static_input(x / s.reshape(1, -1, 1, 1), minmax_range),
             _fake_conv_weight(conv.weight * s.reshape(1, -1, 1, 1)),
             conv.bias,
         )

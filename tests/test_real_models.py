@@ -11,12 +11,13 @@ from octoquant.evaluate import mean_kl_divergence, top1_agreement
 
 pytestmark = pytest.mark.real_model
 
-# MobileNetV2 on hard photo crops (median FP32 confidence ~0.47): the issue's bar with the accuracy-aware
-# fallback (3 most sensitive layers float; measured 93.8% / KL 0.016), and a floor for the all-int8 default
-# (measured 89-91% / KL 0.03; ORT quantize_static measured 77.8% / KL 0.26 on this protocol).
+# MobileNetV2 on hard photo crops (median FP32 confidence ~0.47): the issue's bar (>= 90%, KL <= 0.10), all-int8
+# default measured 91.4% / KL 0.027 (90.3% / 0.029 on 1024 crops; 89.1% / 0.033 before channel equalization);
+# with the accuracy-aware fallback (3 most sensitive layers float) measured ~95% / KL 0.014. ORT quantize_static
+# measured 77.8% / KL 0.26 on this protocol.
 MNV2_AGREE_FALLBACK = 0.90
 MNV2_KL_FALLBACK = 0.05
-MNV2_AGREE_ALL_INT8 = 0.86
+MNV2_AGREE_ALL_INT8 = 0.90
 MNV2_KL_ALL_INT8 = 0.10
 # Fashion-MNIST CNN: top-1 drop on the 10k test set (issue bar)
 FASHION_MAX_DROP_POINTS = 0.3
@@ -29,7 +30,8 @@ MINILM_PROBE_MAX_DROP_POINTS = 1.0
 # flips cascade through 52 requantizations; measured 0.92 agreement, 21 dB). The file must match octoquant's
 # accuracy against FP32 instead, and stay near that noise floor against octoquant.
 ONNX_MNV2_TOP1_VS_OQ = 0.85  # measured 0.90 (ORT) / 0.91 (OpenVINO)
-ONNX_MNV2_TOP1_SLACK = 0.03  # top-1 vs FP32 at most 3 points below octoquant's
+ONNX_MNV2_KL_RATIO = 1.5  # KL vs FP32 of ORT on the (speed-default) export, relative to octoquant's
+ONNX_MNV2_FAITHFUL_KL_RATIO = 1.2  # the same with residual-branch outputs left float (measured 1.09x)
 ONNX_MINILM_ORT_COS = 0.999  # the issue's bar; measured 0.99972, 32.5 dB
 ONNX_MINILM_ORT_SQNR = 30.0
 ONNX_MINILM_OV_COS = 0.997  # measured 0.9982 (below the issue's 0.999: see RESULTS.md)
@@ -49,20 +51,34 @@ def mobilenet_setup():
     return model, [calib[i : i + 16] for i in range(0, 64, 16)], evals, ref
 
 
+@pytest.fixture(scope="module")
+def mnv2_int8(mobilenet_setup):
+    """The default all-int8 MobileNetV2 (shared: quantizing takes ~25 s)."""
+    model, calib, _, _ = mobilenet_setup
+    return oq.quantize(model, oq.W8A8, calib=calib, progress=False)
+
+
+@pytest.fixture(scope="module")
+def mnv2_fallback(mobilenet_setup):
+    """MobileNetV2 with its 3 most sensitive layers float (keep_float=3), shared like `mnv2_int8`."""
+    model, calib, _, _ = mobilenet_setup
+    return oq.quantize(model, oq.W8A8, calib=calib, progress=False, keep_float=3)
+
+
 def _logits(q, evals):
     with torch.no_grad():
         return torch.cat([q(evals[i : i + 32]) for i in range(0, 256, 32)])
 
 
-def test_mobilenetv2_static_w8a8(mobilenet_setup):
+def test_mobilenetv2_static_w8a8(mobilenet_setup, mnv2_int8):
     model, calib, evals, ref = mobilenet_setup
-    q = oq.quantize(model, oq.W8A8, calib=calib, progress=False)
+    q = mnv2_int8
     out = _logits(q, evals)
     agree, kl = top1_agreement(ref, out), mean_kl_divergence(ref, out)
     print(f"MobileNetV2 all-int8 W8A8: agreement {agree:.4f}, KL {kl:.4f}")
     assert agree >= MNV2_AGREE_ALL_INT8 and kl <= MNV2_KL_ALL_INT8
     assert all(r.status == "int8" for r in oq.summary(q, print_table=False))
-    # channel equalization (residual streams, depthwise -> pointwise): measured KL 0.0249 with, 0.0328 without
+    # channel equalization (residual streams, depthwise -> pointwise): measured KL 0.0271 with, 0.0328 without
     no_eq = oq.quantize(model, oq.W8A8.replace(equalize_channels=False), calib=calib, progress=False)
     kl_no_eq = mean_kl_divergence(ref, _logits(no_eq, evals))
     print(f"MobileNetV2 all-int8 W8A8 without channel equalization: KL {kl_no_eq:.4f}")
@@ -81,9 +97,9 @@ def test_mobilenetv2_static_w8a8(mobilenet_setup):
     assert kl_naive > 3 * kl
 
 
-def test_mobilenetv2_with_fallback(mobilenet_setup):
+def test_mobilenetv2_with_fallback(mobilenet_setup, mnv2_fallback):
     model, calib, evals, ref = mobilenet_setup
-    q = oq.quantize(model, oq.W8A8, calib=calib, progress=False, keep_float=3)
+    q = mnv2_fallback
     out = _logits(q, evals)
     agree, kl = top1_agreement(ref, out), mean_kl_divergence(ref, out)
     print(f"MobileNetV2 W8A8 + 3 float layers: agreement {agree:.4f}, KL {kl:.4f}")
@@ -164,11 +180,11 @@ def _folder_bytes(path) -> int:
     return sum(p.stat().st_size for p in path.iterdir())
 
 
-def test_mobilenetv2_checkpoint_round_trip(mobilenet_setup, tmp_path):
+def test_mobilenetv2_checkpoint_round_trip(mobilenet_setup, mnv2_fallback, tmp_path):
     from octoquant.models.mobilenetv2 import MobileNetV2
 
     model, calib, evals, _ = mobilenet_setup
-    q = oq.quantize(model, oq.W8A8, calib=calib, progress=False, keep_float=3)  # float layers with folded BN
+    q = mnv2_fallback  # float layers with folded BN
     path = oq.save(q, tmp_path / "mnv2")
     with torch.device("meta"):
         arch = MobileNetV2()
@@ -296,11 +312,11 @@ def test_smollm2_static_with_dynamic_fallback(smollm2_setup):
 # ONNX QDQ export: the exported file in ONNX Runtime and OpenVINO against octoquant's INT8 model
 
 
-def test_mobilenetv2_onnx_export_parity(mobilenet_setup, tmp_path):
+def test_mobilenetv2_onnx_export_parity(mobilenet_setup, mnv2_int8, tmp_path):
     from octoquant import export
 
     model, calib, evals, ref = mobilenet_setup
-    q = oq.quantize(model, oq.W8A8, calib=calib, progress=False)
+    q = mnv2_int8
     path = tmp_path / "mnv2.onnx"
     rep = export.onnx(q, calib[0][:1], path, calib=calib)
     assert rep.check.problems == () and len(rep.check.integer) == 53
@@ -319,9 +335,17 @@ def test_mobilenetv2_onnx_export_parity(mobilenet_setup, tmp_path):
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     y = torch.cat([torch.from_numpy(sess.run(None, {"input": b.numpy()})[0]) for b in batches])
     agree_ort, agree_oq = top1_agreement(ref, y), top1_agreement(ref, ours)
-    print(f"top-1 vs FP32: octoquant {agree_oq:.4f}, ORT on the export {agree_ort:.4f}")
-    assert agree_ort >= agree_oq - ONNX_MNV2_TOP1_SLACK
-    assert mean_kl_divergence(ref, y) <= 1.5 * mean_kl_divergence(ref, ours) + 0.01
+    kl_oq, kl_ort = mean_kl_divergence(ref, ours), mean_kl_divergence(ref, y)
+    print(f"vs FP32: octoquant top-1 {agree_oq:.4f} KL {kl_oq:.4f}, ORT on the export {agree_ort:.4f} KL {kl_ort:.4f}")
+    # the residual-branch outputs the export quantizes for ORT's QLinearConv cost accuracy (measured KL 0.040 vs
+    # octoquant's 0.027); left float (quantize_branch_outputs=False) ORT matches octoquant (measured 0.0295)
+    assert kl_ort <= ONNX_MNV2_KL_RATIO * kl_oq + 0.01
+    export.onnx(q, calib[0][:1], tmp_path / "faithful.onnx", calib=calib, quantize_branch_outputs=False)
+    sess = ort.InferenceSession(str(tmp_path / "faithful.onnx"), providers=["CPUExecutionProvider"])
+    y = torch.cat([torch.from_numpy(sess.run(None, {"input": b.numpy()})[0]) for b in batches])
+    kl_faithful = mean_kl_divergence(ref, y)
+    print(f"ORT on the export with float residual branches: top-1 {top1_agreement(ref, y):.4f} KL {kl_faithful:.4f}")
+    assert kl_faithful <= ONNX_MNV2_FAITHFUL_KL_RATIO * kl_oq and kl_faithful < kl_ort
 
 
 def test_minilm_onnx_export_parity(minilm_setup, tmp_path):

@@ -28,6 +28,7 @@ from torch import nn
 from ..config import PerChannel, PerTensor, QDtype
 from ..functional import fake_quantize, reduce_minmax
 from ..qparams import choose_qparams
+from ..sampling import SampleSketch
 
 log = logging.getLogger("octoquant")
 
@@ -176,8 +177,8 @@ _HOMOGENEOUS_METHODS = ("relu", "relu_", "contiguous", "clone")
 _ADDS = (operator.add, operator.iadd, torch.add)
 
 CHANNEL_ALPHAS = (0.15, 0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0)
-# Elements of one consumer's input kept (from the first calibration batch) for the alpha search.
-CHANNEL_SAMPLE_ELEMENTS = 1 << 21
+# Elements of each consumer's input kept (whole images, order-independent) for the alpha search.
+CHANNEL_SAMPLE_BUDGET = 1_000_000
 _S_MIN = 1e-5
 
 
@@ -284,9 +285,16 @@ def find_channel_groups(model: nn.Module) -> list[ChannelGroup]:
     return groups
 
 
-def _fake_static_input(x: torch.Tensor) -> torch.Tensor:
-    """x through a per-tensor asymmetric uint8 quantizer over its own min-max range."""
-    lo, hi = reduce_minmax(x, PerTensor())
+RangeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def minmax_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return reduce_minmax(x, PerTensor())
+
+
+def _fake_static_input(x: torch.Tensor, clip_range: RangeFn) -> torch.Tensor:
+    """x through a per-tensor asymmetric uint8 quantizer over the range `clip_range` picks for it."""
+    lo, hi = clip_range(x)
     scale, zp = choose_qparams(lo, hi, QDtype.UINT8, symmetric=False)
     return fake_quantize(x, scale, zp, PerTensor(), QDtype.UINT8)
 
@@ -307,12 +315,14 @@ def search_channel_alpha(
     consumers: list[nn.Conv2d],
     samples: list[torch.Tensor],
     act_absmax: torch.Tensor,
+    clip_range: RangeFn = minmax_range,
+    bias_corrected: bool = False,
 ) -> tuple[float | None, torch.Tensor, float]:
     """(alpha, s, relative error) minimizing sum_i |conv_i(x_i) - conv_i'(Q(x_i / s))|^2 over the alpha grid.
 
-    conv_i' has the int8 (per-output-channel) weight of conv_i's weight times s; Q quantizes per tensor over the
-    min-max range of x_i / s. alpha None: s = 1. (Searching with the MSE-clipped range the layer will get
-    instead was measured worse on MobileNetV2: KL 0.0288 vs 0.0244 over 1024 crops.)
+    conv_i' has the int8 (per-output-channel) weight of conv_i's weight times s; Q quantizes per tensor over
+    `clip_range(x_i / s)`: the search mirrors the quantizer the layer will get. With `bias_corrected`, each
+    output channel's mean error is removed first (bias correction will remove it). alpha None: s = 1.
     """
     dense = [m for m in consumers if m.groups == 1]
     w_absmax = torch.stack([m.weight.detach().abs().amax(dim=(0, 2, 3)) for m in dense]).amax(dim=0)
@@ -331,8 +341,10 @@ def search_channel_alpha(
             s = torch.where((act_absmax > 0) & (w_absmax > 0), s.clamp_min(_S_MIN), torch.ones_like(s))
         err = 0.0
         for m, x, r in zip(consumers, samples, refs, strict=True):
-            xq = _fake_static_input(x / s.reshape(1, -1, 1, 1))
-            e = r - run(m, xq, _fake_conv_weight(m.weight * _channel_view(m, s)))
+            xq = _fake_static_input(x / s.reshape(1, -1, 1, 1), clip_range)
+            e = r - run(m, xq, _fake_conv_weight(m.weight * _channel_view(m, s)))  # (N, C_out, H, W)
+            if bias_corrected:
+                e = e - e.mean(dim=(0, 2, 3), keepdim=True)
             err += float(e.pow(2).sum())
         if best is None or err < best[0]:
             best = (err, alpha, s)
@@ -340,28 +352,38 @@ def search_channel_alpha(
 
 
 @torch.no_grad()
-def equalize_channels(model: nn.Module, run_calibration: Callable[[], None]) -> dict[ChannelGroup, float | None]:
+def equalize_channels(
+    model: nn.Module,
+    run_calibration: Callable[[], None],
+    clip_range: RangeFn = minmax_range,
+    bias_corrected: bool = False,
+) -> dict[ChannelGroup, float | None]:
     """Rescale every channel group of `model` in place (a float identity); returns the alpha chosen per group.
 
     `run_calibration()` runs the model over calibration data once: each consumer's per-channel input maximum is
-    taken over all of it, and its first input is kept (up to CHANNEL_SAMPLE_ELEMENTS) for the alpha search.
+    taken over all of it, and an order-independent sample of its input images (`SampleSketch`) is kept for the
+    alpha search, so the chosen scales do not depend on how the calibration data is batched or ordered.
+    `clip_range(x) -> (lo, hi)` and `bias_corrected` describe the static input quantizer the consumers will get
+    (`search_channel_alpha`). Measured on MobileNetV2 (1024 crops, KL vs FP32): mirroring the pipeline (MSE
+    clip, bias-corrected error) 0.0268; min-max clip 0.0332; MSE clip without centering 0.0291; one fixed
+    alpha 0.5 0.0319; no channel equalization 0.0333.
     """
     groups = find_channel_groups(model)
     if not groups:
         return {}
     absmax: dict[str, torch.Tensor] = {}
-    samples: dict[str, torch.Tensor] = {}
+    samples: dict[str, SampleSketch] = {}
+    unusable: set[str] = set()
 
     def hook(name):
         def fn(module, args):
             x = args[0].detach().to(torch.float32)
-            if x.dim() != 4:
-                return  # an unbatched input: the group is left alone
+            if x.dim() != 4 or not torch.isfinite(x).all():
+                unusable.add(name)  # unbatched, or NaN/Inf (calibration names the layer): the group is left alone
+                return
             m = x.abs().amax(dim=(0, 2, 3))
             absmax[name] = m if name not in absmax else torch.maximum(absmax[name], m)
-            if name not in samples:
-                keep = max(1, CHANNEL_SAMPLE_ELEMENTS // max(1, x[0].numel()))
-                samples[name] = x[:keep].clone()
+            samples.setdefault(name, SampleSketch(3, CHANNEL_SAMPLE_BUDGET)).add(x)
 
         return fn
 
@@ -374,11 +396,13 @@ def equalize_channels(model: nn.Module, run_calibration: Callable[[], None]) -> 
             h.remove()
     chosen: dict[ChannelGroup, float | None] = {}
     for g in groups:
-        if any(c not in absmax for c in g.consumers):
-            continue  # a consumer the calibration data never reached
+        if any(c not in absmax or c in unusable for c in g.consumers):
+            continue  # a consumer the calibration data never reached, or could not measure
         convs = [model.get_submodule(c) for c in g.consumers]
         amax = torch.stack([absmax[c] for c in g.consumers]).amax(dim=0)
-        alpha, s, rel = search_channel_alpha(convs, [samples[c] for c in g.consumers], amax)
+        alpha, s, rel = search_channel_alpha(
+            convs, [samples[c].units for c in g.consumers], amax, clip_range, bias_corrected
+        )
         chosen[g] = alpha
         log.debug("octoquant: channel group %s: alpha %s, relative error %.3g", g.consumers, alpha, rel)
         if alpha is None:
