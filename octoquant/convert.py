@@ -31,6 +31,10 @@ log = logging.getLogger("octoquant")
 
 __all__ = ["quantize", "sensitivity", "summary", "LayerRecord"]
 
+# Calibrators channel equalization runs with. Measured on MobileNetV2 (KL vs FP32, 256 crops, without -> with):
+# mse 0.0328 -> 0.0271, minmax 0.0451 -> 0.0336, auto 0.0330 -> 0.0262; but percentile 0.0361 -> 0.0555 and
+# entropy 0.0752 -> 0.1235 (their tail clips, chosen on flattened channels, cut more signal): skipped for those.
+CHANNEL_EQUALIZATION_CALIBRATORS = (Calibrator.MSE, Calibrator.MINMAX, Calibrator.AUTO)
 # Calibrators `auto` chooses among, and the percentile it tries.
 AUTO_CANDIDATES = (Calibrator.MINMAX, Calibrator.PERCENTILE, Calibrator.ENTROPY, Calibrator.MSE)
 
@@ -417,6 +421,7 @@ def _prepare(model, config, calib, exclude, inplace, backend, progress):
             config.equalize_channels
             and config.mode is QuantMode.W8A8_STATIC
             and isinstance(config.weight_granularity, PerChannel)
+            and config.calibrator in CHANNEL_EQUALIZATION_CALIBRATORS
         ):
             equalize_channels(work, calibration_pass, _clip_range_of(config), config.bias_correction)
     from .transforms import find_conv_activation_pairs
