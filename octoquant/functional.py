@@ -149,6 +149,19 @@ def fake_quantize(
     return dequantize(q, scale, zero_point, granularity).to(x.dtype)
 
 
+def fake_quantize_weight(w: torch.Tensor) -> torch.Tensor:
+    """w (out, ...) through symmetric per-output-channel int8 over its min-max: the default weight quantizer."""
+    lo, hi = reduce_minmax(w, PerChannel(0))
+    scale, _ = choose_qparams(lo, hi, QDtype.INT8, symmetric=True)
+    return fake_quantize(w, scale, 0, PerChannel(0), QDtype.INT8)
+
+
+def fake_quantize_static(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """x through the default static activation quantizer (per-tensor asymmetric uint8) over [lo, hi]."""
+    scale, zp = choose_qparams(lo, hi, QDtype.UINT8, symmetric=False)
+    return fake_quantize(x, scale, zp, PerTensor(), QDtype.UINT8)
+
+
 def quantize_dynamic(
     x: torch.Tensor,
     granularity: Granularity = PerToken(),

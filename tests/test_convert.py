@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import octoquant as oq
+from octoquant.functional import fake_quantize_weight
 from octoquant.nn import QConv2d, QLinear
 from octoquant.transforms import (
     ChannelClamp,
@@ -18,7 +19,7 @@ from octoquant.transforms import (
     find_depthwise_pairs,
     fold_batchnorm,
 )
-from octoquant.transforms.equalize import _fake_conv_weight, _fake_static_input, minmax_range, search_channel_alpha
+from octoquant.transforms.equalize import _fake_static_input, minmax_range, search_channel_alpha
 
 # float32 transforms reorder arithmetic: outputs agree to this relative tolerance
 FLOAT_IDENTITY_RTOL = 1e-4
@@ -181,7 +182,7 @@ def test_search_channel_alpha_cuts_int8_error_of_outlier_channels():
         ref = conv(x)
         out = nn.functional.conv2d(
             _fake_static_input(x / s.reshape(1, -1, 1, 1), minmax_range),
-            _fake_conv_weight(conv.weight * s.reshape(1, -1, 1, 1)),
+            fake_quantize_weight(conv.weight * s.reshape(1, -1, 1, 1)),
             conv.bias,
         )
         return float((ref - out).pow(2).sum() / ref.pow(2).sum())

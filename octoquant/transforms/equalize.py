@@ -25,9 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PerChannel, PerTensor, QDtype
-from ..functional import fake_quantize, reduce_minmax
-from ..qparams import choose_qparams
+from ..config import PerTensor
+from ..functional import fake_quantize_static, fake_quantize_weight, reduce_minmax
 from ..sampling import SampleSketch
 
 log = logging.getLogger("octoquant")
@@ -59,16 +58,23 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(model, _LeafTracer().trace(model))
 
 
+def trace_or_none(model: nn.Module, skipped: str) -> torch.fx.GraphModule | None:
+    """`trace(model)`, or None (logged: `skipped` does not run) when the model is not symbolically traceable."""
+    try:
+        return trace(model)
+    except Exception as e:  # noqa: BLE001 - any tracing failure just means: this rewrite is skipped
+        log.info("octoquant: %s skipped (model not fx-traceable: %s)", skipped, type(e).__name__)
+        return None
+
+
 def _is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
 
 def find_depthwise_pairs(model: nn.Module) -> list[tuple[str, list[str], str]]:
     """(producer conv, element-wise modules between, depthwise conv) triples, by fx dataflow."""
-    try:
-        gm = trace(model)
-    except Exception as e:  # noqa: BLE001 - any tracing failure just means: no equalization
-        log.info("octoquant: depthwise equalization skipped (model not fx-traceable: %s)", type(e).__name__)
+    gm = trace_or_none(model, "depthwise equalization")
+    if gm is None:
         return []
     modules = dict(gm.named_modules())
     pairs = []
@@ -221,10 +227,8 @@ def find_channel_groups(model: nn.Module) -> list[ChannelGroup]:
     per-channel scale (the model output, a flatten, a concat, a multiply, a non-homogeneous activation), when
     a module in it is called more than once (shared weights), or when channel counts disagree.
     """
-    try:
-        gm = trace(model)
-    except Exception as e:  # noqa: BLE001 - any tracing failure just means: no equalization
-        log.info("octoquant: channel equalization skipped (model not fx-traceable: %s)", type(e).__name__)
+    gm = trace_or_none(model, "channel equalization")
+    if gm is None:
         return []
     modules = dict(gm.named_modules())
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
@@ -294,15 +298,7 @@ def minmax_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _fake_static_input(x: torch.Tensor, clip_range: RangeFn) -> torch.Tensor:
     """x through a per-tensor asymmetric uint8 quantizer over the range `clip_range` picks for it."""
-    lo, hi = clip_range(x)
-    scale, zp = choose_qparams(lo, hi, QDtype.UINT8, symmetric=False)
-    return fake_quantize(x, scale, zp, PerTensor(), QDtype.UINT8)
-
-
-def _fake_conv_weight(w: torch.Tensor) -> torch.Tensor:
-    lo, hi = reduce_minmax(w, PerChannel(0))
-    scale, _ = choose_qparams(lo, hi, QDtype.INT8, symmetric=True)
-    return fake_quantize(w, scale, 0, PerChannel(0), QDtype.INT8)
+    return fake_quantize_static(x, *clip_range(x))
 
 
 def _channel_view(m: nn.Conv2d, s: torch.Tensor) -> torch.Tensor:
@@ -342,7 +338,7 @@ def search_channel_alpha(
         err = 0.0
         for m, x, r in zip(consumers, samples, refs, strict=True):
             xq = _fake_static_input(x / s.reshape(1, -1, 1, 1), clip_range)
-            e = r - run(m, xq, _fake_conv_weight(m.weight * _channel_view(m, s)))  # (N, C_out, H, W)
+            e = r - run(m, xq, fake_quantize_weight(m.weight * _channel_view(m, s)))  # (N, C_out, H, W)
             if bias_corrected:
                 e = e - e.mean(dim=(0, 2, 3), keepdim=True)
             err += float(e.pow(2).sum())

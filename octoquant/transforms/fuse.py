@@ -11,7 +11,7 @@ import logging
 import torch
 from torch import nn
 
-from .equalize import ChannelClamp, trace
+from .equalize import ChannelClamp, trace_or_none
 
 log = logging.getLogger("octoquant")
 
@@ -31,10 +31,8 @@ def activation_upper(m: nn.Module) -> torch.Tensor | None:
 
 def find_conv_activation_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """(conv, activation) module names where the activation is the conv output's only consumer."""
-    try:
-        gm = trace(model)
-    except Exception as e:  # noqa: BLE001 - untraceable models just run unfused
-        log.info("octoquant: activation fusion skipped (model not fx-traceable: %s)", type(e).__name__)
+    gm = trace_or_none(model, "activation fusion")  # untraceable models just run unfused
+    if gm is None:
         return []
     modules = dict(gm.named_modules())
     pairs = []

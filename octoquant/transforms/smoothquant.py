@@ -21,9 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import PerChannel, PerTensor, PerToken, QDtype, QuantMode
-from ..functional import fake_quantize, quantize_dynamic, reduce_minmax
-from ..qparams import choose_qparams
+from ..config import PerTensor, PerToken, QDtype, QuantMode
+from ..functional import fake_quantize_static, fake_quantize_weight, quantize_dynamic, reduce_minmax
 
 log = logging.getLogger("octoquant.smoothquant")
 
@@ -100,15 +99,7 @@ def _fake_act(x: torch.Tensor, mode: QuantMode) -> torch.Tensor:
     if mode is QuantMode.W8A8_DYNAMIC:
         q, s, _ = quantize_dynamic(x, PerToken(), QDtype.INT8, symmetric=True)
         return q.float() * s.reshape(-1, 1)
-    lo, hi = reduce_minmax(x, PerTensor())
-    scale, zp = choose_qparams(lo, hi, QDtype.UINT8, symmetric=False)
-    return fake_quantize(x, scale, zp, PerTensor(), QDtype.UINT8)
-
-
-def _fake_weight(w: torch.Tensor) -> torch.Tensor:
-    lo, hi = reduce_minmax(w, PerChannel(0))
-    scale, _ = choose_qparams(lo, hi, QDtype.INT8, symmetric=True)
-    return fake_quantize(w, scale, 0, PerChannel(0), QDtype.INT8)
+    return fake_quantize_static(x, *reduce_minmax(x, PerTensor()))
 
 
 def search_alpha(
@@ -129,7 +120,9 @@ def search_alpha(
             s = (act_absmax.pow(alpha) / w_absmax.clamp_min(S_MIN).pow(1 - alpha)).clamp_min(S_MIN)
             s = torch.where((act_absmax > 0) & (w_absmax > 0), s, torch.ones_like(s))
         xq = _fake_act(x / s, mode)
-        err = sum(float((r - xq @ _fake_weight(w * s).T).pow(2).sum()) for r, w in zip(refs, weights, strict=True))
+        err = sum(
+            float((r - xq @ fake_quantize_weight(w * s).T).pow(2).sum()) for r, w in zip(refs, weights, strict=True)
+        )
         if best is None or err < best[0]:
             best = (err, alpha, s)
     return best[1], best[2], best[0] / norm
