@@ -146,17 +146,20 @@ def _materialize(calib: Iterable | None) -> list | None:
     return batches
 
 
+def _input_observer(cal: Calibrator, cfg: Config, name: str) -> Observer:
+    """An observer of calibrator `cal` for a static input quantized as `cfg` says (dtype, percentile)."""
+    scheme = QScheme(cfg.activation_dtype, symmetric=cfg.activation_dtype is QDtype.INT8)
+    kwargs = {"percentile": cfg.percentile} if cal is Calibrator.PERCENTILE else {}
+    return make_observer(cal.value, scheme, name, **kwargs)
+
+
 class _Recorder:
     """Forward pre-hook: feeds a layer's input to its observers and sample sketch."""
 
     def __init__(self, name: str, module: nn.Module, cfg: Config) -> None:
         self.name = name
-        scheme = QScheme(cfg.activation_dtype, symmetric=cfg.activation_dtype.value == "int8")
         cals = AUTO_CANDIDATES if cfg.calibrator is Calibrator.AUTO else (cfg.calibrator,)
-        self.observers: dict[Calibrator, Observer] = {}
-        for c in cals:
-            kwargs = {"percentile": cfg.percentile} if c is Calibrator.PERCENTILE else {}
-            self.observers[c] = make_observer(c.value, scheme, f"{name} (input)", **kwargs)
+        self.observers: dict[Calibrator, Observer] = {c: _input_observer(c, cfg, f"{name} (input)") for c in cals}
         self.sketch = SampleSketch(3 if isinstance(module, nn.Conv2d) else 1)
         self.module = module
         self.hessian: torch.Tensor | None = None
@@ -204,11 +207,9 @@ def _weight_range(w: torch.Tensor, cfg: Config, name: str) -> tuple[torch.Tensor
 def _clip_range_of(cfg: Config) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """x -> (lo, hi): the static input range `cfg`'s calibrator picks for one tensor (auto: mse)."""
     cal = Calibrator.MSE if cfg.calibrator is Calibrator.AUTO else cfg.calibrator
-    scheme = QScheme(cfg.activation_dtype, symmetric=cfg.activation_dtype is QDtype.INT8)
-    kwargs = {"percentile": cfg.percentile} if cal is Calibrator.PERCENTILE else {}
 
     def clip_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        obs = make_observer(cal.value, scheme, "channel-equalization sample", **kwargs)
+        obs = _input_observer(cal, cfg, "channel-equalization sample")
         obs.update(x)
         return obs.compute_range()
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import octoquant as oq
-from octoquant.functional import fake_quantize_weight
+from octoquant.functional import fake_quantize_static, fake_quantize_weight
 from octoquant.nn import QConv2d, QLinear
 from octoquant.transforms import (
     ChannelClamp,
@@ -19,7 +19,7 @@ from octoquant.transforms import (
     find_depthwise_pairs,
     fold_batchnorm,
 )
-from octoquant.transforms.equalize import _fake_static_input, minmax_range, search_channel_alpha
+from octoquant.transforms.equalize import minmax_range, search_channel_alpha
 
 # float32 transforms reorder arithmetic: outputs agree to this relative tolerance
 FLOAT_IDENTITY_RTOL = 1e-4
@@ -179,9 +179,9 @@ def test_search_channel_alpha_cuts_int8_error_of_outlier_channels():
     x[:, [2, 9]] *= 50.0  # two outlier channels set the per-tensor scale
 
     def rel_error(s):
-        ref = conv(x)
+        ref, xs = conv(x), x / s.reshape(1, -1, 1, 1)
         out = nn.functional.conv2d(
-            _fake_static_input(x / s.reshape(1, -1, 1, 1), minmax_range),
+            fake_quantize_static(xs, *minmax_range(xs)),
             fake_quantize_weight(conv.weight * s.reshape(1, -1, 1, 1)),
             conv.bias,
         )

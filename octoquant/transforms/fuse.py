@@ -6,14 +6,10 @@ the activation tensor per layer.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 
 from .equalize import ChannelClamp, trace_or_none
-
-log = logging.getLogger("octoquant")
 
 
 def activation_upper(m: nn.Module) -> torch.Tensor | None:

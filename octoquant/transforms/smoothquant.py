@@ -102,6 +102,14 @@ def _fake_act(x: torch.Tensor, mode: QuantMode) -> torch.Tensor:
     return fake_quantize_static(x, *reduce_minmax(x, PerTensor()))
 
 
+def migration_scales(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float | None) -> torch.Tensor:
+    """s_j = max|X_j| ** alpha / max|W[:, j]| ** (1 - alpha), 1 where either is 0; all ones for alpha None."""
+    if alpha is None:
+        return torch.ones_like(act_absmax)
+    s = (act_absmax.pow(alpha) / w_absmax.clamp_min(S_MIN).pow(1 - alpha)).clamp_min(S_MIN)
+    return torch.where((act_absmax > 0) & (w_absmax > 0), s, torch.ones_like(s))
+
+
 def search_alpha(
     x: torch.Tensor, weights: list[torch.Tensor], act_absmax: torch.Tensor, mode: QuantMode
 ) -> tuple[float | None, torch.Tensor, float]:
@@ -114,11 +122,7 @@ def search_alpha(
     norm = sum(float(r.pow(2).sum()) for r in refs) or 1.0
     best = None
     for alpha in (None, *ALPHAS):
-        if alpha is None:
-            s = torch.ones_like(act_absmax)
-        else:
-            s = (act_absmax.pow(alpha) / w_absmax.clamp_min(S_MIN).pow(1 - alpha)).clamp_min(S_MIN)
-            s = torch.where((act_absmax > 0) & (w_absmax > 0), s, torch.ones_like(s))
+        s = migration_scales(act_absmax, w_absmax, alpha)
         xq = _fake_act(x / s, mode)
         err = sum(
             float((r - xq @ fake_quantize_weight(w * s).T).pow(2).sum()) for r, w in zip(refs, weights, strict=True)
