@@ -813,28 +813,73 @@ void depthwise(const DwArgs& a, int isa, int nthreads) {
 // NHWC u8 (N, H, W, C) -> cols (N*Ho*Wo, ldc): row = output pixel, columns (i, j, c) for the channels
 // [c0, c0 + cg) of tap (i, j); taps outside the image and the columns [kh*kw*cg, ldc) hold `pad` (the
 // zero-point, real 0). One pass, no padded copy of the input.
+// memcpy for the short runs of im2col (a stem's 3x3x3 patch row is 9 bytes): two overlapping loads and stores
+// for 4..16 bytes instead of a library call per run; reads and writes exactly [0, n).
+inline void copy_short(uint8_t* dst, const uint8_t* src, int64_t n) {
+  if (n >= 8 && n <= 16) {
+    uint64_t a, b;
+    std::memcpy(&a, src, 8);
+    std::memcpy(&b, src + n - 8, 8);
+    std::memcpy(dst, &a, 8);
+    std::memcpy(dst + n - 8, &b, 8);
+  } else if (n >= 4 && n < 8) {
+    uint32_t a, b;
+    std::memcpy(&a, src, 4);
+    std::memcpy(&b, src + n - 4, 4);
+    std::memcpy(dst, &a, 4);
+    std::memcpy(dst + n - 4, &b, 4);
+  } else {
+    std::memcpy(dst, src, (size_t)n);
+  }
+}
+
+// Rows [lo, hi) of im2col. Every size is a by-value parameter: byte stores may alias anything in memory, so
+// sizes read through a reference (a lambda's captures) would be reloaded after every store (measured 2x slower).
+void im2col_rows(const uint8_t* x, int64_t H, int64_t W, int64_t C, int64_t c0, int64_t cg, int64_t kh, int64_t kw,
+                 int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t Ho, int64_t Wo,
+                 uint8_t pad, uint8_t* cols, int64_t ldc, int64_t lo, int64_t hi) {
+  const int64_t K = kh * kw * cg, row = kw * cg;
+  const bool runs = dw == 1 && cg == C;  // taps (i, 0..kw) of all channels are adjacent in NHWC memory
+  int64_t n = lo / (Ho * Wo), ho = (lo / Wo) % Ho, wo = lo % Wo - 1;  // advanced at the top of each row
+  for (int64_t r = lo; r < hi; ++r) {
+    if (++wo == Wo) {
+      wo = 0;
+      if (++ho == Ho) ho = 0, ++n;
+    }
+    uint8_t* dst = cols + r * ldc;
+    const int64_t iw0 = wo * sw - pw;
+    for (int64_t i = 0; i < kh; ++i, dst += row) {
+      const int64_t ih = ho * sh - ph + i * dh;
+      if (ih < 0 || ih >= H) {
+        std::memset(dst, pad, (size_t)row);
+      } else if (runs) {  // the row's in-image taps are one contiguous run of the input: one copy
+        const int64_t j0 = std::min<int64_t>(kw, std::max<int64_t>(0, -iw0));
+        const int64_t j1 = std::max<int64_t>(j0, std::min<int64_t>(kw, W - iw0));
+        if (j0 > 0) std::memset(dst, pad, (size_t)(j0 * cg));
+        copy_short(dst + j0 * cg, x + ((n * H + ih) * W + iw0 + j0) * C, (j1 - j0) * cg);
+        if (j1 < kw) std::memset(dst + j1 * cg, pad, (size_t)((kw - j1) * cg));
+      } else {
+        for (int64_t j = 0; j < kw; ++j) {
+          const int64_t iw = iw0 + j * dw;
+          if (iw < 0 || iw >= W) std::memset(dst + j * cg, pad, (size_t)cg);
+          else std::memcpy(dst + j * cg, x + ((n * H + ih) * W + iw) * C + c0, (size_t)cg);
+        }
+      }
+    }
+    for (int64_t k = K; k < ldc; ++k) cols[r * ldc + k] = pad;  // 0..3 bytes: no library call
+  }
+}
+
 void im2col(const uint8_t* x, int64_t N, int64_t H, int64_t W, int64_t C, int64_t c0, int64_t cg, int64_t kh,
             int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t Ho, int64_t Wo,
             uint8_t pad, uint8_t* cols, int64_t ldc, int nthreads) {
-  int64_t rows = N * Ho * Wo, K = kh * kw * cg;
+  int64_t rows = N * Ho * Wo;
   int t = rows * ldc < (1 << 16) ? 1 : (int)std::min<int64_t>(nthreads, rows);
   py::gil_scoped_release nogil;
   pool().run(t, [&](int ti) {
     int64_t lo, hi;
     split(rows, t, ti, &lo, &hi);
-    for (int64_t r = lo; r < hi; ++r) {
-      int64_t n = r / (Ho * Wo), ho = (r / Wo) % Ho, wo = r % Wo;
-      uint8_t* dst = cols + r * ldc;
-      for (int64_t i = 0; i < kh; ++i) {
-        int64_t ih = ho * sh - ph + i * dh;
-        for (int64_t j = 0; j < kw; ++j, dst += cg) {
-          int64_t iw = wo * sw - pw + j * dw;
-          if (ih < 0 || ih >= H || iw < 0 || iw >= W) std::memset(dst, pad, (size_t)cg);
-          else std::memcpy(dst, x + ((n * H + ih) * W + iw) * C + c0, (size_t)cg);
-        }
-      }
-      if (ldc > K) std::memset(cols + r * ldc + K, pad, (size_t)(ldc - K));
-    }
+    im2col_rows(x, H, W, C, c0, cg, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo, pad, cols, ldc, lo, hi);
   });
 }
 
