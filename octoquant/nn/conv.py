@@ -11,9 +11,13 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from ..config import PerChannel, QDtype, QuantMode
+from ..kernels.cpu import scratch
 from ..kernels.reference import ActivationQParams
 from ._base import QuantizedModule, input_qparams, quantize_weight
 
+# the per-thread buffers (kernels.cpu.scratch) a ConvChain's layers write their codes into, alternately
+CHAIN_SLOTS = ("chain-codes-0", "chain-codes-1")
+CHAIN_INPUT_SLOT = "chain-input-codes"  # the first layer's quantized input
 # cached call plans per layer (input shape x qparams); dynamic shapes beyond this start a fresh cache
 PLANS_PER_LAYER = 16
 
@@ -121,22 +125,32 @@ class QConv2d(QuantizedModule):
         s, z = input_qparams((lo, hi), self.input_dtype)
         return ActivationQParams(float(s), int(z), self.input_dtype)
 
-    def input_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, ActivationQParams]:
-        """Float (N, C, H, W) input -> its (N, H, W, C) uint8 codes and their qparams."""
+    def input_codes(self, x: torch.Tensor, scratch_slot: str | None = None) -> tuple[torch.Tensor, ActivationQParams]:
+        """Float (N, C, H, W) input -> its (N, H, W, C) uint8 codes and their qparams (in the per-thread buffer
+        `scratch_slot` where the backend can write into one, see forward_codes)."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"QConv2d expects (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
         in_q = self.input_q(x)
-        return self.backend.quantize_nhwc(x, in_q), in_q
+        if scratch_slot is None or not hasattr(self.backend, "conv_plan"):
+            return self.backend.quantize_nhwc(x, in_q), in_q
+        n, c, h, w = x.shape
+        return self.backend.quantize_nhwc(x, in_q, scratch(scratch_slot, (n, h, w, c))), in_q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.forward_codes(*self.input_codes(x))  # (N, Ho, Wo, O)
         return y.permute(0, 3, 1, 2).to(x.dtype)  # NCHW view of NHWC memory
 
     def forward_codes(
-        self, a: torch.Tensor, in_q: ActivationQParams, out_q: ActivationQParams | None = None
+        self,
+        a: torch.Tensor,
+        in_q: ActivationQParams,
+        out_q: ActivationQParams | None = None,
+        scratch_slot: str | None = None,
     ) -> torch.Tensor:
         """(N, H, W, C) uint8 codes of `in_q` -> (N, Ho, Wo, O) float32, or codes of `out_q` (requantized in the
-        kernel epilogue: bit-identical to quantizing this layer's float output)."""
+        kernel epilogue: bit-identical to quantizing this layer's float output). With `scratch_slot`, a backend
+        that can write into a given tensor puts the result in that per-thread reusable buffer
+        (`kernels.cpu.scratch`): for results dead before the slot's next use."""
         backend, packed = self.backend, self.packed()
         if not hasattr(backend, "conv_plan"):
             return backend.conv2d_codes(a, packed, self.stride, self.padding, self.dilation, in_q, out_q)
@@ -148,7 +162,14 @@ class QConv2d(QuantizedModule):
         if entry is None or entry[0] is not in_q or entry[1] is not out_q:
             plan = backend.conv_plan(a.shape, packed, self.stride, self.padding, self.dilation, in_q, out_q)
             entry = self._plans[key] = (in_q, out_q, plan)
-        return entry[2](a)
+        if scratch_slot is None:
+            return entry[2](a)
+        n, h, w, _ = a.shape
+        kh, kw = self.kernel_size
+        ho = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        wo = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        dtype = torch.float32 if out_q is None else torch.uint8
+        return entry[2](a, scratch(scratch_slot, (n, ho, wo, self.out_channels), dtype))
 
     def extra_repr(self) -> str:
         return (
@@ -214,9 +235,11 @@ class ConvChain(nn.Sequential):
                 x = layer(x)
                 continue
             if codes is None:
-                codes, in_q = layer.input_codes(x)
+                codes, in_q = layer.input_codes(x, CHAIN_INPUT_SLOT)
             out_q = layers[i + 1].input_q() if i < len(links) and links[i] else None
-            y = layer.forward_codes(codes, in_q, out_q)
+            # codes handed to the next layer are dead once it ran: two per-thread buffers, used in turn
+            slot = None if out_q is None else CHAIN_SLOTS[i % 2]
+            y = layer.forward_codes(codes, in_q, out_q, slot)
             if out_q is None:
                 x, codes = y.permute(0, 3, 1, 2), None  # NCHW view of NHWC memory, as QConv2d returns
             else:

@@ -199,6 +199,26 @@ def test_conv2d_codes_requantized_bit_equal(fast, cfg, out_name, clamp):
     assert len(y.unique()) > 20  # the scales above spread the outputs over many codes (not a saturated test)
 
 
+@pytest.mark.parametrize("q", list(OUT_QS.values()), ids=list(OUT_QS))
+def test_quantize_nhwc_every_layout_bit_equal(fast, q):
+    """NCHW-contiguous input (the layout change fused with quantization), channels_last, a strided view and a
+    non-float32 input all give the reference's codes, values beyond the range saturating; `out` is filled."""
+    x = torch.randn(3, 5, 13, 17) * 3  # 221 pixels: 64-pixel blocks and a tail; |x| / scale beyond 255
+    for view in (
+        x,
+        x.contiguous(memory_format=torch.channels_last),
+        x[:, :, :, 2:15],
+        x.double(),
+    ):
+        ref = REF.quantize_nhwc(view.float(), q)
+        assert torch.equal(fast.quantize_nhwc(view, q), ref)
+        out = torch.empty_like(ref)
+        assert fast.quantize_nhwc(view, q, out) is out and torch.equal(out, ref)
+    assert {0, 255} <= set(ref.unique().tolist())  # saturated both ways
+    with pytest.raises(ValueError, match="out must be contiguous uint8"):
+        fast.quantize_nhwc(x, q, torch.empty(3, 13, 17, 4, dtype=torch.uint8))
+
+
 def test_conv2d_codes_channel_mismatch_is_refused(fast):
     a = torch.zeros(1, 4, 4, 8, dtype=torch.uint8)
     p = fast.pack_conv(rand_i8(6, 16, 1, 1), torch.ones(6), None, 1)

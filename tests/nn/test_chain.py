@@ -73,9 +73,9 @@ def _spy_requantized(monkeypatch, model) -> list:
     calls = []
     orig = QConv2d.forward_codes
 
-    def spy(self, a, in_q, out_q=None):
+    def spy(self, a, in_q, out_q=None, scratch_slot=None):
         calls.append(out_q)
-        return orig(self, a, in_q, out_q)
+        return orig(self, a, in_q, out_q, scratch_slot)
 
     monkeypatch.setattr(QConv2d, "forward_codes", spy)
     return calls

@@ -645,6 +645,26 @@ AVX2_TARGET void quantize_static_avx2(const float* x, int64_t n, float scale, in
   for (; i < n; ++i) out[i] = q_u8(x[i], scale, zp, qmin, qmax, shift);
 }
 
+// NCHW float -> NHWC u8 codes in one pass (the layout change of a network's input, fused with its
+// quantization: no float NHWC copy). Per image, blocks of 64 pixels: each channel's 64 contiguous values are
+// quantized as quantize_static does, then interleaved. Pixels [p_lo, p_hi) of image n.
+void quantize_nchw_block(const float* x, int64_t C, int64_t HW, int64_t n, int64_t p_lo, int64_t p_hi, float scale,
+                         int32_t zp, int32_t qmin, int32_t qmax, int32_t shift, uint8_t* out, int isa,
+                         uint8_t* tmp /* C * 64 */) {
+  for (int64_t p0 = p_lo; p0 < p_hi; p0 += 64) {
+    const int64_t np = std::min<int64_t>(64, p_hi - p0);
+    for (int64_t c = 0; c < C; ++c) {
+      const float* src = x + (n * C + c) * HW + p0;
+      if (isa == ISA_AVX512VNNI) quantize_static_avx512(src, np, scale, zp, qmin, qmax, shift, tmp + c * 64);
+      else if (isa == ISA_AVX2) quantize_static_avx2(src, np, scale, zp, qmin, qmax, shift, tmp + c * 64);
+      else for (int64_t j = 0; j < np; ++j) tmp[c * 64 + j] = q_u8(src[j], scale, zp, qmin, qmax, shift);
+    }
+    uint8_t* dst = out + (n * HW + p0) * C;
+    for (int64_t j = 0; j < np; ++j)
+      for (int64_t c = 0; c < C; ++c) dst[j * C + c] = tmp[c * 64 + j];
+  }
+}
+
 // ------------------------------------------------------------------------------------------------ W8A16
 // Weight-only: float activations x (M, K) times int8 weights packed [NB][K][16], per-group scales
 // packed [NB][G][16]: y[m,n] = sum_g scale[n,g] * sum_{k in g} x[m,k] * w[n,k]  (+ bias[n]).
@@ -1018,6 +1038,24 @@ PYBIND11_MODULE(_C, m) {
       else if (isa == ISA_AVX2) quantize_row_dynamic_avx2(xr, K, o, s);
       else quantize_row_dynamic_scalar(xr, K, o, s);
     }
+  });
+
+  m.def("quantize_nchw_nhwc", [](uintptr_t x, int64_t N, int64_t C, int64_t HW, float scale, int32_t zp, int32_t qmin,
+                                 int32_t qmax, int32_t shift, uintptr_t out, int isa, int nthreads) {
+    isa = check_isa(isa);
+    const int64_t blocks = (HW + 63) / 64, units = N * blocks;  // work unit: 64 pixels of one image
+    int t = N * C * HW < (1 << 16) ? 1 : (int)std::min<int64_t>(nthreads, units);
+    py::gil_scoped_release nogil;
+    pool().run(t, [&, isa](int i) {
+      int64_t lo, hi;
+      split(units, t, i, &lo, &hi);
+      std::vector<uint8_t> tmp((size_t)(C * 64));
+      for (int64_t u = lo; u < hi; ++u) {
+        int64_t n = u / blocks, b = u % blocks;
+        quantize_nchw_block((const float*)x, C, HW, n, b * 64, std::min(HW, (b + 1) * 64), scale, zp, qmin, qmax,
+                            shift, (uint8_t*)out, isa, tmp.data());
+      }
+    });
   });
 
   m.def("quantize_static", [](uintptr_t x, int64_t n, float scale, int32_t zp, int32_t qmin, int32_t qmax,
