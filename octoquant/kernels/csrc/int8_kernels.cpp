@@ -320,7 +320,7 @@ VNNI_TARGET inline void epilogue_vnni(const GemmArgs& g, int64_t m, int64_t n0, 
 // NB*MR int32 accumulators (<= 16 zmm). Partial sums live in `part` (MR x 64 int32) between K chunks; the last
 // chunk runs the epilogue.
 template <int MR, int NB>
-VNNI_TARGET void tile_vnni(const GemmArgs& g, int64_t m0, int64_t t, int64_t k4_lo, int64_t k4_hi, int32_t* part,
+__attribute__((noinline)) VNNI_TARGET void tile_vnni(const GemmArgs& g, int64_t m0, int64_t t, int64_t k4_lo, int64_t k4_hi, int32_t* part,
                            bool first, bool last, int64_t pf) {
   const int64_t K4 = g.Kp / 4;
   __m512i acc[MR][NB];
@@ -329,16 +329,23 @@ VNNI_TARGET void tile_vnni(const GemmArgs& g, int64_t m0, int64_t t, int64_t k4_
       acc[r][b] = first ? _mm512_setzero_si512() : _mm512_loadu_si512((const void*)(part + r * 64 + b * 16));
   const int8_t* w = g.w + t * K4 * 256;
   const uint8_t* a = g.a + m0 * g.lda;
+  const int64_t lda = g.lda;
+  // Fully unrolled (pragmas): the accumulators must stay in registers. Without them GCC kept acc[][] on the
+  // stack and stored it every k step (a store-to-load chain per step: 2x slower on a conv's small-K GEMM).
   for (int64_t k4 = k4_lo; k4 < k4_hi; ++k4) {
     const int8_t* wk = w + k4 * 256;
     // pf bytes ahead (see gemm_vnni); prefetching past the end of the weights is harmless (no fault)
+#pragma GCC unroll 4
     for (int l = 0; l < NB; ++l) _mm_prefetch((const char*)(wk + pf + 64 * l), _MM_HINT_T1);
     __m512i wv[NB];
+#pragma GCC unroll 4
     for (int b = 0; b < NB; ++b) wv[b] = _mm512_loadu_si512((const void*)(wk + 64 * b));
+#pragma GCC unroll 4
     for (int r = 0; r < MR; ++r) {
       int32_t a4;
-      std::memcpy(&a4, a + r * g.lda + k4 * 4, 4);
+      std::memcpy(&a4, a + r * lda + k4 * 4, 4);
       __m512i av = _mm512_set1_epi32(a4);
+#pragma GCC unroll 4
       for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], av, wv[b]);
     }
   }
