@@ -283,12 +283,6 @@ void gemm_scalar(const GemmArgs& g, int64_t nb_lo, int64_t nb_hi, int64_t m_lo, 
 // ------------------------------------------------------------------------------------------------ AVX-512 VNNI
 #define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,fma")))
 
-VNNI_TARGET inline __m128i requantize_avx512(__m512 v, const OutQ& q) {
-  __m512 r = _mm512_roundscale_ps(_mm512_div_ps(v, _mm512_set1_ps(q.scale)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  r = _mm512_min_ps(_mm512_max_ps(r, _mm512_set1_ps(q.lo)), _mm512_set1_ps(q.hi));
-  return _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(r), _mm512_set1_epi32(q.add)));
-}
-
 // The epilogue with EpilogueConsts (g.off_colsum set).
 VNNI_TARGET inline void epilogue_vnni(const GemmArgs& g, int64_t m, int64_t n0, __m512i s, int valid) {
   __m512i acc = _mm512_sub_epi32(s, _mm512_loadu_si512((const void*)(g.off_colsum + n0)));
@@ -785,6 +779,11 @@ struct DwArgs {
   const int32_t* w; int64_t kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo;
   int32_t offset; float in_scale; const float* col_scale; const float* bias; const float* clamp_hi; float* y;
   OutQ out_q;  // out_q.y set: u8 output (N, Ho, Wo, C), requantized
+  // Filled by depthwise() for the AVX-512 epilogue (see EpilogueConsts): in_scale * col_scale[c], and the
+  // requantized output's bounds with the fused clamp folded in.
+  const float* static_scale = nullptr;
+  const float* q_lo = nullptr;
+  const float* q_hi = nullptr;
 };
 
 struct Taps {  // the in-image taps of one output pixel
@@ -821,38 +820,74 @@ inline void dw_pixel_scalar(const DwArgs& a, const uint8_t* img, const Taps& t, 
   }
 }
 
+// With the per-channel constants of EpilogueConsts (a.static_scale; a.q_lo / a.q_hi when requantizing).
 VNNI_TARGET inline void dw_store_avx512(const DwArgs& a, __m512i acc, int64_t pix, int64_t c) {
-  __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(_mm512_set1_ps(a.in_scale), _mm512_loadu_ps(a.col_scale + c)));
+  __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_loadu_ps(a.static_scale + c));
   if (a.bias) v = _mm512_add_ps(v, _mm512_loadu_ps(a.bias + c));
+  if (a.out_q.y) {
+    __m512 r = _mm512_roundscale_ps(_mm512_div_ps(v, _mm512_set1_ps(a.out_q.scale)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm512_min_ps(_mm512_max_ps(r, _mm512_loadu_ps(a.q_lo + c)), _mm512_loadu_ps(a.q_hi + c));
+    __m128i q = _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(r), _mm512_set1_epi32(a.out_q.add)));
+    _mm_storeu_si128((__m128i*)(a.out_q.y + pix * a.C + c), q);
+    return;
+  }
   if (a.clamp_hi) v = _mm512_min_ps(_mm512_max_ps(v, _mm512_setzero_ps()), _mm512_loadu_ps(a.clamp_hi + c));
-  if (a.out_q.y) _mm_storeu_si128((__m128i*)(a.out_q.y + pix * a.C + c), requantize_avx512(v, a.out_q));
-  else _mm512_storeu_ps(a.y + pix * a.C + c, v);
+  _mm512_storeu_ps(a.y + pix * a.C + c, v);
 }
 
-// NB blocks of 16 channels at once: NB independent accumulator chains (one chain of 9 dependent vpdpwssd per
-// block was latency-bound: ~5 cycles each).
-template <int NB>
-VNNI_TARGET inline void dw_blocks_avx512(const DwArgs& a, const uint8_t* img, const Taps& t, int64_t pix, int64_t c) {
+// NB blocks of 16 channels of P adjacent output pixels (same taps, inputs sw * C bytes apart): NB * P
+// independent accumulator chains (one chain of 9 dependent vpdpwssd was latency-bound: ~5 cycles each).
+template <int NB, int P>
+__attribute__((noinline)) VNNI_TARGET void dw_blocks_avx512(const DwArgs& a, const uint8_t* img, const Taps& t,
+                                                            int64_t pix, int64_t c) {
   const __m512i off = _mm512_set1_epi32(a.offset);
-  __m512i acc[NB];
-  for (int b = 0; b < NB; ++b) acc[b] = _mm512_setzero_si512();
+  const int64_t step = a.sw * a.C;
+  __m512i acc[P][NB];
+#pragma GCC unroll 4
+  for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) acc[p][b] = _mm512_setzero_si512();
   for (int64_t i = t.i0; i < t.i1; ++i)
     for (int64_t j = t.j0; j < t.j1; ++j) {
       const uint8_t* px = img + ((t.ih0 + i * a.dh) * a.W + t.iw0 + j * a.dw) * a.C + c;
       const int32_t* wp = a.w + (i * a.kw + j) * a.C + c;
-      for (int b = 0; b < NB; ++b) {
-        __m512i xv = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(px + 16 * b)));
-        acc[b] = _mm512_dpwssd_epi32(acc[b], _mm512_sub_epi32(xv, off), _mm512_loadu_si512((const void*)(wp + 16 * b)));
-      }
+      __m512i wv[NB];
+#pragma GCC unroll 4
+      for (int b = 0; b < NB; ++b) wv[b] = _mm512_loadu_si512((const void*)(wp + 16 * b));
+#pragma GCC unroll 4
+      for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+        for (int b = 0; b < NB; ++b) {
+          __m512i xv = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(px + p * step + 16 * b)));
+          acc[p][b] = _mm512_dpwssd_epi32(acc[p][b], _mm512_sub_epi32(xv, off), wv[b]);
+        }
     }
-  for (int b = 0; b < NB; ++b) dw_store_avx512(a, acc[b], pix, c + 16 * b);
+  for (int p = 0; p < P; ++p)
+    for (int b = 0; b < NB; ++b) dw_store_avx512(a, acc[p][b], pix + p, c + 16 * b);
 }
 
-VNNI_TARGET void dw_pixel_avx512(const DwArgs& a, const uint8_t* img, const Taps& t, int64_t pix) {
+// P pixels (P = 1, or 4 interior pixels sharing the full tap set): whole 16-channel blocks, then the scalar tail.
+template <int P>
+VNNI_TARGET void dw_pixels_avx512(const DwArgs& a, const uint8_t* img, const Taps& t, int64_t pix) {
   int64_t c = 0;
-  for (; c + 64 <= a.C; c += 64) dw_blocks_avx512<4>(a, img, t, pix, c);
-  for (; c + 16 <= a.C; c += 16) dw_blocks_avx512<1>(a, img, t, pix, c);
-  dw_pixel_scalar(a, img, t, pix, c, a.C);
+  if (P == 1) {
+    for (; c + 64 <= a.C; c += 64) dw_blocks_avx512<4, 1>(a, img, t, pix, c);
+  } else {
+    for (; c + 32 <= a.C; c += 32) dw_blocks_avx512<2, P>(a, img, t, pix, c);
+  }
+  if (c + 32 <= a.C) {
+    dw_blocks_avx512<2, P>(a, img, t, pix, c);
+    c += 32;
+  }
+  if (c + 16 <= a.C) {
+    dw_blocks_avx512<1, P>(a, img, t, pix, c);
+    c += 16;
+  }
+  if (c < a.C) {
+    Taps tp = t;
+    for (int p = 0; p < P; ++p, tp.iw0 += a.sw) dw_pixel_scalar(a, img, tp, pix + p, c, a.C);
+  }
 }
 
 AVX2_TARGET void dw_pixel_avx2(const DwArgs& a, const uint8_t* img, const Taps& t, int64_t pix) {
@@ -877,7 +912,18 @@ AVX2_TARGET void dw_pixel_avx2(const DwArgs& a, const uint8_t* img, const Taps& 
   dw_pixel_scalar(a, img, t, pix, c, a.C);
 }
 
-void depthwise(const DwArgs& a, int isa, int nthreads) {
+void depthwise(const DwArgs& args, int isa, int nthreads) {
+  DwArgs a = args;
+  std::vector<float> static_scale((size_t)a.C), q_lo, q_hi;
+  for (int64_t c = 0; c < a.C; ++c) static_scale[c] = a.in_scale * a.col_scale[c];
+  a.static_scale = static_scale.data();
+  if (a.out_q.y) {
+    q_lo.resize((size_t)a.C);
+    q_hi.resize((size_t)a.C);
+    EpilogueConsts::fold_clamp(a.out_q, a.clamp_hi, a.C, q_lo.data(), q_hi.data());
+    a.q_lo = q_lo.data();
+    a.q_hi = q_hi.data();
+  }
   int64_t rows = a.N * a.Ho;
   int t = threads_for(rows * a.Wo * a.C * a.kh * a.kw * 8, rows, nthreads);
   py::gil_scoped_release nogil;
@@ -890,7 +936,16 @@ void depthwise(const DwArgs& a, int isa, int nthreads) {
       for (int64_t wo = 0; wo < a.Wo; ++wo) {
         Taps tp = taps_of(a, ho, wo);
         int64_t pix = (n * a.Ho + ho) * a.Wo + wo;
-        if (isa == ISA_AVX512VNNI) dw_pixel_avx512(a, img, tp, pix);
+        if (isa == ISA_AVX512VNNI) {
+          // 4 interior pixels at once (all taps in the image for the first and so for every one of them)
+          bool full = tp.i0 == 0 && tp.i1 == a.kh && tp.j0 == 0 && tp.j1 == a.kw && wo + 3 < a.Wo;
+          if (full && taps_of(a, ho, wo + 3).j1 == a.kw) {
+            dw_pixels_avx512<4>(a, img, tp, pix);
+            wo += 3;
+          } else {
+            dw_pixels_avx512<1>(a, img, tp, pix);
+          }
+        }
         else if (isa == ISA_AVX2) dw_pixel_avx2(a, img, tp, pix);
         else dw_pixel_scalar(a, img, tp, pix, 0, a.C);
       }
