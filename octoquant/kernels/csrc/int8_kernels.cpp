@@ -283,6 +283,16 @@ void gemm_scalar(const GemmArgs& g, int64_t nb_lo, int64_t nb_hi, int64_t m_lo, 
 // ------------------------------------------------------------------------------------------------ AVX-512 VNNI
 #define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,fma")))
 
+// u8 codes of y: clamp(round_half_even(y / scale), lo[j], hi[j]) + add, with the integer-valued bounds of
+// EpilogueConsts. Clamping before rounding is the same (rounding is monotone and keeps integers), so one
+// conversion with embedded round-to-nearest-even does both the rounding and the float -> int step.
+VNNI_TARGET inline __m128i requantize_consts_avx512(__m512 y, const OutQ& q, const float* lo, const float* hi) {
+  __m512 r = _mm512_div_ps(y, _mm512_set1_ps(q.scale));
+  r = _mm512_min_ps(_mm512_max_ps(r, _mm512_loadu_ps(lo)), _mm512_loadu_ps(hi));
+  __m512i i = _mm512_cvt_roundps_epi32(r, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_cvtepi32_epi8(_mm512_add_epi32(i, _mm512_set1_epi32(q.add)));
+}
+
 // The epilogue with EpilogueConsts (g.off_colsum set).
 VNNI_TARGET inline void epilogue_vnni(const GemmArgs& g, int64_t m, int64_t n0, __m512i s, int valid) {
   __m512i acc = _mm512_sub_epi32(s, _mm512_loadu_si512((const void*)(g.off_colsum + n0)));
@@ -296,10 +306,7 @@ VNNI_TARGET inline void epilogue_vnni(const GemmArgs& g, int64_t m, int64_t n0, 
   __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), scale);
   if (g.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, g.bias + n0));
   if (g.out_q.y) {
-    __m512 r = _mm512_roundscale_ps(_mm512_div_ps(v, _mm512_set1_ps(g.out_q.scale)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    r = _mm512_min_ps(_mm512_max_ps(r, _mm512_loadu_ps(g.q_lo + n0)), _mm512_loadu_ps(g.q_hi + n0));
-    __m128i q = _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(r), _mm512_set1_epi32(g.out_q.add)));
+    __m128i q = requantize_consts_avx512(v, g.out_q, g.q_lo + n0, g.q_hi + n0);
     // a full block takes a plain store: a masked byte store is several times slower on Zen 4 (measured)
     if (valid >= 16) _mm_storeu_si128((__m128i*)(g.out_q.y + m * g.ldy + n0), q);
     else _mm_mask_storeu_epi8(g.out_q.y + m * g.ldy + n0, mask, q);
@@ -307,6 +314,27 @@ VNNI_TARGET inline void epilogue_vnni(const GemmArgs& g, int64_t m, int64_t n0, 
   }
   if (g.clamp_hi) v = _mm512_min_ps(_mm512_max_ps(v, _mm512_setzero_ps()), _mm512_loadu_ps(g.clamp_hi + n0));
   _mm512_mask_storeu_ps(g.y + m * g.ldy + n0, mask, v);
+}
+
+// The requantizing epilogue of NB full 16-column blocks of one row (static scale), stage by stage across the
+// blocks so their long dependency chains (a divide among them) overlap: the same operations as epilogue_vnni.
+template <int NB>
+VNNI_TARGET inline void epilogue_row_u8_vnni(const GemmArgs& g, int64_t m, int64_t n0, const __m512i* s) {
+  __m512 v[NB];
+#pragma GCC unroll 4
+  for (int b = 0; b < NB; ++b) {
+    __m512i acc = _mm512_sub_epi32(s[b], _mm512_loadu_si512((const void*)(g.off_colsum + n0 + 16 * b)));
+    v[b] = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_loadu_ps(g.static_scale + n0 + 16 * b));
+  }
+  if (g.bias) {
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) v[b] = _mm512_add_ps(v[b], _mm512_loadu_ps(g.bias + n0 + 16 * b));
+  }
+  uint8_t* out = g.out_q.y + m * g.ldy + n0;
+#pragma GCC unroll 4
+  for (int b = 0; b < NB; ++b)
+    _mm_storeu_si128((__m128i*)(out + 16 * b), requantize_consts_avx512(v[b], g.out_q, g.q_lo + n0 + 16 * b,
+                                                                        g.q_hi + n0 + 16 * b));
 }
 
 // MR rows x the first NB 16-column blocks of one 64-column tile (NB < 4 only in a last, partial tile: a conv
@@ -343,7 +371,12 @@ __attribute__((noinline)) VNNI_TARGET void tile_vnni(const GemmArgs& g, int64_t 
       for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], av, wv[b]);
     }
   }
-  for (int r = 0; r < MR; ++r)
+  const bool full = (t * 4 + NB) * 16 <= g.N;
+  for (int r = 0; r < MR; ++r) {
+    if (last && full && g.out_q.y && g.static_scale) {
+      epilogue_row_u8_vnni<NB>(g, m0 + r, t * 64, acc[r]);
+      continue;
+    }
     for (int b = 0; b < NB; ++b) {
       if (!last) {
         _mm512_storeu_si512((void*)(part + r * 64 + b * 16), acc[r][b]);
@@ -352,6 +385,7 @@ __attribute__((noinline)) VNNI_TARGET void tile_vnni(const GemmArgs& g, int64_t 
       int64_t n0 = (t * 4 + b) * 16;
       if (n0 < g.N) epilogue_vnni(g, m0 + r, n0, acc[r][b], (int)std::min<int64_t>(16, g.N - n0));
     }
+  }
 }
 
 template <int NB>
@@ -825,10 +859,7 @@ VNNI_TARGET inline void dw_store_avx512(const DwArgs& a, __m512i acc, int64_t pi
   __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_loadu_ps(a.static_scale + c));
   if (a.bias) v = _mm512_add_ps(v, _mm512_loadu_ps(a.bias + c));
   if (a.out_q.y) {
-    __m512 r = _mm512_roundscale_ps(_mm512_div_ps(v, _mm512_set1_ps(a.out_q.scale)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    r = _mm512_min_ps(_mm512_max_ps(r, _mm512_loadu_ps(a.q_lo + c)), _mm512_loadu_ps(a.q_hi + c));
-    __m128i q = _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(r), _mm512_set1_epi32(a.out_q.add)));
+    __m128i q = requantize_consts_avx512(v, a.out_q, a.q_lo + c, a.q_hi + c);
     _mm_storeu_si128((__m128i*)(a.out_q.y + pix * a.C + c), q);
     return;
   }
