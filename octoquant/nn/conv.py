@@ -151,25 +151,30 @@ class QConv2d(QuantizedModule):
         kernel epilogue: bit-identical to quantizing this layer's float output). With `scratch_slot`, a backend
         that can write into a given tensor puts the result in that per-thread reusable buffer
         (`kernels.cpu.scratch`): for results dead before the slot's next use."""
+        key = (a.shape, id(in_q), id(out_q))  # the entry keeps both objects alive: their ids cannot be reused
+        packed = self._packed
+        # fast path (per call at batch 1, Python is a third of the time): a plan of these packed weights
+        if packed is not None and self.__dict__.get("_plans_of") is packed:
+            entry = self._plans.get(key)
+            if entry is not None and entry[0] is in_q and entry[1] is out_q:
+                if scratch_slot is None:
+                    return entry[2](a)
+                return entry[2](a, scratch(scratch_slot, entry[3], entry[4]))
         backend, packed = self.backend, self.packed()
         if not hasattr(backend, "conv_plan"):
             return backend.conv2d_codes(a, packed, self.stride, self.padding, self.dilation, in_q, out_q)
         # plans hold the packed weights' addresses: kept per packed copy, a few shapes at most
-        if getattr(self, "_plans_of", None) is not packed or len(self._plans) > PLANS_PER_LAYER:
+        if self.__dict__.get("_plans_of") is not packed or len(self._plans) > PLANS_PER_LAYER:
             self._plans, self._plans_of = {}, packed
-        key = (a.shape, id(in_q), id(out_q))  # the entry keeps both objects alive: their ids cannot be reused
-        entry = self._plans.get(key)
-        if entry is None or entry[0] is not in_q or entry[1] is not out_q:
-            plan = backend.conv_plan(a.shape, packed, self.stride, self.padding, self.dilation, in_q, out_q)
-            entry = self._plans[key] = (in_q, out_q, plan)
-        if scratch_slot is None:
-            return entry[2](a)
+        plan = backend.conv_plan(a.shape, packed, self.stride, self.padding, self.dilation, in_q, out_q)
         n, h, w, _ = a.shape
-        kh, kw = self.kernel_size
-        ho = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-        wo = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
-        dtype = torch.float32 if out_q is None else torch.uint8
-        return entry[2](a, scratch(scratch_slot, (n, ho, wo, self.out_channels), dtype))
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        out_shape = (n, (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+        entry = (in_q, out_q, plan, (*out_shape, self.out_channels), torch.float32 if out_q is None else torch.uint8)
+        self._plans[key] = entry
+        if scratch_slot is None:
+            return plan(a)
+        return plan(a, scratch(scratch_slot, entry[3], entry[4]))
 
     def extra_repr(self) -> str:
         return (
@@ -210,7 +215,10 @@ def _observed(bypassed: list[nn.Module]) -> bool:
     registry = nn.modules.module
     if getattr(registry, "_global_forward_hooks", None) or getattr(registry, "_global_forward_pre_hooks", None):
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in bypassed)
+    for m in bypassed:  # a plain loop: this runs on every call
+        if m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__:
+            return True
+    return False
 
 
 class ConvChain(nn.Sequential):
