@@ -316,25 +316,33 @@ VNNI_TARGET inline void epilogue_vnni(const GemmArgs& g, int64_t m, int64_t n0, 
   _mm512_mask_storeu_ps(g.y + m * g.ldy + n0, mask, v);
 }
 
-// The requantizing epilogue of NB full 16-column blocks of one row (static scale), stage by stage across the
-// blocks so their long dependency chains (a divide among them) overlap: the same operations as epilogue_vnni.
-template <int NB>
-VNNI_TARGET inline void epilogue_row_u8_vnni(const GemmArgs& g, int64_t m, int64_t n0, const __m512i* s) {
-  __m512 v[NB];
+// The requantizing epilogue of MR rows x NB full 16-column blocks (static scale): the same operations as
+// epilogue_vnni, with each block's per-column constants loaded once for all MR rows, and the rows of a block
+// issued together so their long dependency chains (a divide among them) overlap.
+template <int MR, int NB>
+VNNI_TARGET inline void epilogue_tile_u8_vnni(const GemmArgs& g, int64_t m0, int64_t n0, __m512i (*acc)[NB]) {
+  const __m512 div = _mm512_set1_ps(g.out_q.scale);
+  const __m512i add = _mm512_set1_epi32(g.out_q.add);
 #pragma GCC unroll 4
   for (int b = 0; b < NB; ++b) {
-    __m512i acc = _mm512_sub_epi32(s[b], _mm512_loadu_si512((const void*)(g.off_colsum + n0 + 16 * b)));
-    v[b] = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_loadu_ps(g.static_scale + n0 + 16 * b));
-  }
-  if (g.bias) {
+    const int64_t n = n0 + 16 * b;
+    const __m512i oc = _mm512_loadu_si512((const void*)(g.off_colsum + n));
+    const __m512 scale = _mm512_loadu_ps(g.static_scale + n);
+    const __m512 bias = g.bias ? _mm512_loadu_ps(g.bias + n) : _mm512_setzero_ps();
+    const __m512 lo = _mm512_loadu_ps(g.q_lo + n), hi = _mm512_loadu_ps(g.q_hi + n);
+    __m512 v[MR];
 #pragma GCC unroll 4
-    for (int b = 0; b < NB; ++b) v[b] = _mm512_add_ps(v[b], _mm512_loadu_ps(g.bias + n0 + 16 * b));
-  }
-  uint8_t* out = g.out_q.y + m * g.ldy + n0;
+    for (int r = 0; r < MR; ++r) {
+      v[r] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][b], oc)), scale);
+      if (g.bias) v[r] = _mm512_add_ps(v[r], bias);
+    }
 #pragma GCC unroll 4
-  for (int b = 0; b < NB; ++b)
-    _mm_storeu_si128((__m128i*)(out + 16 * b), requantize_consts_avx512(v[b], g.out_q, g.q_lo + n0 + 16 * b,
-                                                                        g.q_hi + n0 + 16 * b));
+    for (int r = 0; r < MR; ++r) {
+      __m512 q = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(v[r], div), lo), hi);
+      __m512i i = _mm512_add_epi32(_mm512_cvt_roundps_epi32(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), add);
+      _mm_storeu_si128((__m128i*)(g.out_q.y + (m0 + r) * g.ldy + n), _mm512_cvtepi32_epi8(i));
+    }
+  }
 }
 
 // MR rows x the first NB 16-column blocks of one 64-column tile (NB < 4 only in a last, partial tile: a conv
@@ -371,12 +379,11 @@ __attribute__((noinline)) VNNI_TARGET void tile_vnni(const GemmArgs& g, int64_t 
       for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], av, wv[b]);
     }
   }
-  const bool full = (t * 4 + NB) * 16 <= g.N;
+  if (last && (t * 4 + NB) * 16 <= g.N && g.out_q.y && g.static_scale) {
+    epilogue_tile_u8_vnni<MR, NB>(g, m0, t * 64, acc);
+    return;
+  }
   for (int r = 0; r < MR; ++r) {
-    if (last && full && g.out_q.y && g.static_scale) {
-      epilogue_row_u8_vnni<NB>(g, m0 + r, t * 64, acc[r]);
-      continue;
-    }
     for (int b = 0; b < NB; ++b) {
       if (!last) {
         _mm512_storeu_si512((void*)(part + r * 64 + b * 16), acc[r][b]);
