@@ -231,12 +231,31 @@ class ConvChain(nn.Sequential):
     Built by `chain_convolutions`.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _structure(self) -> tuple[list, list, list]:
+        """(layers, bypassed, links) of `_walk` / `_links`, cached: re-derived only when a Sequential it looked
+        through holds other children or a layer was repacked (moved, reloaded): a snapshot comparison instead of
+        a Python walk per call (~130 us per MobileNetV2 forward)."""
+        cached = self.__dict__.get("_structure_cache")
+        if cached is not None:
+            seqs, children, convs, packed, structure = cached
+            # ids, not ==: packed weights are dataclasses of tensors (the cache keeps them alive: ids stay unique)
+            if [tuple(q._modules.values()) for q in seqs] == children and [id(m._packed) for m in convs] == packed[1]:
+                return structure
         layers, bypassed = [], []
         _walk(self, layers, bypassed)
+        seqs = [self] + [m for m in bypassed if isinstance(m, nn.Sequential)]
+        children = [tuple(q._modules.values()) for q in seqs]
+        convs = [m for m in layers if isinstance(m, QConv2d)]
+        structure = (layers, bypassed, _links(layers))
+        # the packed weights change with the device or the weights (.to(), load_state_dict): links re-derived
+        packed = [m._packed for m in convs]
+        self._structure_cache = (seqs, children, convs, (packed, [id(p) for p in packed]), structure)
+        return structure
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layers, bypassed, links = self._structure()
         if x.dtype != torch.float32 or _observed(bypassed):
             return super().forward(x)
-        links = _links(layers)
         codes, in_q = None, None  # while set, the running activation is uint8 codes of in_q
         for i, layer in enumerate(layers):
             if codes is None and not (i < len(links) and links[i]):

@@ -123,6 +123,18 @@ def test_swapped_child_is_seen(calib):
     after = q(x)
     assert not torch.equal(before, after)
     assert torch.equal(after, _unchained(q, x))
+    # inside a nested Sequential the chain looks through (its structure is cached between calls)
+    q[4].conv[0][0] = nn.Conv2d(8, 32, 1)
+    nested = q(x)
+    assert not torch.equal(nested, after)
+    assert torch.equal(nested, _unchained(q, x))
+    # new weights in place (load_state_dict repacks): the chain runs the new weights
+    reloaded = copy.deepcopy(q)
+    sd = reloaded.state_dict()
+    sd["0.weight"] = torch.flip(sd["0.weight"], dims=[0])
+    reloaded.load_state_dict(sd)
+    assert not torch.equal(reloaded(x), nested)
+    assert torch.equal(reloaded(x), _unchained(reloaded, x))
 
 
 def test_non_float32_input_takes_plain_path(calib):
