@@ -433,10 +433,12 @@ VNNI_TARGET void gemm_vnni(const GemmArgs& g, int64_t t_lo, int64_t t_hi, int64_
     int64_t rows = me - mb;
     int64_t ntiles = (rows + MR - 1) / MR;
     int64_t kc = ntiles == 1 ? K4 : KC4;  // a single row tile needs no chunking
-    // Prefetch distance: one row tile streams (2 KiB ahead covers DRAM latency); several row tiles prefetch
-    // the next chunk (tiles are contiguous, so past a tile's end comes the next tile) while computing on
-    // this one, so DRAM traffic overlaps the compute of all row tiles instead of adding to it.
-    int64_t pf = ntiles == 1 ? 2048 : kc * 256;
+    // Prefetch distance: one row tile streams its weights once (8 KiB ahead: the bytes in flight per thread
+    // set its share of DRAM bandwidth; 2 KiB reached 35 GB/s on 2 threads, 8 KiB 51 GB/s, 16 KiB no more,
+    // measured cold M=1 4096x4096); several row tiles prefetch the next chunk (tiles are contiguous, so past a
+    // tile's end comes the next tile) while computing on this one, so DRAM traffic overlaps the compute of all
+    // row tiles instead of adding to it.
+    int64_t pf = ntiles == 1 ? 8192 : kc * 256;
     for (int64_t t = t_lo; t < t_hi; ++t) {
       for (int64_t k4 = 0; k4 < K4; k4 += kc) {
         int64_t k4e = std::min(K4, k4 + kc);
@@ -725,7 +727,7 @@ VNNI_TARGET void wo_tile_avx512(const float* x, int64_t ldx, const int8_t* w, co
       for (int u = 0; u < U; ++u) part[r][u] = _mm512_setzero_ps();
     int64_t k = gi * gs, ke = (gi + 1) * gs;
     for (; k + 4 <= ke; k += 4) {
-      _mm_prefetch((const char*)(w + k * 16 + 2048), _MM_HINT_T0);
+      _mm_prefetch((const char*)(w + k * 16 + 8192), _MM_HINT_T0);  // 8 KiB ahead (2 KiB: 6% slower, cold M=1)
       __m512i w64 = _mm512_loadu_si512((const void*)(w + k * 16));  // 4 k x 16 columns
       __m512 wv[4];
       wv[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(w64)));
