@@ -8,6 +8,7 @@ epilogue performs the reference's rescale as the same float32 operations.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import math
 import threading
@@ -118,6 +119,17 @@ class CpuPackedW8A8:
     kp: int
     clamp_hi: torch.Tensor | None = None  # (T*64,) fused activation: y = min(max(y, 0), clamp_hi)
 
+    @functools.cached_property
+    def addresses(self) -> tuple[int, int, int, int, int]:
+        """(packed, colsum, scale, bias, clamp_hi) data addresses, read once (the tensors never move)."""
+        return (
+            self.packed.data_ptr(),
+            self.colsum.data_ptr(),
+            self.scale.data_ptr(),
+            _ptr(self.bias),
+            _ptr(self.clamp_hi),
+        )
+
 
 @dataclass(frozen=True)
 class CpuPackedW8A16:
@@ -205,17 +217,18 @@ class CpuBackend:
         acc_out: bool = False,
     ) -> None:
         m = a_u8.shape[0]
+        w, colsum, scale, bias, clamp_hi = p.addresses
         _C.gemm_u8s8(
             a_u8.data_ptr(),
             a_u8.stride(0),
-            p.packed.data_ptr(),
-            p.colsum.data_ptr(),
+            w,
+            colsum,
             offset,
             _ptr(row_scale),
             row_scale0,
-            p.scale.data_ptr(),
-            _ptr(p.bias),
-            _ptr(p.clamp_hi),
+            scale,
+            bias,
+            clamp_hi,
             0 if acc_out else out.data_ptr(),
             out.data_ptr() if acc_out else 0,
             out.stride(0),
@@ -243,18 +256,22 @@ class CpuBackend:
         a_u8, scale = self._quantize_rows(x, kp or x.shape[1])
         return (a_u8[:, : x.shape[1]] ^ 0x80).view(torch.int8), scale
 
-    def _quantize_rows(self, x: torch.Tensor, kp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _quantize_rows(self, x: torch.Tensor, kp: int, reuse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, K) float -> ((M, kp) u8 codes + 128, (M,) scales); `reuse`: in this thread's scratch buffers (for
+        a caller that consumes them before returning)."""
         x = _as_f32_rows(x)
         m, k = x.shape
-        a_u8 = torch.empty(m, kp, dtype=torch.uint8)
+        if reuse:
+            a_u8, scale = scratch("row-codes", (m, kp)), scratch("row-scales", (m,), torch.float32)
+        else:
+            a_u8, scale = torch.empty(m, kp, dtype=torch.uint8), torch.empty(m, dtype=torch.float32)
         if kp != k:
             a_u8[:, k:] = 128
-        scale = torch.empty(m, dtype=torch.float32)
         _C.quantize_rows_dynamic(x.data_ptr(), x.stride(0), m, k, a_u8.data_ptr(), kp, scale.data_ptr(), self._isa_id)
         return a_u8, scale
 
     def linear_dynamic(self, x: torch.Tensor, p: CpuPackedW8A8) -> torch.Tensor:
-        a_u8, row_scale = self._quantize_rows(x, p.kp)
+        a_u8, row_scale = self._quantize_rows(x, p.kp, reuse=True)
         out = torch.empty(a_u8.shape[0], p.n, dtype=torch.float32)
         self._gemm(a_u8, 128, p, row_scale, 1.0, out)
         return out

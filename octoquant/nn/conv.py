@@ -131,10 +131,11 @@ class QConv2d(QuantizedModule):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"QConv2d expects (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
         in_q = self.input_q(x)
-        if scratch_slot is None or not hasattr(self.backend, "conv_plan"):
-            return self.backend.quantize_nhwc(x, in_q), in_q
+        backend = self.packed_with_backend()[0]
+        if scratch_slot is None or not hasattr(backend, "conv_plan"):
+            return backend.quantize_nhwc(x, in_q), in_q
         n, c, h, w = x.shape
-        return self.backend.quantize_nhwc(x, in_q, scratch(scratch_slot, (n, h, w, c))), in_q
+        return backend.quantize_nhwc(x, in_q, scratch(scratch_slot, (n, h, w, c))), in_q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.forward_codes(*self.input_codes(x))  # (N, Ho, Wo, O)

@@ -125,7 +125,7 @@ class QLinear(QuantizedModule):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QLinear expects last dim {self.in_features}, got input shape {tuple(x.shape)}")
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        be, p = self.backend, self.packed()
+        be, p = self.packed_with_backend()
         if self.mode is QuantMode.W8A8_DYNAMIC and self.outlier_threshold is not None:
             y = linear_dynamic_outliers(be, x2, p, self.weight, self.weight_scale, self.outlier_threshold)
         elif self.mode is QuantMode.W8A8_DYNAMIC:
