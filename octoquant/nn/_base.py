@@ -67,6 +67,17 @@ class QuantizedModule(nn.Module):
             self._qparams = None
         return self._packed
 
+    # per-process caches derived from the buffers: never pickled or deep-copied (a copy repacks lazily). Call plans
+    # hold raw data addresses of these packed weights: a copy sharing them would read the original's memory.
+    _CACHES = ("_packed", "_packed_backend", "_plans", "_plans_of", "_qparams", "_in_q", "_in_q_of")
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        for name in self._CACHES:
+            state.pop(name, None)
+        state["_packed"] = state["_qparams"] = None
+        return state
+
     def packed_with_backend(self):
         """(backend, packed weights): the backend that packed them, without the per-call device lookup of
         `backend` (a buffer read through nn.Module.__getattr__, ~1 us: per-call cost on small decode layers)."""

@@ -232,6 +232,11 @@ class ConvChain(nn.Sequential):
     Built by `chain_convolutions`.
     """
 
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_structure_cache", None)  # holds packed weights: a copy derives its own
+        return state
+
     def _structure(self) -> tuple[list, list, list]:
         """(layers, bypassed, links) of `_walk` / `_links`, cached: re-derived only when a Sequential it looked
         through holds other children or a layer was repacked (moved, reloaded): a snapshot comparison instead of
