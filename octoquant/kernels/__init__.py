@@ -11,8 +11,8 @@
 kernels on INT8 tensor cores (run in Triton's interpreter on CPU for CI), both tested bit-exact against it.
 `default_backend()` picks the fastest available CPU row and logs once when it has to fall back; modules whose
 weights live on a GPU use `cuda` (see `backend_for`). The `cpu` row also offers `conv_plan`, the same
-convolution with its arguments worked out once per input shape (QConv2d caches these), writing into a given
-tensor if asked (`cpu.scratch`: per-thread reusable buffers for intermediates, so a forward pass allocates no
+convolution with its arguments worked out once per input shape (QConv2d caches these), writing into a
+per-thread reusable buffer if given its slot (`cpu.scratch`: intermediates of a forward pass allocate no
 multi-MB tensor per layer), and `quantize_nhwc(..., out=)`.
 """
 

@@ -397,8 +397,9 @@ class CpuBackend:
 
     def conv_plan(self, shape, p: CpuPackedConv, stride, padding, dilation, in_q: ActivationQParams, out_q=None):
         """`conv2d_codes` for one input shape, with every argument but the data addresses worked out once: a
-        function of the (N, H, W, C) codes and an optional `out` tensor to write into. QConv2d caches these (a
-        few microseconds of Python per call instead of ~10)."""
+        function of the (N, H, W, C) codes and an optional `slot`: the result then goes to that per-thread
+        scratch buffer (`scratch`) instead of a fresh tensor. QConv2d caches these (a few microseconds of Python
+        per call instead of ~10)."""
         n, h, w, c = shape
         kh, kw = p.kernel_size
         expected = (
@@ -410,7 +411,7 @@ class CpuBackend:
         pad_value = in_q.zero_point + in_q.shift
         ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
         wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        out_shape, m, o = torch.Size((n, ho, wo, p.out_channels)), n * ho * wo, p.out_channels
+        out_shape, m, o = (n, ho, wo, p.out_channels), n * ho * wo, p.out_channels
         out_dtype = torch.uint8 if out_q else torch.float32
         q_rest = () if out_q is None else _out_q_rest(out_q)  # the requantization arguments after the address
         isa, shape = self._isa_id, torch.Size(shape)
@@ -423,20 +424,15 @@ class CpuBackend:
                 )
             return a
 
-        def checked_out(y: torch.Tensor) -> torch.Tensor:
-            if y.shape != out_shape or y.dtype != out_dtype or not y.is_cpu or not y.is_contiguous():
-                raise ValueError(
-                    f"conv2d_codes: out must be a contiguous cpu {out_dtype} tensor of shape {tuple(out_shape)}, "
-                    f"got {y.dtype} {tuple(y.shape)} on {y.device}"
-                )
-            return y
+        def output(slot: str | None) -> torch.Tensor:
+            return torch.empty(out_shape, dtype=out_dtype) if slot is None else scratch(slot, out_shape, out_dtype)
 
         if p.depthwise_weight is not None:  # taps outside the image are skipped in the kernel: no padded copy
             dw_args = (n, h, w, c, p.depthwise_weight.data_ptr(), kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, pad_value)
             dw_tail = (in_q.scale, p.scale.data_ptr(), _ptr(p.bias), _ptr(p.clamp_hi))
 
-            def run_depthwise(a: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-                y = torch.empty(out_shape, dtype=out_dtype) if out is None else checked_out(out)
+            def run_depthwise(a: torch.Tensor, slot: str | None = None) -> torch.Tensor:
+                y = output(slot)
                 ptr = y.data_ptr()
                 _C.depthwise_conv_u8(
                     checked(a).data_ptr(),
@@ -461,10 +457,9 @@ class CpuBackend:
             tail = (_ptr(gemm.bias), _ptr(gemm.clamp_hi))
             steps.append((cols, gemm.kp, weights, tail, (m, gemm.n, gemm.kp), g * gemm.n * elem))
 
-        def run_gemm(a: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        def run_gemm(a: torch.Tensor, slot: str | None = None) -> torch.Tensor:
             a = checked(a)
-            # (M, O) rows; groups write their column ranges
-            y = torch.empty(out_shape, dtype=out_dtype) if out is None else checked_out(out)
+            y = output(slot)  # (M, O) rows; groups write their column ranges
             threads = torch.get_num_threads()
             for cols, kp, weights, tail, dims, column in steps:
                 if cols is None:

@@ -158,24 +158,16 @@ class QConv2d(QuantizedModule):
         if packed is not None and self.__dict__.get("_plans_of") is packed:
             entry = self._plans.get(key)
             if entry is not None and entry[0] is in_q and entry[1] is out_q:
-                if scratch_slot is None:
-                    return entry[2](a)
-                return entry[2](a, scratch(scratch_slot, entry[3], entry[4]))
-        backend, packed = self.backend, self.packed()
+                return entry[2](a, scratch_slot)
+        backend, packed = self.packed_with_backend()
         if not hasattr(backend, "conv_plan"):
             return backend.conv2d_codes(a, packed, self.stride, self.padding, self.dilation, in_q, out_q)
         # plans hold the packed weights' addresses: kept per packed copy, a few shapes at most
         if self.__dict__.get("_plans_of") is not packed or len(self._plans) > PLANS_PER_LAYER:
             self._plans, self._plans_of = {}, packed
         plan = backend.conv_plan(a.shape, packed, self.stride, self.padding, self.dilation, in_q, out_q)
-        n, h, w, _ = a.shape
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-        out_shape = (n, (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
-        entry = (in_q, out_q, plan, (*out_shape, self.out_channels), torch.float32 if out_q is None else torch.uint8)
-        self._plans[key] = entry
-        if scratch_slot is None:
-            return plan(a)
-        return plan(a, scratch(scratch_slot, entry[3], entry[4]))
+        self._plans[key] = (in_q, out_q, plan)
+        return plan(a, scratch_slot)
 
     def extra_repr(self) -> str:
         return (

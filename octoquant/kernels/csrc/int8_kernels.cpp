@@ -316,35 +316,6 @@ VNNI_TARGET inline void epilogue_vnni(const GemmArgs& g, int64_t m, int64_t n0, 
   _mm512_mask_storeu_ps(g.y + m * g.ldy + n0, mask, v);
 }
 
-// The requantizing epilogue of MR rows x NB full 16-column blocks (static scale): the same operations as
-// epilogue_vnni, with each block's per-column constants loaded once for all MR rows, and the rows of a block
-// issued together so their long dependency chains (a divide among them) overlap.
-template <int MR, int NB>
-VNNI_TARGET inline void epilogue_tile_u8_vnni(const GemmArgs& g, int64_t m0, int64_t n0, __m512i (*acc)[NB]) {
-  const __m512 div = _mm512_set1_ps(g.out_q.scale);
-  const __m512i add = _mm512_set1_epi32(g.out_q.add);
-#pragma GCC unroll 4
-  for (int b = 0; b < NB; ++b) {
-    const int64_t n = n0 + 16 * b;
-    const __m512i oc = _mm512_loadu_si512((const void*)(g.off_colsum + n));
-    const __m512 scale = _mm512_loadu_ps(g.static_scale + n);
-    const __m512 bias = g.bias ? _mm512_loadu_ps(g.bias + n) : _mm512_setzero_ps();
-    const __m512 lo = _mm512_loadu_ps(g.q_lo + n), hi = _mm512_loadu_ps(g.q_hi + n);
-    __m512 v[MR];
-#pragma GCC unroll 4
-    for (int r = 0; r < MR; ++r) {
-      v[r] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][b], oc)), scale);
-      if (g.bias) v[r] = _mm512_add_ps(v[r], bias);
-    }
-#pragma GCC unroll 4
-    for (int r = 0; r < MR; ++r) {
-      __m512 q = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(v[r], div), lo), hi);
-      __m512i i = _mm512_add_epi32(_mm512_cvt_roundps_epi32(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), add);
-      _mm_storeu_si128((__m128i*)(g.out_q.y + (m0 + r) * g.ldy + n), _mm512_cvtepi32_epi8(i));
-    }
-  }
-}
-
 // MR rows x the first NB 16-column blocks of one 64-column tile (NB < 4 only in a last, partial tile: a conv
 // projecting to 16, 24 or 32 channels does not compute the padding columns), k steps [k4_lo, k4_hi).
 // NB*MR int32 accumulators (<= 16 zmm). Partial sums live in `part` (MR x 64 int32) between K chunks; the last
@@ -379,11 +350,7 @@ __attribute__((noinline)) VNNI_TARGET void tile_vnni(const GemmArgs& g, int64_t 
       for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], av, wv[b]);
     }
   }
-  if (last && (t * 4 + NB) * 16 <= g.N && g.out_q.y && g.static_scale) {
-    epilogue_tile_u8_vnni<MR, NB>(g, m0, t * 64, acc);
-    return;
-  }
-  for (int r = 0; r < MR; ++r) {
+  for (int r = 0; r < MR; ++r)
     for (int b = 0; b < NB; ++b) {
       if (!last) {
         _mm512_storeu_si512((void*)(part + r * 64 + b * 16), acc[r][b]);
@@ -392,7 +359,6 @@ __attribute__((noinline)) VNNI_TARGET void tile_vnni(const GemmArgs& g, int64_t 
       int64_t n0 = (t * 4 + b) * 16;
       if (n0 < g.N) epilogue_vnni(g, m0 + r, n0, acc[r][b], (int)std::min<int64_t>(16, g.N - n0));
     }
-  }
 }
 
 template <int NB>
