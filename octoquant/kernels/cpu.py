@@ -251,30 +251,33 @@ class CpuBackend:
         self._gemm(a_u8, 128, p, None, 1.0, out, acc_out=True)
         return out
 
-    def quantize_per_token(self, x: torch.Tensor, kp: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def quantize_per_token(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(M, K) float32 -> ((M, K) int8, (M,) scales). Same rule and bits as the reference."""
-        a_u8, scale = self._quantize_rows(x, kp or x.shape[1])
-        return (a_u8[:, : x.shape[1]] ^ 0x80).view(torch.int8), scale
-
-    def _quantize_rows(self, x: torch.Tensor, kp: int, reuse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(M, K) float -> ((M, kp) u8 codes + 128, (M,) scales); `reuse`: in this thread's scratch buffers (for
-        a caller that consumes them before returning)."""
         x = _as_f32_rows(x)
         m, k = x.shape
-        if reuse:
-            a_u8, scale = scratch("row-codes", (m, kp)), scratch("row-scales", (m,), torch.float32)
-        else:
-            a_u8, scale = torch.empty(m, kp, dtype=torch.uint8), torch.empty(m, dtype=torch.float32)
-        if kp != k:
-            a_u8[:, k:] = 128
-        _C.quantize_rows_dynamic(x.data_ptr(), x.stride(0), m, k, a_u8.data_ptr(), kp, scale.data_ptr(), self._isa_id)
-        return a_u8, scale
+        a_u8, scale = torch.empty(m, k, dtype=torch.uint8), torch.empty(m, dtype=torch.float32)
+        _C.quantize_rows_dynamic(x.data_ptr(), x.stride(0), m, k, a_u8.data_ptr(), k, scale.data_ptr(), self._isa_id)
+        return (a_u8 ^ 0x80).view(torch.int8), scale
+
+    def _linear(self, x: torch.Tensor, p: CpuPackedW8A8, row_scale0: float, zp: int, dtype: QDtype) -> torch.Tensor:
+        """(M, K) float -> (M, N) float32: quantization and GEMM in one kernel call (the codes in the kernel's
+        per-thread buffer); per-token scales when row_scale0 < 0."""
+        x = _as_f32_rows(x)
+        m, k = x.shape
+        if k != p.k:
+            raise ValueError(f"the weights expect {p.k} input features, got {k}")
+        out = torch.empty(m, p.n, dtype=torch.float32)
+        w, colsum, scale, bias, _ = p.addresses
+        qmin, qmax = dtype.qrange()
+        shift = 128 if dtype is QDtype.INT8 else 0
+        _C.linear_u8s8(
+            x.data_ptr(), x.stride(0), m, k, row_scale0, zp, qmin, qmax, shift, w, colsum, scale, bias,
+            out.data_ptr(), p.n, p.n, p.kp, self._isa_id, torch.get_num_threads(),
+        )  # fmt: skip
+        return out
 
     def linear_dynamic(self, x: torch.Tensor, p: CpuPackedW8A8) -> torch.Tensor:
-        a_u8, row_scale = self._quantize_rows(x, p.kp, reuse=True)
-        out = torch.empty(a_u8.shape[0], p.n, dtype=torch.float32)
-        self._gemm(a_u8, 128, p, row_scale, 1.0, out)
-        return out
+        return self._linear(x, p, -1.0, 0, QDtype.INT8)
 
     def quantize_static_u8(
         self, x: torch.Tensor, kp: int, scale: float, zero_point: int, dtype: QDtype
@@ -294,18 +297,8 @@ class CpuBackend:
     def linear_static(
         self, x: torch.Tensor, p: CpuPackedW8A8, in_scale: float, in_zero_point: int, in_dtype: QDtype
     ) -> torch.Tensor:
-        a_u8 = self.quantize_static_u8(x, p.kp, in_scale, in_zero_point, in_dtype)
-        return self.linear_static_u8(a_u8, p, in_scale, in_zero_point, in_dtype)
-
-    def linear_static_u8(
-        self, a_u8: torch.Tensor, p: CpuPackedW8A8, in_scale: float, in_zero_point: int, in_dtype: QDtype
-    ) -> torch.Tensor:
-        """GEMM on already quantized (M, kp) u8 activations."""
-        offset = in_zero_point + (128 if in_dtype is QDtype.INT8 else 0)
-        out = torch.empty(a_u8.shape[0], p.n, dtype=torch.float32)
-        rs = float(np.float32(in_scale))  # the float32 value the reference uses
-        self._gemm(a_u8, offset, p, None, rs, out)
-        return out
+        # the float32 value the reference uses (> 0: validated when the qparams were chosen)
+        return self._linear(x, p, float(np.float32(in_scale)), int(in_zero_point), in_dtype)
 
     def linear_weight_only(self, x: torch.Tensor, p: CpuPackedW8A16) -> torch.Tensor:
         x = _as_f32_rows(x)

@@ -124,7 +124,8 @@ class QLinear(QuantizedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QLinear expects last dim {self.in_features}, got input shape {tuple(x.shape)}")
-        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        flat = x.dim() == 2  # (M, K) as given: no reshapes (a microsecond each, per call on small decode layers)
+        x2 = x if flat else x.reshape(-1, self.in_features)  # (M, K)
         be, p = self.packed_with_backend()
         if self.mode is QuantMode.W8A8_DYNAMIC and self.outlier_threshold is not None:
             y = linear_dynamic_outliers(be, x2, p, self.weight, self.weight_scale, self.outlier_threshold)
@@ -134,7 +135,9 @@ class QLinear(QuantizedModule):
             y = be.linear_static(x2, p, *self._static_qparams(), self.input_dtype)
         else:
             y = be.linear_weight_only(x2, p)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)  # (..., N)
+        if not flat:
+            y = y.reshape(*x.shape[:-1], self.out_features)  # (..., N)
+        return y if y.dtype is x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.group_size else ""

@@ -131,6 +131,19 @@ def test_linear_static_within_one_lsb(fast, dtype, zp):
     assert (y - y_ref).abs().le(_one_lsb(torch.tensor([0.03]), ws) + 1e-6).all()
 
 
+def test_fused_linear_large_input_threads_the_quantizer(fast):
+    # 301 x 259 floats (>= 2**16): the fused kernel quantizes rows on all threads; K pads to 260 (the zero-point)
+    x = torch.randn(301, 300)[:, :259] * 3  # strided rows
+    w, ws, bias = rand_i8(40, 259), torch.rand(40) * 0.01, torch.randn(40)
+    y_ref = REF.linear_static(x, REF.pack_w8a8(w, ws, bias), 0.05, 101, QDtype.UINT8)
+    y = fast.linear_static(x, fast.pack_w8a8(w, ws, bias), 0.05, 101, QDtype.UINT8)
+    assert (y - y_ref).abs().le(_one_lsb(torch.tensor([0.05]), ws) + 1e-6).all()
+    y_ref = REF.linear_dynamic(x, REF.pack_w8a8(w, ws, bias))
+    y = fast.linear_dynamic(x, fast.pack_w8a8(w, ws, bias))
+    _, row_scale = REF.quantize_per_token(x)
+    assert (y - y_ref).abs().le(_one_lsb(row_scale, ws) + 1e-6).all()
+
+
 # W8A16 sums float products in another order than the reference: float32 accumulation error only.
 W8A16_RTOL = 1e-5
 

@@ -959,6 +959,60 @@ void depthwise(const DwArgs& args, int isa, int nthreads) {
   });
 }
 
+// Rows of x (M, K; row stride ldx) -> u8 codes (row stride ldo; columns [K, ldo) set to `pad`), threads over rows
+// for large inputs. Dynamic: per-row symmetric int8 + scales (scales non-null); static: the rule of
+// quantize_static_* with one scale / zero-point.
+struct RowQuant {
+  bool dynamic;
+  float scale;  // static
+  int32_t zp, qmin, qmax, shift;
+};
+
+void quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, uint8_t* out, int64_t ldo, uint8_t pad,
+                   const RowQuant& rq, float* scales, int isa, int nthreads) {
+  int t = M * K < (1 << 16) ? 1 : (int)std::min<int64_t>(nthreads, M);
+  pool().run(t, [&](int i) {
+    int64_t lo, hi;
+    split(M, t, i, &lo, &hi);
+    for (int64_t m = lo; m < hi; ++m) {
+      const float* xr = x + m * ldx;
+      uint8_t* o = out + m * ldo;
+      if (ldo > K) std::memset(o + K, pad, (size_t)(ldo - K));
+      if (rq.dynamic) {
+        if (isa == ISA_AVX512VNNI) quantize_row_dynamic_avx512(xr, K, o, scales + m);
+        else if (isa == ISA_AVX2) quantize_row_dynamic_avx2(xr, K, o, scales + m);
+        else quantize_row_dynamic_scalar(xr, K, o, scales + m);
+      } else if (isa == ISA_AVX512VNNI) {
+        quantize_static_avx512(xr, K, rq.scale, rq.zp, rq.qmin, rq.qmax, rq.shift, o);
+      } else if (isa == ISA_AVX2) {
+        quantize_static_avx2(xr, K, rq.scale, rq.zp, rq.qmin, rq.qmax, rq.shift, o);
+      } else {
+        for (int64_t k = 0; k < K; ++k) o[k] = q_u8(xr[k], rq.scale, rq.zp, rq.qmin, rq.qmax, rq.shift);
+      }
+    }
+  });
+}
+
+// The fused quantized linear: x (M, K) float rows quantized into this thread's buffer, then the GEMM (a small
+// decode layer spent more time in Python between two kernel calls than in the kernels).
+void linear_u8s8(const float* x, int64_t ldx, int64_t M, int64_t K, const RowQuant& rq, GemmArgs g, int isa,
+                 int nthreads) {
+  thread_local std::vector<uint8_t> codes;
+  thread_local std::vector<float> scales;
+  codes.resize((size_t)(M * g.Kp));
+  if (rq.dynamic) {
+    scales.resize((size_t)M);
+    g.row_scale = scales.data();
+  }
+  {
+    py::gil_scoped_release nogil;
+    quantize_rows(x, ldx, M, K, codes.data(), g.Kp, (uint8_t)g.offset, rq, scales.data(), isa, nthreads);
+  }
+  g.a = codes.data();
+  g.lda = g.Kp;
+  gemm(g, isa, nthreads);
+}
+
 // ------------------------------------------------------------------------------------------------ im2col
 // NHWC u8 (N, H, W, C) -> cols (N*Ho*Wo, ldc): row = output pixel, columns (i, j, c) for the channels
 // [c0, c0 + cg) of tap (i, j); taps outside the image and the columns [kh*kw*cg, ldc) hold `pad` (the
@@ -1098,14 +1152,22 @@ PYBIND11_MODULE(_C, m) {
                                     uintptr_t scales, int isa) {
     isa = check_isa(isa);
     py::gil_scoped_release nogil;
-    for (int64_t m = 0; m < M; ++m) {
-      const float* xr = (const float*)x + m * ldx;
-      uint8_t* o = (uint8_t*)out + m * ldo;
-      float* s = (float*)scales + m;
-      if (isa == ISA_AVX512VNNI) quantize_row_dynamic_avx512(xr, K, o, s);
-      else if (isa == ISA_AVX2) quantize_row_dynamic_avx2(xr, K, o, s);
-      else quantize_row_dynamic_scalar(xr, K, o, s);
-    }
+    quantize_rows((const float*)x, ldx, M, K, (uint8_t*)out, ldo, 128, RowQuant{true, 1.0f, 0, 0, 0, 0},
+                  (float*)scales, isa, 1);
+  });
+
+  // x (M, K) float rows -> y (M, N) float: per-token (row_scale0 < 0) or static (scale row_scale0, zero-point zp,
+  // codes shifted by `shift`) int8 activations x the packed weights, in one call
+  m.def("linear_u8s8", [](uintptr_t x, int64_t ldx, int64_t M, int64_t K, float row_scale0, int32_t zp, int32_t qmin,
+                          int32_t qmax, int32_t shift, uintptr_t w, uintptr_t colsum, uintptr_t col_scale,
+                          uintptr_t bias, uintptr_t y, int64_t ldy, int64_t N, int64_t Kp, int isa, int nthreads) {
+    isa = check_isa(isa);
+    bool dynamic = row_scale0 < 0.0f;
+    RowQuant rq{dynamic, row_scale0, zp, qmin, qmax, shift};
+    GemmArgs g{nullptr, Kp, (const int8_t*)w, (const int32_t*)colsum, dynamic ? 128 : zp + shift, nullptr,
+               dynamic ? 1.0f : row_scale0, (const float*)col_scale, (const float*)bias, nullptr, (float*)y, nullptr,
+               ldy, M, N, Kp, OutQ{nullptr, 1.0f, 0.0f, 0.0f, 0}};
+    linear_u8s8((const float*)x, ldx, M, K, rq, g, isa, nthreads);
   });
 
   m.def("quantize_nchw_nhwc", [](uintptr_t x, int64_t N, int64_t C, int64_t HW, float scale, int32_t zp, int32_t qmin,
