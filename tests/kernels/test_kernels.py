@@ -26,6 +26,8 @@ def rand_i8(*shape):
 
 
 SHAPES = [(1, 1, 1), (1, 4096, 1), (1, 17, 33), (3, 5, 7), (7, 1, 9), (16, 64, 16), (33, 100, 47), (70, 257, 130)]
+# K <= 32 with M > 1 runs the weights-in-registers kernel: column groups of 6 / 3 blocks and a partial block
+SHAPES += [(50, 12, 100), (37, 29, 200), (5, 32, 33)]
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES, ids=[f"{m}x{k}x{n}" for m, k, n in SHAPES])
@@ -171,6 +173,7 @@ CONVS = {
     "depthwise-wide": (100, 100, 3, 2, 1, 1, 100),  # 64-channel blocks + a 16 block + 4 scalar channels
     "grouped-dilated": (8, 12, 3, 1, 2, 2, 2),
     "k-not-mult-4": (5, 7, 3, 1, 1, 1, 1),
+    "expand-16-to-200": (16, 200, 1, 1, 0, 1, 1),  # small K: 13 column blocks in groups, the last partial
 }
 
 
