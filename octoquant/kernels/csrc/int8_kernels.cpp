@@ -390,7 +390,10 @@ VNNI_TARGET void rows_vnni(const GemmArgs& g, int64_t m0, int64_t mr, int64_t t,
 // that bookkeeping cost more than the multiply-adds (measured: 59 cycles per row of 96 outputs before the
 // epilogue, for 24 vpdpbusd).
 template <int K4, int NBG>
-VNNI_TARGET void smallk_group_vnni(const GemmArgs& g, int64_t nb0, int64_t m_lo, int64_t m_hi) {
+VNNI_TARGET void smallk_group_vnni(const GemmArgs& args, int64_t nb0, int64_t m_lo, int64_t m_hi) {
+  // a local copy: the epilogue's byte stores cannot alias it, so its fields stay in registers instead of being
+  // reloaded after every store (5% on the 16->96 expand conv, measured)
+  const GemmArgs g = args;
   __m512i w[K4][NBG];
 #pragma GCC unroll 8
   for (int k = 0; k < K4; ++k)
