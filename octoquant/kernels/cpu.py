@@ -132,6 +132,42 @@ class CpuPackedW8A8:
 
 
 @dataclass(frozen=True)
+class ConvSpec:
+    """One convolution's kernel calls for one input shape (`CpuBackend.conv_spec`). Holds data addresses of the
+    packed weights: valid while they live."""
+
+    in_shape: torch.Size  # (N, H, W, C) codes
+    out_shape: tuple[int, int, int, int]  # (N, Ho, Wo, O)
+    q_rest: tuple  # requantized output (scale, zero-point, qmin, qmax, shift), or () for float
+    dw_args: tuple | None  # depthwise: the kernel's geometry and weights
+    dw_tail: tuple | None
+    groups: tuple  # GEMM: per group (im2col arguments or None, lda, weights, tail, (M, N, Kp), column, ldy)
+
+
+class ChainPlan:
+    """A `ChainProgram` and the buffers it needs: float (N, C, H, W) out of (N, H, W, C) input codes."""
+
+    def __init__(self, program, in_shape, out_shape, handovers: int, codes_bytes: int, cols_bytes: int) -> None:
+        self.program, self.in_shape, self.out_shape = program, in_shape, out_shape
+        self.handovers = handovers  # layers that hand codes to the next
+        self.codes_bytes, self.cols_bytes = max(codes_bytes, 1), max(cols_bytes, 1)
+
+    def __call__(self, codes: torch.Tensor, slots: tuple[str, str], cols_slot: str, isa: int) -> torch.Tensor:
+        if codes.shape != self.in_shape or codes.dtype != torch.uint8 or not codes.is_contiguous():
+            raise ValueError(f"ChainPlan expects contiguous uint8 codes of shape {tuple(self.in_shape)}")
+        out = torch.empty(self.out_shape, dtype=torch.float32)
+        buffers = (
+            codes.data_ptr(),
+            scratch(slots[0], (self.codes_bytes,)).data_ptr(),
+            scratch(slots[1], (self.codes_bytes,)).data_ptr(),
+            out.data_ptr(),
+            scratch(cols_slot, (self.cols_bytes,)).data_ptr(),
+        )
+        self.program.run(buffers, isa, torch.get_num_threads())
+        return out
+
+
+@dataclass(frozen=True)
 class CpuPackedW8A16:
     packed: torch.Tensor  # (NB, K, 16) int8
     scale: torch.Tensor  # (NB, G, 16) float32
@@ -388,11 +424,9 @@ class CpuBackend:
             raise ValueError(f"conv2d_codes expects (N, H, W, C) uint8 codes, got shape {tuple(a.shape)}")
         return self.conv_plan(a.shape, p, stride, padding, dilation, in_q, out_q)(a)
 
-    def conv_plan(self, shape, p: CpuPackedConv, stride, padding, dilation, in_q: ActivationQParams, out_q=None):
-        """`conv2d_codes` for one input shape, with every argument but the data addresses worked out once: a
-        function of the (N, H, W, C) codes and an optional `slot`: the result then goes to that per-thread
-        scratch buffer (`scratch`) instead of a fresh tensor. QConv2d caches these (a few microseconds of Python
-        per call instead of ~10)."""
+    def conv_spec(self, shape, p: CpuPackedConv, stride, padding, dilation, in_q: ActivationQParams, out_q=None):
+        """The kernel calls of `conv2d_codes` for one (N, H, W, C) input shape, every argument but the data
+        addresses worked out: a `ConvSpec` (run by `conv_plan`, or by a `ChainProgram` with its neighbours)."""
         n, h, w, c = shape
         kh, kw = p.kernel_size
         expected = (
@@ -405,24 +439,45 @@ class CpuBackend:
         ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
         wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         out_shape, m, o = (n, ho, wo, p.out_channels), n * ho * wo, p.out_channels
-        out_dtype = torch.uint8 if out_q else torch.float32
         q_rest = () if out_q is None else _out_q_rest(out_q)  # the requantization arguments after the address
-        isa, shape = self._isa_id, torch.Size(shape)
+        if p.depthwise_weight is not None:  # taps outside the image are skipped in the kernel: no padded copy
+            dw_args = (n, h, w, c, p.depthwise_weight.data_ptr(), kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, pad_value)
+            dw_tail = (in_q.scale, p.scale.data_ptr(), _ptr(p.bias), _ptr(p.clamp_hi))
+            return ConvSpec(torch.Size(shape), out_shape, q_rest, dw_args, dw_tail, ())
+        cg = c // p.groups
+        offset = in_q.zero_point + in_q.shift
+        elem = 1 if out_q else 4
+        groups = []  # per group: (im2col arguments or None, lda, weights, tail, (M, N, Kp), column byte offset, ldy)
+        for g, gemm in enumerate(p.gemms):
+            pointwise = kh == kw == 1 and sh == sw == 1 and p.groups == 1 and gemm.kp == c
+            cols = None if pointwise else (n, h, w, c, g * cg, cg, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, pad_value)
+            weights = (gemm.packed.data_ptr(), gemm.colsum.data_ptr(), offset, 0, in_q.scale, gemm.scale.data_ptr())
+            tail = (_ptr(gemm.bias), _ptr(gemm.clamp_hi))
+            lda = gemm.kp if cols is not None else c
+            groups.append((cols, lda, weights, tail, (m, gemm.n, gemm.kp), g * gemm.n * elem, o))
+        return ConvSpec(torch.Size(shape), out_shape, q_rest, None, None, tuple(groups))
+
+    def conv_plan(self, shape, p: CpuPackedConv, stride, padding, dilation, in_q: ActivationQParams, out_q=None):
+        """`conv2d_codes` for one input shape (see `conv_spec`): a function of the (N, H, W, C) codes and an
+        optional `slot`: the result then goes to that per-thread scratch buffer (`scratch`) instead of a fresh
+        tensor. QConv2d caches these (a few microseconds of Python per call instead of ~10)."""
+        spec = self.conv_spec(shape, p, stride, padding, dilation, in_q, out_q)
+        out_shape, q_rest, isa = spec.out_shape, spec.q_rest, self._isa_id
+        out_dtype = torch.uint8 if q_rest else torch.float32
 
         def checked(a: torch.Tensor) -> torch.Tensor:
-            if a.shape != shape or a.dtype != torch.uint8 or not a.is_cpu or not a.is_contiguous():
+            if a.shape != spec.in_shape or a.dtype != torch.uint8 or not a.is_cpu or not a.is_contiguous():
                 raise ValueError(
-                    f"conv2d_codes expects contiguous cpu (N, H, W, C) uint8 codes of shape {tuple(shape)}, got "
-                    f"{a.dtype} {tuple(a.shape)} on {a.device}"
+                    f"conv2d_codes expects contiguous cpu (N, H, W, C) uint8 codes of shape {tuple(spec.in_shape)}, "
+                    f"got {a.dtype} {tuple(a.shape)} on {a.device}"
                 )
             return a
 
         def output(slot: str | None) -> torch.Tensor:
             return torch.empty(out_shape, dtype=out_dtype) if slot is None else scratch(slot, out_shape, out_dtype)
 
-        if p.depthwise_weight is not None:  # taps outside the image are skipped in the kernel: no padded copy
-            dw_args = (n, h, w, c, p.depthwise_weight.data_ptr(), kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, pad_value)
-            dw_tail = (in_q.scale, p.scale.data_ptr(), _ptr(p.bias), _ptr(p.clamp_hi))
+        if spec.dw_args is not None:
+            dw_args, dw_tail = spec.dw_args, spec.dw_tail
 
             def run_depthwise(a: torch.Tensor, slot: str | None = None) -> torch.Tensor:
                 y = output(slot)
@@ -439,36 +494,27 @@ class CpuBackend:
                 return y
 
             return run_depthwise
-        cg = c // p.groups
-        offset = in_q.zero_point + in_q.shift
-        elem = 1 if out_q else 4
-        steps = []  # per group: (im2col arguments or None, GEMM arguments, output column offset in bytes)
-        for g, gemm in enumerate(p.gemms):
-            pointwise = kh == kw == 1 and sh == sw == 1 and p.groups == 1 and gemm.kp == c
-            cols = None if pointwise else (n, h, w, c, g * cg, cg, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, pad_value)
-            weights = (gemm.packed.data_ptr(), gemm.colsum.data_ptr(), offset, 0, in_q.scale, gemm.scale.data_ptr())
-            tail = (_ptr(gemm.bias), _ptr(gemm.clamp_hi))
-            steps.append((cols, gemm.kp, weights, tail, (m, gemm.n, gemm.kp), g * gemm.n * elem))
+        groups = spec.groups
 
         def run_gemm(a: torch.Tensor, slot: str | None = None) -> torch.Tensor:
             a = checked(a)
             y = output(slot)  # (M, O) rows; groups write their column ranges
             threads = torch.get_num_threads()
-            for cols, kp, weights, tail, dims, column in steps:
+            for cols, lda, weights, tail, dims, column, ldy in groups:
                 if cols is None:
                     src = a
                 else:
-                    src = scratch("im2col", (m, kp))
-                    _C.im2col_u8(a.data_ptr(), *cols, src.data_ptr(), kp, threads)
+                    src = scratch("im2col", (dims[0], dims[2]))
+                    _C.im2col_u8(a.data_ptr(), *cols, src.data_ptr(), dims[2], threads)
                 ptr = y.data_ptr() + column
                 _C.gemm_u8s8(
                     src.data_ptr(),
-                    kp if cols is not None else c,
+                    lda,
                     *weights,
                     *tail,
                     0 if q_rest else ptr,
                     0,
-                    o,
+                    ldy,
                     *dims,
                     isa,
                     threads,
@@ -477,6 +523,26 @@ class CpuBackend:
             return y
 
         return run_gemm
+
+    def chain_program(self, specs: list[ConvSpec]) -> ChainPlan:
+        """Consecutive convolutions handing codes to each other (every spec but the last requantizes for the
+        next, the last gives float) as one kernel call per run: a `ChainPlan`."""
+        steps, cols_bytes, codes_bytes = [], 0, 0
+        for i, spec in enumerate(specs):
+            last = i == len(specs) - 1
+            if last == bool(spec.q_rest) or (i and spec.in_shape != specs[i - 1].out_shape):
+                raise ValueError("chain_program: specs must chain, codes out of all but the last, float out of it")
+            src, dst = (0 if i == 0 else 1 + (i - 1) % 2), (3 if last else 1 + i % 2)
+            if spec.dw_args is not None:
+                steps.append(("dw", src, dst, spec.q_rest, spec.dw_args, spec.dw_tail))
+            else:
+                steps.append(("gemm", src, dst, spec.q_rest, list(spec.groups)))
+                cols_bytes = max([cols_bytes] + [g[4][0] * g[4][2] for g in spec.groups if g[0] is not None])
+            if not last:
+                codes_bytes = max(codes_bytes, math.prod(spec.out_shape))
+        return ChainPlan(
+            _C.ChainProgram(steps), specs[0].in_shape, specs[-1].out_shape, len(specs) - 1, codes_bytes, cols_bytes
+        )
 
     def conv2d_static(self, x, p: CpuPackedConv, stride, padding, dilation, in_q: ActivationQParams):
         """Float (N, C, H, W) in, float (N, O, Ho, Wo) out, in channels_last memory (no copy back)."""

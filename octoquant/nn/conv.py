@@ -227,6 +227,7 @@ class ConvChain(nn.Sequential):
     def __getstate__(self):
         state = dict(self.__dict__)
         state.pop("_structure_cache", None)  # holds packed weights: a copy derives its own
+        state.pop("_chain_plans", None)  # kernel programs holding their addresses
         return state
 
     def _structure(self) -> tuple[list, list, list]:
@@ -250,25 +251,69 @@ class ConvChain(nn.Sequential):
         self._structure_cache = (seqs, children, convs, (packed, [id(p) for p in packed]), structure)
         return structure
 
+    def _plan(self, structure: tuple, i: int, j: int, shape: torch.Size):
+        """Layers i..j (each handing codes to the next) as one kernel program for this input shape, or None where
+        the backend has none (reference, CUDA) or a layer is not static. Cached with the structure: it holds the
+        packed weights' addresses, and the structure is re-derived whenever those change."""
+        cached = self.__dict__.get("_chain_plans")
+        if cached is None or cached[0] is not structure:
+            cached = self._chain_plans = (structure, {})
+        plans = cached[1]
+        key = (i, shape)
+        if key in plans:
+            return plans[key]
+        layers = structure[0]
+        backend = layers[i].packed_with_backend()[0]
+        plan = None
+        if hasattr(backend, "chain_program") and all(
+            layers[k].mode is QuantMode.W8A8_STATIC and layers[k].packed_with_backend()[0] is backend
+            for k in range(i, j + 1)
+        ):
+            specs = []
+            for k in range(i, j + 1):
+                layer = layers[k]
+                out_q = layers[k + 1].input_q() if k < j else None
+                spec = backend.conv_spec(
+                    shape, layer.packed(), layer.stride, layer.padding, layer.dilation, layer.input_q(), out_q
+                )
+                specs.append(spec)
+                shape = spec.out_shape
+            plan = (backend, backend.chain_program(specs))
+        if len(plans) >= PLANS_PER_LAYER:  # many input shapes: start over rather than grow without bound
+            plans.clear()
+        plans[key] = plan
+        return plan
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        layers, bypassed, links = self._structure()
+        structure = self._structure()
+        layers, bypassed, links = structure
         if x.dtype != torch.float32 or _observed(bypassed):
             return super().forward(x)
-        codes, in_q = None, None  # while set, the running activation is uint8 codes of in_q
-        for i, layer in enumerate(layers):
-            if codes is None and not (i < len(links) and links[i]):
+        i, n = 0, len(layers)
+        while i < n:
+            layer = layers[i]
+            if not (i < len(links) and links[i]):
                 x = layer(x)
+                i += 1
                 continue
-            if codes is None:
-                codes, in_q = layer.input_codes(x, CHAIN_INPUT_SLOT)
-            out_q = layers[i + 1].input_q() if i < len(links) and links[i] else None
-            # codes handed to the next layer are dead once it ran: two per-thread buffers, used in turn
-            slot = None if out_q is None else CHAIN_SLOTS[i % 2]
-            y = layer.forward_codes(codes, in_q, out_q, slot)
-            if out_q is None:
-                x, codes = y.permute(0, 3, 1, 2), None  # NCHW view of NHWC memory, as QConv2d returns
+            j = i  # layers i..j hand codes on; j's result is float
+            while j < len(links) and links[j]:
+                j += 1
+            codes, in_q = layer.input_codes(x, CHAIN_INPUT_SLOT)
+            plan = self._plan(structure, i, j, codes.shape)
+            if plan is not None:  # the whole run in one kernel call
+                backend, program = plan
+                x = program(codes, CHAIN_SLOTS, "im2col", backend._isa_id).permute(0, 3, 1, 2)
             else:
-                codes, in_q = y, out_q
+                for k in range(i, j + 1):
+                    out_q = layers[k + 1].input_q() if k < j else None
+                    # codes handed to the next layer are dead once it ran: two per-thread buffers, used in turn
+                    y = layers[k].forward_codes(codes, in_q, out_q, None if out_q is None else CHAIN_SLOTS[k % 2])
+                    if out_q is None:
+                        x = y.permute(0, 3, 1, 2)  # NCHW view of NHWC memory, as QConv2d returns
+                    else:
+                        codes, in_q = y, out_q
+            i = j + 1
         return x
 
 

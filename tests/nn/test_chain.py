@@ -12,6 +12,7 @@ from torch import nn
 
 import octoquant as oq
 from octoquant.kernels import available_isas
+from octoquant.kernels.cpu import ChainPlan
 from octoquant.nn import ConvChain, QConv2d, chain_convolutions
 
 BACKENDS = ["reference"] + (["cpu"] if "avx2" in available_isas() else [])
@@ -71,7 +72,8 @@ def _unchained(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _spy_requantized(monkeypatch, model) -> list:
     """Record the out_q of every QConv2d.forward_codes call (not None = an epilogue wrote codes for the next
-    layer; the plain path calls it with None, or not at all)."""
+    layer; the plain path calls it with None, or not at all), and for a run of layers executed as one kernel
+    program (cpu backend) one "program" entry per layer that handed its codes on."""
     calls = []
     orig = QConv2d.forward_codes
 
@@ -80,6 +82,14 @@ def _spy_requantized(monkeypatch, model) -> list:
         return orig(self, a, in_q, out_q, scratch_slot)
 
     monkeypatch.setattr(QConv2d, "forward_codes", spy)
+    if "cpu" in BACKENDS:
+        orig_plan = ChainPlan.__call__
+
+        def spy_plan(self, *args, **kwargs):
+            calls.extend(["program"] * self.handovers)
+            return orig_plan(self, *args, **kwargs)
+
+        monkeypatch.setattr(ChainPlan, "__call__", spy_plan)
     return calls
 
 
@@ -191,3 +201,30 @@ def test_global_hooks_take_plain_path(calib, monkeypatch):
     assert "QConv2d" in seen and not any(c is not None for c in calls)
     calls.clear()
     assert torch.equal(q(x), y) and any(c is not None for c in calls)  # hook gone: chained again, same result
+
+
+def test_each_input_shape_gets_its_own_program(calib):
+    """The kernel program of a run of layers is built per input shape: shapes in turn, each bit-identical."""
+    q = oq.quantize(small_cnn(), oq.W8A8, calib=calib, progress=False)
+    for shape in [(1, 3, 32, 32), (2, 3, 24, 40), (1, 3, 32, 32), (3, 3, 40, 28)]:
+        x = torch.randn(shape)
+        assert torch.equal(q(x), _unchained(q, x))
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="no fast backend on this CPU")
+def test_chain_program_refuses_specs_that_do_not_chain():
+    from octoquant.config import QDtype
+    from octoquant.kernels import get_backend
+    from octoquant.kernels.reference import ActivationQParams
+
+    be = get_backend("cpu")
+    a, b = (QConv2d.from_float(nn.Conv2d(4, 4, 1), input_range=(-1.0, 1.0), backend="cpu") for _ in range(2))
+    q = ActivationQParams(0.01, 0, QDtype.INT8)
+    geometry = ((1, 1), (0, 0), (1, 1), q)
+    codes_out = be.conv_spec((1, 5, 5, 4), a.packed(), *geometry, q)
+    float_out = be.conv_spec((1, 5, 5, 4), b.packed(), *geometry)
+    assert be.chain_program([codes_out, float_out]).handovers == 1
+    with pytest.raises(ValueError, match="must chain"):
+        be.chain_program([float_out, float_out])  # the first must hand codes on
+    with pytest.raises(ValueError, match="must chain"):
+        be.chain_program([codes_out, be.conv_spec((1, 6, 6, 4), b.packed(), *geometry)])  # shapes differ

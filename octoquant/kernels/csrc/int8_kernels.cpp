@@ -1188,6 +1188,122 @@ OutQ out_q_of(const py::tuple& t) {
               zp + t[5].cast<int32_t>()};
 }
 
+// A run of chained convolutions in one call: the steps of CpuBackend.conv_plan for each layer, parsed once;
+// only the activation buffers are given per run (buffer 0: the input codes, 1 and 2: the codes handed between
+// layers, in turn, 3: the last layer's output, 4: im2col columns). One Python call per chain instead of one per
+// layer (at batch 1 the per-layer Python cost more than the convolutions of the small late layers).
+struct ChainGroup {
+  bool cols;
+  int64_t im[17];  // N, H, W, C, c0, cg, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo, pad
+  GemmArgs g;      // a / y / out_q.y filled per run
+  int64_t column;  // byte offset of this group's columns in the output rows
+};
+
+struct ChainStep {
+  bool depthwise;
+  int src, dst;
+  DwArgs dw;
+  std::vector<ChainGroup> groups;
+};
+
+OutQ out_q_from(const py::tuple& t) {  // (scale, zero_point, qmin, qmax, shift) or ()
+  if (t.size() == 0) return OutQ{nullptr, 1.0f, 0.0f, 0.0f, 0};
+  int32_t zp = t[1].cast<int32_t>(), qmin = t[2].cast<int32_t>(), qmax = t[3].cast<int32_t>();
+  return OutQ{nullptr, t[0].cast<float>(), (float)(qmin - zp), (float)(qmax - zp), zp + t[4].cast<int32_t>()};
+}
+
+class ChainProgram {
+ public:
+  explicit ChainProgram(const py::list& specs) {
+    for (const auto& item : specs) {
+      py::tuple sp = item.cast<py::tuple>();
+      ChainStep st;
+      st.depthwise = sp[0].cast<std::string>() == "dw";
+      st.src = sp[1].cast<int>();
+      st.dst = sp[2].cast<int>();
+      py::tuple q = sp[3].cast<py::tuple>();
+      // buffers 1, 2: codes handed on (requantized output), 3: the float result
+      if (st.src < 0 || st.src > 2 || st.dst < 1 || st.dst > 3 || (st.dst == 3) != (q.size() == 0))
+        throw std::invalid_argument("ChainProgram: bad buffer indices or output quantization in a step");
+      OutQ oq = out_q_from(q);
+      if (st.depthwise) {
+        py::tuple a = sp[4].cast<py::tuple>(), t = sp[5].cast<py::tuple>();
+        st.dw = DwArgs{nullptr, a[0].cast<int64_t>(), a[1].cast<int64_t>(), a[2].cast<int64_t>(),
+                       a[3].cast<int64_t>(), (const int32_t*)a[4].cast<uintptr_t>(), a[5].cast<int64_t>(),
+                       a[6].cast<int64_t>(), a[7].cast<int64_t>(), a[8].cast<int64_t>(), a[9].cast<int64_t>(),
+                       a[10].cast<int64_t>(), a[11].cast<int64_t>(), a[12].cast<int64_t>(), a[13].cast<int64_t>(),
+                       a[14].cast<int64_t>(), a[15].cast<int32_t>(), t[0].cast<float>(),
+                       (const float*)t[1].cast<uintptr_t>(), (const float*)t[2].cast<uintptr_t>(),
+                       (const float*)t[3].cast<uintptr_t>(), nullptr, oq};
+      } else {
+        for (const auto& gi : sp[4].cast<py::list>()) {
+          py::tuple gt = gi.cast<py::tuple>();
+          ChainGroup cg{};
+          py::object cols = gt[0];
+          cg.cols = !cols.is_none();
+          if (cg.cols) {
+            py::tuple c = cols.cast<py::tuple>();
+            for (int k = 0; k < 17; ++k) cg.im[k] = c[k].cast<int64_t>();
+          }
+          py::tuple w = gt[2].cast<py::tuple>(), tail = gt[3].cast<py::tuple>(), dims = gt[4].cast<py::tuple>();
+          cg.g = GemmArgs{nullptr, gt[1].cast<int64_t>(), (const int8_t*)w[0].cast<uintptr_t>(),
+                          (const int32_t*)w[1].cast<uintptr_t>(), w[2].cast<int32_t>(),
+                          (const float*)w[3].cast<uintptr_t>(), w[4].cast<float>(),
+                          (const float*)w[5].cast<uintptr_t>(), (const float*)tail[0].cast<uintptr_t>(),
+                          (const float*)tail[1].cast<uintptr_t>(), nullptr, nullptr, gt[6].cast<int64_t>(),
+                          dims[0].cast<int64_t>(), dims[1].cast<int64_t>(), dims[2].cast<int64_t>(), oq};
+          cg.column = gt[5].cast<int64_t>();
+          st.groups.push_back(cg);
+        }
+      }
+      steps_.push_back(st);
+    }
+  }
+
+  void run(const py::tuple& buffers, int isa, int nthreads) {
+    uintptr_t buf[5];
+    for (int k = 0; k < 5; ++k) buf[k] = buffers[k].cast<uintptr_t>();
+    isa = check_isa(isa);
+    for (const ChainStep& st : steps_) {  // (each kernel releases the GIL itself)
+      const uint8_t* src = (const uint8_t*)buf[st.src];
+      if (st.depthwise) {
+        DwArgs a = st.dw;
+        a.x = src;
+        set_output(a.out_q, a.y, st, buf);
+        depthwise(a, isa, nthreads);
+        continue;
+      }
+      for (const ChainGroup& cg : st.groups) {
+        GemmArgs g = cg.g;
+        if (cg.cols) {
+          const int64_t* c = cg.im;
+          im2col(src, c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11], c[12], c[13], c[14],
+                 c[15], (uint8_t)c[16], (uint8_t*)buf[4], g.Kp, nthreads);
+          g.a = (const uint8_t*)buf[4];
+        } else {
+          g.a = src;
+        }
+        set_output(g.out_q, g.y, st, buf, cg.column);
+        gemm(g, isa, nthreads);
+      }
+    }
+  }
+
+ private:
+  // codes (out_q set by the spec: scale > 0 marks it) go to out_q.y, float results to y
+  template <class Y>
+  static void set_output(OutQ& q, Y*& y, const ChainStep& st, const uintptr_t* buf, int64_t column = 0) {
+    if (st.dst != 3) {
+      q.y = (uint8_t*)(buf[st.dst] + column);
+      y = nullptr;
+    } else {
+      q.y = nullptr;
+      y = (Y*)(buf[3] + column);
+    }
+  }
+  std::vector<ChainStep> steps_;
+};
+
 }  // namespace
 
 // ------------------------------------------------------------------------------------------------ bindings
@@ -1298,6 +1414,10 @@ PYBIND11_MODULE(_C, m) {
       else for (int64_t j = lo; j < hi; ++j) o[j] = q_u8(xf[j], scale, zp, qmin, qmax, shift);
     });
   });
+
+  py::class_<ChainProgram>(m, "ChainProgram")
+      .def(py::init<const py::list&>())
+      .def("run", &ChainProgram::run);
 
   m.def("depthwise_conv_u8", [](uintptr_t x, int64_t N, int64_t H, int64_t W, int64_t C, uintptr_t w, int64_t kh,
                                 int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
