@@ -357,6 +357,49 @@ class CpuBackend:
         )
         return out
 
+    def linear_plan(self, p: CpuPackedW8A8 | CpuPackedW8A16, in_q: ActivationQParams | None = None):
+        """`linear_dynamic` (W8A8 weights, no `in_q`), `linear_static` (`in_q`: the calibrated input) or
+        `linear_weight_only` (W8A16 weights) with every argument but the data worked out once: a function of a
+        contiguous float32 cpu (..., K) tensor giving (..., N) float32, no reshapes (a decode step runs ~200 small
+        linears: per-call Python is a visible share of it)."""
+        k, n, isa = p.k, p.n, self._isa_id
+        shape_n = (n,)
+        if isinstance(p, CpuPackedW8A16):
+            fn, args = _C.linear_wo, (p.packed.data_ptr(), p.scale.data_ptr(), p.group_size, _ptr(p.bias))
+
+            def run_wo(x: torch.Tensor) -> torch.Tensor:
+                out = torch.empty(x.shape[:-1] + shape_n, dtype=torch.float32)
+                fn(x.data_ptr(), k, x.numel() // k, k, *args, out.data_ptr(), n, n, isa, torch.get_num_threads())
+                return out
+
+            return run_wo
+        w, colsum, scale, bias, _ = p.addresses
+        if in_q is None:  # per-token
+            quant = (-1.0, 0, *QDtype.INT8.qrange(), 128)
+        else:
+            quant = (in_q.scale, in_q.zero_point, *in_q.dtype.qrange(), in_q.shift)
+        fn, tail = _C.linear_u8s8, (w, colsum, scale, bias)
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            out = torch.empty(x.shape[:-1] + shape_n, dtype=torch.float32)
+            fn(
+                x.data_ptr(),
+                k,
+                x.numel() // k,
+                k,
+                *quant,
+                *tail,
+                out.data_ptr(),
+                n,
+                n,
+                p.kp,
+                isa,
+                torch.get_num_threads(),
+            )
+            return out
+
+        return run
+
     def pack_conv(self, weight, scale, bias, groups, clamp_hi: torch.Tensor | None = None) -> CpuPackedConv:
         o, cg, kh, kw = weight.shape
         check_k(cg * kh * kw)

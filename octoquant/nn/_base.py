@@ -69,7 +69,7 @@ class QuantizedModule(nn.Module):
 
     # per-process caches derived from the buffers: never pickled or deep-copied (a copy repacks lazily). Call plans
     # hold raw data addresses of these packed weights: a copy sharing them would read the original's memory.
-    _CACHES = ("_packed", "_packed_backend", "_plans", "_plans_of", "_qparams", "_in_q", "_in_q_of")
+    _CACHES = ("_packed", "_packed_backend", "_plans", "_plans_of", "_qparams", "_in_q", "_in_q_of", "_linear_plan")
 
     def __getstate__(self):
         state = dict(self.__dict__)

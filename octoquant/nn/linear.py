@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..config import PerChannel, PerGroup, QDtype, QuantMode
+from ..kernels.reference import ActivationQParams
 from ._base import QuantizedModule, quantize_weight
 
 
@@ -122,11 +123,27 @@ class QLinear(QuantizedModule):
         return backend.pack_w8a8(self.weight, self.weight_scale, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fast path: a call plan of these packed weights (a contiguous float32 cpu input of any leading shape)
+        plan = self.__dict__.get("_linear_plan")
+        if (
+            plan is not None
+            and plan[0] is self._packed
+            and x.dtype is torch.float32
+            and x.is_cpu
+            and x.shape[-1] == self.in_features
+            and x.is_contiguous()
+        ):
+            return plan[1](x)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QLinear expects last dim {self.in_features}, got input shape {tuple(x.shape)}")
         flat = x.dim() == 2  # (M, K) as given: no reshapes (a microsecond each, per call on small decode layers)
         x2 = x if flat else x.reshape(-1, self.in_features)  # (M, K)
         be, p = self.packed_with_backend()
+        if hasattr(be, "linear_plan") and self.outlier_threshold is None and x.is_cpu:
+            in_q = None
+            if self.mode is QuantMode.W8A8_STATIC:
+                in_q = ActivationQParams(*self._static_qparams(), self.input_dtype)
+            self._linear_plan = (p, be.linear_plan(p, in_q))
         if self.mode is QuantMode.W8A8_DYNAMIC and self.outlier_threshold is not None:
             y = linear_dynamic_outliers(be, x2, p, self.weight, self.weight_scale, self.outlier_threshold)
         elif self.mode is QuantMode.W8A8_DYNAMIC:

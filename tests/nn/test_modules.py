@@ -129,6 +129,35 @@ def test_state_dict_is_plain_and_reload_repacks():
     assert torch.equal(fresh(x), y)
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="no fast backend on this CPU")
+@pytest.mark.parametrize(
+    "mode,kwargs",
+    [("w8a8_dynamic", {}), ("w8a8_static", {"input_range": (-3.0, 3.0), "input_dtype": "uint8"}), ("w8a16", {})],
+    ids=["dynamic", "static", "w8a16"],
+)
+def test_qlinear_call_plan_matches_the_general_path(mode, kwargs):
+    """From the second call a contiguous float32 input takes the module's call plan (no reshapes): the same
+    numbers as the general path for 2-D and 3-D inputs; a non-contiguous input and new weights take the general
+    path again."""
+    torch.manual_seed(3)
+    lin = nn.Linear(40, 24)
+    q = QLinear.from_float(lin, mode, backend="cpu", **kwargs)
+    x3 = torch.randn(2, 5, 40)
+    first = q(x3)  # general path (reshapes), builds the plan
+    assert "_linear_plan" in q.__dict__
+    assert torch.equal(q(x3), first)  # the plan
+    if mode == "w8a16":  # float sums: the order can depend on how rows group into register tiles
+        assert torch.allclose(q(x3[1]), first[1], rtol=1e-5, atol=1e-6)
+    else:  # integer arithmetic: row results do not depend on the other rows
+        assert torch.equal(q(x3[1]), first[1])  # 2-D through the plan: the same rows
+    transposed = x3.transpose(0, 1).contiguous().transpose(0, 1)  # same values, not contiguous
+    assert torch.equal(q(transposed), first)
+    sd = q.state_dict()
+    sd["weight"] = -sd["weight"]
+    q.load_state_dict(sd)  # repacks: the old plan must not run
+    assert torch.allclose(q(x3), -first + 2 * lin.bias.detach(), atol=1e-4)
+
+
 def test_bad_inputs():
     lin = nn.Linear(16, 8)
     with pytest.raises(ValueError, match="needs a calibrated input_range"):
