@@ -10,10 +10,12 @@
 `reference` is the spec (pure torch); `cpu` is octoquant's own C++ (AVX-512 VNNI / AVX2) and `cuda` Triton
 kernels on INT8 tensor cores (run in Triton's interpreter on CPU for CI), both tested bit-exact against it.
 `default_backend()` picks the fastest available CPU row and logs once when it has to fall back; modules whose
-weights live on a GPU use `cuda` (see `backend_for`). The `cpu` row also offers `conv_plan`, the same
-convolution with its arguments worked out once per input shape (QConv2d caches these), writing into a
-per-thread reusable buffer if given its slot (`cpu.scratch`: intermediates of a forward pass allocate no
-multi-MB tensor per layer), and `quantize_nhwc(..., out=)`.
+weights live on a GPU use `cuda` (see `backend_for`). The `cpu` row also offers call plans, the same ops with
+their arguments worked out once: `conv_plan` (per input shape, writing into a per-thread reusable buffer if
+given its slot: `cpu.scratch`, so a forward pass allocates no multi-MB tensor per layer), `chain_program`
+(consecutive convolutions handing codes on, from their `conv_spec`s, run in one kernel call) and `linear_plan`
+(a QLinear's fused quantize + GEMM on any contiguous (..., K) input); QConv2d, ConvChain and QLinear cache them.
+Also `quantize_nhwc(..., out=)`.
 """
 
 from __future__ import annotations
