@@ -384,9 +384,8 @@ VNNI_TARGET void rows_vnni(const GemmArgs& g, int64_t m0, int64_t mr, int64_t t,
 }
 
 // Small K (Kp <= 32: a MobileNet-style expand conv, an im2col'd 3-channel stem; at K = 64 the tiled kernel is
-// faster, measured): the weights of NBG 16-column
-// blocks (K4 * NBG zmm) stay in registers while rows stream past, each row K4 broadcasts and K4 * NBG VNNI steps
-// into NBG accumulators. The tiled kernel reloads the weights and keeps partial state per 4-row tile: for K = 16
+// faster, measured): the weights of NBG 16-column blocks (K4 * NBG zmm) stay in registers while rows stream past,
+// each row K4 broadcasts and K4 * NBG VNNI steps into NBG accumulators. The tiled kernel reloads the weights and keeps partial state per 4-row tile: for K = 16
 // that bookkeeping cost more than the multiply-adds (measured: 59 cycles per row of 96 outputs before the
 // epilogue, for 24 vpdpbusd).
 template <int K4, int NBG>
@@ -1052,7 +1051,7 @@ void depthwise(const DwArgs& args, int isa, int nthreads) {
 }
 
 // Rows of x (M, K; row stride ldx) -> u8 codes (row stride ldo; columns [K, ldo) set to `pad`), threads over rows
-// for large inputs. Dynamic: per-row symmetric int8 + scales (scales non-null); static: the rule of
+// for large inputs. Dynamic: per-row symmetric int8, each row's scale written to scales[m]; static: the rule of
 // quantize_static_* with one scale / zero-point.
 struct RowQuant {
   bool dynamic;
