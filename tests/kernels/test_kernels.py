@@ -174,6 +174,11 @@ CONVS = {
     "grouped-dilated": (8, 12, 3, 1, 2, 2, 2),
     "k-not-mult-4": (5, 7, 3, 1, 1, 1, 1),
     "expand-16-to-200": (16, 200, 1, 1, 0, 1, 1),  # small K: 13 column blocks in groups, the last partial
+    # codes written by one packed store per 4 (or 3) full column blocks, next to the per-block epilogue
+    "expand-24-to-72": (24, 72, 1, 1, 0, 1, 1),  # small K: a packed group of 4, then a partial block
+    "expand-32-to-48": (32, 48, 1, 1, 0, 1, 1),  # small K: a packed group of 3
+    "pointwise-64-to-112": (64, 112, 1, 1, 0, 1, 1),  # tiled: a packed tile of 4 blocks, then one of 3
+    "pointwise-64-to-100": (64, 100, 1, 1, 0, 1, 1),  # tiled: the second tile's last block partial: per block
 }
 
 
