@@ -397,6 +397,8 @@ def is_token_model(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def _prepare(model, config, calib, exclude, inplace, backend, progress):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize expects a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, Config):
         raise TypeError(f"config must be an oq.Config (e.g. oq.W8A8), got {type(config).__name__}")
     config = config.with_default_calibrator(is_token_model(model))

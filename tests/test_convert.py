@@ -325,6 +325,8 @@ def test_bad_inputs():
         oq.quantize(m, oq.W8A8, calib=bad, progress=False)
     with pytest.raises(ValueError, match="no quantizable layer"):
         oq.quantize(nn.Sequential(nn.ReLU()), oq.W8A8_DYNAMIC, progress=False)
+    with pytest.raises(TypeError, match="expects a torch.nn.Module, got dict"):
+        oq.quantize({"weight": torch.zeros(2, 2)}, oq.W8A8_DYNAMIC)  # e.g. a state dict or a tokenizer
     with pytest.raises(TypeError, match="oq.Config"):
         oq.quantize(m, "w8a8", calib=calib_batches(), progress=False)
     with pytest.raises(ValueError, match="unknown calibrator 'kl'"):
