@@ -14,7 +14,6 @@ import math
 import threading
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from ..config import QDtype
@@ -147,12 +146,13 @@ class ConvSpec:
 class ChainPlan:
     """A `ChainProgram` and the buffers it needs: float (N, C, H, W) out of (N, H, W, C) input codes."""
 
-    def __init__(self, program, in_shape, out_shape, handovers: int, codes_bytes: int, cols_bytes: int) -> None:
-        self.program, self.in_shape, self.out_shape = program, in_shape, out_shape
+    def __init__(self, program, isa: int, in_shape, out_shape, handovers: int, codes_bytes: int, cols_bytes: int):
+        self.program, self.isa, self.in_shape, self.out_shape = program, isa, in_shape, out_shape
         self.handovers = handovers  # layers that hand codes to the next
         self.codes_bytes, self.cols_bytes = max(codes_bytes, 1), max(cols_bytes, 1)
 
-    def __call__(self, codes: torch.Tensor, slots: tuple[str, str], cols_slot: str, isa: int) -> torch.Tensor:
+    def __call__(self, codes: torch.Tensor, slots: tuple[str, str]) -> torch.Tensor:
+        """Run on `codes`; the codes handed between layers go to this thread's scratch buffers `slots` in turn."""
         if codes.shape != self.in_shape or codes.dtype != torch.uint8 or not codes.is_contiguous():
             raise ValueError(f"ChainPlan expects contiguous uint8 codes of shape {tuple(self.in_shape)}")
         out = torch.empty(self.out_shape, dtype=torch.float32)
@@ -161,9 +161,9 @@ class ChainPlan:
             scratch(slots[0], (self.codes_bytes,)).data_ptr(),
             scratch(slots[1], (self.codes_bytes,)).data_ptr(),
             out.data_ptr(),
-            scratch(cols_slot, (self.cols_bytes,)).data_ptr(),
+            scratch("im2col", (self.cols_bytes,)).data_ptr(),  # the slot of conv_plan's columns
         )
-        self.program.run(buffers, isa, torch.get_num_threads())
+        self.program.run(buffers, self.isa, torch.get_num_threads())
         return out
 
 
@@ -295,25 +295,23 @@ class CpuBackend:
         _C.quantize_rows_dynamic(x.data_ptr(), x.stride(0), m, k, a_u8.data_ptr(), k, scale.data_ptr(), self._isa_id)
         return (a_u8 ^ 0x80).view(torch.int8), scale
 
-    def _linear(self, x: torch.Tensor, p: CpuPackedW8A8, row_scale0: float, zp: int, dtype: QDtype) -> torch.Tensor:
-        """(M, K) float -> (M, N) float32: quantization and GEMM in one kernel call (the codes in the kernel's
-        per-thread buffer); per-token scales when row_scale0 < 0."""
+    def _linear(self, x: torch.Tensor, p: CpuPackedW8A8, in_q: ActivationQParams | None) -> torch.Tensor:
+        """(M, K) float -> (M, N) float32: quantization (per-token without `in_q`) and GEMM in one kernel call
+        (the codes in the kernel's per-thread buffer)."""
         x = _as_f32_rows(x)
         m, k = x.shape
         if k != p.k:
             raise ValueError(f"the weights expect {p.k} input features, got {k}")
         out = torch.empty(m, p.n, dtype=torch.float32)
         w, colsum, scale, bias, _ = p.addresses
-        qmin, qmax = dtype.qrange()
-        shift = 128 if dtype is QDtype.INT8 else 0
         _C.linear_u8s8(
-            x.data_ptr(), x.stride(0), m, k, row_scale0, zp, qmin, qmax, shift, w, colsum, scale, bias,
+            x.data_ptr(), x.stride(0), m, k, *_row_quant(in_q), w, colsum, scale, bias,
             out.data_ptr(), p.n, p.n, p.kp, self._isa_id, torch.get_num_threads(),
         )  # fmt: skip
         return out
 
     def linear_dynamic(self, x: torch.Tensor, p: CpuPackedW8A8) -> torch.Tensor:
-        return self._linear(x, p, -1.0, 0, QDtype.INT8)
+        return self._linear(x, p, None)
 
     def quantize_static_u8(
         self, x: torch.Tensor, kp: int, scale: float, zero_point: int, dtype: QDtype
@@ -333,8 +331,7 @@ class CpuBackend:
     def linear_static(
         self, x: torch.Tensor, p: CpuPackedW8A8, in_scale: float, in_zero_point: int, in_dtype: QDtype
     ) -> torch.Tensor:
-        # the float32 value the reference uses (> 0: validated when the qparams were chosen)
-        return self._linear(x, p, float(np.float32(in_scale)), int(in_zero_point), in_dtype)
+        return self._linear(x, p, ActivationQParams(in_scale, in_zero_point, in_dtype))
 
     def linear_weight_only(self, x: torch.Tensor, p: CpuPackedW8A16) -> torch.Tensor:
         x = _as_f32_rows(x)
@@ -374,10 +371,7 @@ class CpuBackend:
 
             return run_wo
         w, colsum, scale, bias, _ = p.addresses
-        if in_q is None:  # per-token
-            quant = (-1.0, 0, *QDtype.INT8.qrange(), 128)
-        else:
-            quant = (in_q.scale, in_q.zero_point, *in_q.dtype.qrange(), in_q.shift)
+        quant = _row_quant(in_q)
         fn, tail = _C.linear_u8s8, (w, colsum, scale, bias)
 
         def run(x: torch.Tensor) -> torch.Tensor:
@@ -584,13 +578,27 @@ class CpuBackend:
             if not last:
                 codes_bytes = max(codes_bytes, math.prod(spec.out_shape))
         return ChainPlan(
-            _C.ChainProgram(steps), specs[0].in_shape, specs[-1].out_shape, len(specs) - 1, codes_bytes, cols_bytes
+            _C.ChainProgram(steps),
+            self._isa_id,
+            specs[0].in_shape,
+            specs[-1].out_shape,
+            len(specs) - 1,
+            codes_bytes,
+            cols_bytes,
         )
 
     def conv2d_static(self, x, p: CpuPackedConv, stride, padding, dilation, in_q: ActivationQParams):
         """Float (N, C, H, W) in, float (N, O, Ho, Wo) out, in channels_last memory (no copy back)."""
         y = self.conv2d_codes(self.quantize_nhwc(x, in_q), p, stride, padding, dilation, in_q)
         return y.permute(0, 3, 1, 2)
+
+
+def _row_quant(in_q: ActivationQParams | None) -> tuple:
+    """linear_u8s8's activation arguments (scale, zero-point, qmin, qmax, shift): per-token (scale < 0) without
+    `in_q`, else the static qparams (the float32 scale the reference uses, validated positive)."""
+    if in_q is None:
+        return (-1.0, 0, *QDtype.INT8.qrange(), 128)
+    return (in_q.scale, in_q.zero_point, *in_q.dtype.qrange(), in_q.shift)
 
 
 def _out_q_rest(q: ActivationQParams) -> tuple:

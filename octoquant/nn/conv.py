@@ -278,7 +278,7 @@ class ConvChain(nn.Sequential):
                 )
                 specs.append(spec)
                 shape = spec.out_shape
-            plan = (backend, backend.chain_program(specs))
+            plan = backend.chain_program(specs)
         if len(plans) >= PLANS_PER_LAYER:  # many input shapes: start over rather than grow without bound
             plans.clear()
         plans[key] = plan
@@ -302,8 +302,7 @@ class ConvChain(nn.Sequential):
             codes, in_q = layer.input_codes(x, CHAIN_INPUT_SLOT)
             plan = self._plan(structure, i, j, codes.shape)
             if plan is not None:  # the whole run in one kernel call
-                backend, program = plan
-                x = program(codes, CHAIN_SLOTS, "im2col", backend._isa_id).permute(0, 3, 1, 2)
+                x = plan(codes, CHAIN_SLOTS).permute(0, 3, 1, 2)
             else:
                 for k in range(i, j + 1):
                     out_q = layers[k + 1].input_q() if k < j else None

@@ -139,7 +139,8 @@ class QLinear(QuantizedModule):
         flat = x.dim() == 2  # (M, K) as given: no reshapes (a microsecond each, per call on small decode layers)
         x2 = x if flat else x.reshape(-1, self.in_features)  # (M, K)
         be, p = self.packed_with_backend()
-        if hasattr(be, "linear_plan") and self.outlier_threshold is None and x.is_cpu:
+        stale = plan is None or plan[0] is not p  # built once per packing (the general path runs for odd inputs)
+        if stale and hasattr(be, "linear_plan") and self.outlier_threshold is None:
             in_q = None
             if self.mode is QuantMode.W8A8_STATIC:
                 in_q = ActivationQParams(*self._static_qparams(), self.input_dtype)

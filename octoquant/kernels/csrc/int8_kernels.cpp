@@ -333,16 +333,16 @@ VNNI_TARGET inline void store_codes_vnni(const GemmArgs& g, int64_t m, int64_t n
     __m512i acc = _mm512_sub_epi32(s[b], _mm512_loadu_si512((const void*)(g.off_colsum + n)));
     __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_loadu_ps(g.static_scale + n));
     if (g.bias) v = _mm512_add_ps(v, _mm512_loadu_ps(g.bias + n));
-    __m512 r = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(v, _mm512_set1_ps(g.out_q.scale)), _mm512_loadu_ps(g.q_lo + n)),
-                             _mm512_loadu_ps(g.q_hi + n));
+    __m512 r = _mm512_div_ps(v, _mm512_set1_ps(g.out_q.scale));
+    r = _mm512_min_ps(_mm512_max_ps(r, _mm512_loadu_ps(g.q_lo + n)), _mm512_loadu_ps(g.q_hi + n));
     q[b] = _mm512_add_epi32(_mm512_cvt_roundps_epi32(r, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
                             _mm512_set1_epi32(g.out_q.add));
   }
   if (NB == 3) q[3] = q[2];
   // codes are in [0, 255]: the saturating packs change nothing. Per 128-bit lane L, packus leaves dword 4 L + b
   // holding block b's columns 4 L .. 4 L + 3; the permute puts block b's 16 codes at bytes 16 b.
-  __m512i u8 = _mm512_permutexvar_epi32(_mm512_loadu_si512((const void*)order),
-                                        _mm512_packus_epi16(_mm512_packs_epi32(q[0], q[1]), _mm512_packs_epi32(q[2], q[3])));
+  __m512i u8 = _mm512_packus_epi16(_mm512_packs_epi32(q[0], q[1]), _mm512_packs_epi32(q[2], q[3]));
+  u8 = _mm512_permutexvar_epi32(_mm512_loadu_si512((const void*)order), u8);
   uint8_t* out = g.out_q.y + m * g.ldy + n0;
   if (NB == 4) _mm512_storeu_si512((void*)out, u8);
   else _mm512_mask_storeu_epi32((void*)out, (__mmask16)0x0FFF, u8);
@@ -421,9 +421,9 @@ VNNI_TARGET void rows_vnni(const GemmArgs& g, int64_t m0, int64_t mr, int64_t t,
 
 // Small K (Kp <= 32: a MobileNet-style expand conv, an im2col'd 3-channel stem; at K = 64 the tiled kernel is
 // faster, measured): the weights of NBG 16-column blocks (K4 * NBG zmm) stay in registers while rows stream past,
-// each row K4 broadcasts and K4 * NBG VNNI steps into NBG accumulators. The tiled kernel reloads the weights and keeps partial state per 4-row tile: for K = 16
-// that bookkeeping cost more than the multiply-adds (measured: 59 cycles per row of 96 outputs before the
-// epilogue, for 24 vpdpbusd).
+// each row K4 broadcasts and K4 * NBG VNNI steps into NBG accumulators. The tiled kernel reloads the weights and
+// keeps partial state per 4-row tile: for K = 16 that bookkeeping cost more than the multiply-adds (measured: 59
+// cycles per row of 96 outputs before the epilogue, for 24 vpdpbusd).
 template <int K4, int NBG>
 VNNI_TARGET void smallk_group_vnni(const GemmArgs& args, int64_t nb0, int64_t m_lo, int64_t m_hi) {
   // a local copy: the epilogue's byte stores cannot alias it, so its fields stay in registers instead of being
@@ -519,11 +519,11 @@ VNNI_TARGET void gemm_vnni(const GemmArgs& g, int64_t t_lo, int64_t t_hi, int64_
     int64_t rows = me - mb;
     int64_t ntiles = (rows + MR - 1) / MR;
     int64_t kc = ntiles == 1 ? K4 : KC4;  // a single row tile needs no chunking
-    // Prefetch distance: one row tile streams its weights once (8 KiB ahead: the bytes in flight per thread
-    // set its share of DRAM bandwidth; 2 KiB reached 35 GB/s on 2 threads, 8 KiB 51 GB/s, 16 KiB no more,
-    // measured cold M=1 4096x4096); several row tiles prefetch the next chunk (tiles are contiguous, so past a
-    // tile's end comes the next tile) while computing on this one, so DRAM traffic overlaps the compute of all
-    // row tiles instead of adding to it.
+    // Prefetch distance: one row tile streams its weights once (8 KiB ahead; 2 KiB and no software prefetch
+    // measured the same, 522-528 us cold M=1 4096x4096 on 2 threads: the hardware prefetcher carries the
+    // stream); several row tiles prefetch the next chunk (tiles are contiguous, so past a tile's end comes the
+    // next tile) while computing on this one, so DRAM traffic overlaps the compute of all row tiles instead of
+    // adding to it.
     int64_t pf = ntiles == 1 ? 8192 : kc * 256;
     for (int64_t t = t_lo; t < t_hi; ++t) {
       for (int64_t k4 = 0; k4 < K4; k4 += kc) {
@@ -819,7 +819,7 @@ VNNI_TARGET void wo_tile_avx512(const float* x, int64_t ldx, const int8_t* w, co
       for (int u = 0; u < U; ++u) part[r][u] = _mm512_setzero_ps();
     int64_t k = gi * gs, ke = (gi + 1) * gs;
     for (; k + 4 <= ke; k += 4) {
-      _mm_prefetch((const char*)(w + k * 16 + 8192), _MM_HINT_T0);  // 8 KiB ahead (2 KiB: 6% slower, cold M=1)
+      _mm_prefetch((const char*)(w + k * 16 + 8192), _MM_HINT_T0);  // 8 KiB ahead
       __m512i w64 = _mm512_loadu_si512((const void*)(w + k * 16));  // 4 k x 16 columns
       __m512 wv[4];
       wv[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(w64)));
@@ -1081,11 +1081,11 @@ void depthwise(const DwArgs& args, int isa, int nthreads) {
         int64_t pix = (n * a.Ho + ho) * a.Wo + wo;
         if (isa == ISA_AVX512VNNI) {
           // 4 interior pixels at once (all taps in the image for the first and so for every one of them)
-          bool full = tp.i0 == 0 && tp.i1 == a.kh && tp.j0 == 0 && tp.j1 == a.kw && wo + 3 < a.Wo;
-          if (full && taps_of(a, ho, wo + 3).j1 == a.kw) {
+          bool full = tp.i0 == 0 && tp.i1 == a.kh && tp.j0 == 0 && tp.j1 == a.kw;
+          if (full && wo + 3 < a.Wo && taps_of(a, ho, wo + 3).j1 == a.kw) {
             dw_pixels_avx512<4, true>(a, img, tp, pix);
             wo += 3;
-          } else if (tp.i0 == 0 && tp.i1 == a.kh && tp.j0 == 0 && tp.j1 == a.kw) {
+          } else if (full) {
             dw_pixels_avx512<1, true>(a, img, tp, pix);
           } else {
             dw_pixels_avx512<1, false>(a, img, tp, pix);
