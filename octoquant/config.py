@@ -193,9 +193,12 @@ class Config:
             by channel, alpha searched per group on the consumers' int8 output error (a float identity; needs
             calibration data). MobileNetV2 all-int8: agreement 0.891 -> 0.914, KL 0.0328 -> 0.0271 (RESULTS.md).
             Runs with the mse, minmax and auto calibrators (measured to hurt percentile and entropy).
-        smoothquant: W8A8 with calibration data on a model whose (norm -> linears) map is known (Hugging Face
-            Llama / Mistral / Qwen / GPT-2): migrate activation outliers into the weights, alpha searched per
-            layer (a float identity). Skipped with a warning for unknown transformer architectures.
+        smoothquant: W8A8 with calibration data: migrate activation outliers into the weights, alpha searched per
+            (producer -> linears) pair (a float identity). Pairs come from a table for Hugging Face Llama /
+            Mistral / Qwen / GPT-2, and for any other model from one traced forward (norm -> the linears reading
+            its output, linear -> linear), each kind kept only if moving power-of-two scales through it leaves
+            the output bit-identical (post-norm residuals, GELU or softmax in between fail it). A warning names
+            the blocks when nothing folds.
         head_weight_only: W8A8 on a Hugging Face model: its output head (lm_head) is quantized weight-only
             (W8A16, per-channel), and a head tied to the input embedding stays tied (one int8 matrix serves
             both); `exclude=["lm_head"]` keeps it float. `head_granularity`: PerChannel(0) or PerGroup(size).

@@ -135,6 +135,57 @@ def first_tensor(out: object) -> torch.Tensor:
     raise TypeError(f"cannot find a tensor in model output of type {type(out).__name__}")
 
 
+PROBE_TOKENS = 64  # sequence length of a probing run on token ids (SmolLM2 pair search: 20 s at 512 tokens)
+
+
+def _probe_sample(batch):
+    """A small input for probing runs: the batch's first sample (index 0 of every tensor whose first dimension is
+    the batch size, that of the first tensor found), and for token ids (a 2-D integer tensor, or `input_ids` and
+    the tensors of its (batch, length)) the first PROBE_TOKENS positions; anything else as given."""
+    batch = _first_sample(batch)
+    ids = batch if isinstance(batch, torch.Tensor) else batch.get("input_ids") if isinstance(batch, Mapping) else None
+    if not (isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point()):
+        return batch
+    if ids.shape[1] <= PROBE_TOKENS:
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch[:, :PROBE_TOKENS]
+    lead = ids.shape[:2]
+    return {
+        k: v[:, :PROBE_TOKENS] if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[:2] == lead else v
+        for k, v in batch.items()
+    }
+
+
+def _first_sample(batch):
+    """The batch's first sample: index 0 of every tensor whose first dimension is the batch size (that of the first
+    tensor found); anything else as given."""
+
+    def tensors(b):
+        if isinstance(b, torch.Tensor):
+            yield b
+        elif isinstance(b, Mapping):
+            for v in b.values():
+                yield from tensors(v)
+        elif isinstance(b, tuple | list):
+            for v in b:
+                yield from tensors(v)
+
+    first = next((t for t in tensors(batch) if t.dim()), None)
+    size = None if first is None else first.shape[0]
+
+    def cut(b):
+        if isinstance(b, torch.Tensor):
+            return b[:1] if b.dim() and b.shape[0] == size else b
+        if isinstance(b, Mapping):
+            return {k: cut(v) for k, v in b.items()}
+        if isinstance(b, tuple | list):
+            return type(b)(cut(v) for v in b)
+        return b
+
+    return batch if size is None or size <= 1 else cut(batch)
+
+
 def _materialize(calib: Iterable | None) -> list | None:
     if calib is None:
         return None
@@ -372,20 +423,24 @@ def _outputs(model: nn.Module, batches: list) -> list[torch.Tensor]:
 
 
 def _smooth(work: nn.Module, batches: list, config: Config) -> None:
-    """SmoothQuant on a known transformer architecture; a warning naming the blocks for an unknown one."""
-    from .transforms.smoothquant import find_pairs, smooth
+    """SmoothQuant: the (producer -> linears) pairs of a known architecture, or those `discover_pairs` finds by
+    running the model on the first calibration batch; a warning naming the blocks when none can be smoothed."""
+    from .transforms.smoothquant import discover_pairs, find_pairs, smooth
 
     pairs = find_pairs(work)
     if pairs is None:
-        model_type = getattr(getattr(work, "config", None), "model_type", None)
-        if model_type is not None:  # a transformer we have no (norm -> linears) map for
-            blocks = sorted({n.rsplit(".", 1)[0] for n, m in work.named_modules() if isinstance(m, nn.LayerNorm)})
-            log.warning(
-                "octoquant: SmoothQuant skipped: no (norm -> linears) map for model_type %r (blocks: %s)",
-                model_type,
-                ", ".join(blocks[:6]) + (" ..." if len(blocks) > 6 else ""),
-            )
-        return
+        sample = _probe_sample(batches[0])
+        pairs, rejected = discover_pairs(work, lambda: first_tensor(_run(work, sample)).detach().float())
+        if not pairs:
+            if rejected:  # norms / linears found, but none a float identity to fold into (post-norm residuals...)
+                blocks = sorted({p.producer.rsplit(".", 1)[0] for p in rejected})
+                log.warning(
+                    "octoquant: SmoothQuant skipped: no (norm -> linears) pair of %s folds exactly (blocks: %s)",
+                    type(work).__name__,
+                    ", ".join(blocks[:6]) + (" ..." if len(blocks) > 6 else ""),
+                )
+            return
+        log.info("octoquant: SmoothQuant on %d pairs found by tracing %s", len(pairs), type(work).__name__)
     chosen = smooth(work, lambda: [_run(work, b) for b in batches], config.mode, pairs)
     work.octoquant_smoothquant = chosen
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import octoquant as oq
-from octoquant.transforms.smoothquant import find_pairs, smooth
+from octoquant.transforms.smoothquant import discover_pairs, find_pairs, smooth
 
 transformers = pytest.importorskip("transformers")
 from tests._tiny import tiny_llama  # noqa: E402
@@ -57,6 +57,163 @@ def test_llama_pairs_cover_attention_mlp_and_down_proj():
     mlp = ("model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj")
     assert pairs["model.layers.1.post_attention_layernorm"] == mlp
     assert pairs["model.layers.1.mlp.up_proj"] == ("model.layers.1.mlp.down_proj",)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pair discovery on architectures without a table entry: traced candidates, kept only where they fold exactly
+
+
+def _tiny(config_cls, model_cls, **kw):
+    torch.manual_seed(0)
+    return model_cls(config_cls(vocab_size=100, num_hidden_layers=2, **kw)).eval()
+
+
+_UNKNOWN = {  # model_type -> (tiny model, the block-0 pairs a correct search finds, names after "layers.0.")
+    "gpt_neox": (
+        lambda: _tiny(
+            transformers.GPTNeoXConfig,
+            transformers.GPTNeoXForCausalLM,
+            hidden_size=64,
+            intermediate_size=128,
+            num_attention_heads=4,
+        ),
+        {("input_layernorm", ("attention.query_key_value",)), ("post_attention_layernorm", ("mlp.dense_h_to_4h",))},
+    ),
+    "opt": (  # pre-norm; attention is linear in V and ReLU is positively homogeneous: v -> out and fc1 -> fc2 too
+        lambda: _tiny(
+            transformers.OPTConfig,
+            transformers.OPTForCausalLM,
+            hidden_size=64,
+            ffn_dim=128,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+        ),
+        {
+            ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            ("final_layer_norm", ("fc1",)),
+            ("self_attn.v_proj", ("self_attn.out_proj",)),
+            ("fc1", ("fc2",)),
+        },
+    ),
+    "phi3": (  # fused qkv and gate_up projections
+        lambda: _tiny(
+            transformers.Phi3Config,
+            transformers.Phi3ForCausalLM,
+            hidden_size=64,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            pad_token_id=0,
+        ),
+        {("input_layernorm", ("self_attn.qkv_proj",)), ("post_attention_layernorm", ("mlp.gate_up_proj",))},
+    ),
+    "gemma": (  # its norms compute (1 + weight) * x: not foldable as weight / s, rejected; up -> down is
+        lambda: _tiny(
+            transformers.GemmaConfig,
+            transformers.GemmaForCausalLM,
+            hidden_size=64,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+        ),
+        {("mlp.up_proj", ("mlp.down_proj",))},
+    ),
+    "bert": (  # post-norm: every LayerNorm output also feeds a residual add, nothing folds
+        lambda: _tiny(
+            transformers.BertConfig,
+            transformers.BertModel,
+            hidden_size=32,
+            num_attention_heads=2,
+            intermediate_size=64,
+        ),
+        set(),
+    ),
+}
+
+
+def _block0(pairs) -> set:
+    out = set()
+    for p in pairs:
+        for marker in ("layers.0.", "layer.0."):
+            if marker in p.producer:
+                out.add((p.producer.split(marker)[1], tuple(c.split(marker)[1] for c in p.consumers)))
+    return out
+
+
+def _run_on(model, ids):
+    return lambda: model(ids)[0].detach().float()
+
+
+@pytest.mark.parametrize("name", sorted(_UNKNOWN))
+def test_discovered_pairs_are_exactly_the_foldable_ones(name):
+    make, expected = _UNKNOWN[name]
+    model = make()
+    ids = torch.randint(0, 100, (1, 20), generator=torch.Generator().manual_seed(3))
+    pairs, rejected = discover_pairs(model, _run_on(model, ids))
+    assert _block0(pairs) == expected
+    assert rejected  # candidates were tested, not only found
+    assert len(pairs) == 2 * len(expected)  # the same pairs in block 1
+    if pairs:  # smoothing along them is a float identity
+        ref = _run_on(model, ids)()
+        smooth(model, lambda: [model(b) for b in _calib()], oq.QuantMode.W8A8_DYNAMIC, pairs)
+        out = _run_on(model, ids)()
+        assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("make", [_llama, _gpt2], ids=["llama", "gpt2"])
+def test_discovery_agrees_with_the_architecture_table(make):
+    model = make()
+    ids = torch.randint(0, 100, (1, 20), generator=torch.Generator().manual_seed(3))
+    pairs, _ = discover_pairs(model, _run_on(model, ids))
+    assert {(p.producer, p.consumers) for p in pairs} == {(p.producer, p.consumers) for p in find_pairs(model)}
+
+
+def test_discovery_on_a_plain_torch_model():
+    """No Hugging Face config at all: a pre-norm MLP block with a residual, written in plain torch."""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(32)
+            self.fc1, self.fc2 = torch.nn.Linear(32, 64), torch.nn.Linear(64, 32)
+            self.gelu_in, self.gelu_out = torch.nn.Linear(32, 32), torch.nn.Linear(32, 32)
+
+        def forward(self, x):
+            x = x + self.fc2(torch.relu(self.fc1(self.norm(x))))
+            return x + self.gelu_out(torch.nn.functional.gelu(self.gelu_in(x)))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Block(), Block()).eval()
+    x = torch.randn(4, 32)
+    pairs, rejected = discover_pairs(model, lambda: model(x))
+    found = {(p.producer, p.consumers) for p in pairs}
+    assert found == {(f"{i}.norm", (f"{i}.fc1",)) for i in "01"} | {(f"{i}.fc1", (f"{i}.fc2",)) for i in "01"}
+    assert ("0.gelu_in", ("0.gelu_out",)) in {(p.producer, p.consumers) for p in rejected}
+
+
+def _neox(outlier_gain: float = 1.0):
+    model = _UNKNOWN["gpt_neox"][0]()
+    for layer in model.gpt_neox.layers:
+        layer.input_layernorm.weight.data[[3, 17]] *= outlier_gain
+        layer.post_attention_layernorm.weight.data[[5, 40]] *= outlier_gain
+    return model
+
+
+def test_smoothquant_on_an_architecture_without_a_table_entry():
+    """oq.quantize on GPT-NeoX (not in the table): pairs found by tracing, outlier error reduced."""
+    model = _neox(outlier_gain=40.0)
+    assert find_pairs(model) is None
+    ids = torch.randint(0, 100, (8, 32), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref = model(ids).logits
+    errs = {}
+    for sq in (False, True):
+        q = oq.quantize(model, oq.W8A8_DYNAMIC.replace(smoothquant=sq), calib=_calib(), progress=False)
+        with torch.no_grad():
+            errs[sq] = (q(ids).logits - ref).pow(2).mean().item()
+    assert q.octoquant_smoothquant["gpt_neox.layers.0.input_layernorm"] is not None
+    assert errs[True] < 0.7 * errs[False], errs
 
 
 @pytest.mark.parametrize("config", [oq.W8A8_DYNAMIC, oq.W8A8], ids=["dynamic", "static"])
@@ -138,3 +295,16 @@ def test_dynamic_fallback_skips_the_weight_only_head():
     modes = {r.name: r.mode for r in oq.summary(q, print_table=False)}
     assert modes["lm_head"] == "w8a16"
     assert sum(m == "w8a8_dynamic" for m in modes.values()) >= 1
+
+
+def test_probe_sample_is_one_short_sample():
+    from octoquant.convert import PROBE_TOKENS, _probe_sample
+
+    ids = torch.randint(0, 100, (3, 200))
+    assert torch.equal(_probe_sample(ids), ids[:1, :PROBE_TOKENS])
+    batch = _probe_sample({"input_ids": ids, "attention_mask": torch.ones(3, 200), "scale": torch.tensor(2.0)})
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (1, PROBE_TOKENS)
+    assert batch["scale"].dim() == 0  # not batch-shaped: as given
+    images = torch.randn(4, 3, 8, 8)
+    a, b = _probe_sample((images, images))
+    assert torch.equal(a, images[:1]) and torch.equal(b, images[:1])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -69,6 +70,138 @@ def find_pairs(model: nn.Module) -> list[SmoothPair] | None:
             if all(c in names for c in consumers):
                 pairs.append(SmoothPair(name, consumers))
     return pairs
+
+
+# Pair discovery on a model with no table entry (`discover_pairs`): candidates from one traced forward, each kind
+# of candidate kept only if moving power-of-two scales through it leaves the model's output unchanged.
+# Scales of 1/2, 1, 2 are exact in any float format: through a valid pair the output does not change by one bit
+# (deterministic kernels); any nonlinearity (softmax, GELU, a residual) between the two ends changes it.
+_LAYER_INDEX = re.compile(r"\.\d+(?=\.|$)")
+
+
+def _is_norm(m: nn.Module) -> bool:
+    """A leaf normalization layer with a per-channel affine weight (LayerNorm, RMSNorm, ...)."""
+    w = getattr(m, "weight", None)
+    return (
+        "norm" in type(m).__name__.lower()
+        and isinstance(w, torch.Tensor)
+        and w.dim() == 1
+        and next(m.children(), None) is None
+    )
+
+
+def _is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+
+
+def _features(m: nn.Module) -> tuple[int, int]:
+    """(in, out) features of a Linear or GPT-2 Conv1D."""
+    w = _weight(m)
+    return w.shape[1], w.shape[0]
+
+
+def _trace_candidates(model: nn.Module, run: Callable[[], object]) -> list[SmoothPair]:
+    """Candidates seen in one forward: (norm -> the linears whose input is that norm's output tensor), and
+    (linear -> a sibling linear whose input width is its output width: up -> down, v -> o, fc1 -> fc2)."""
+    names = {m: n for n, m in model.named_modules()}
+    produced: dict[int, tuple[str, torch.Tensor]] = {}  # id(output) -> (norm, output): kept alive, ids stay unique
+    readers: dict[str, list[str]] = {}
+    called: list[str] = []
+    hooks = []
+
+    def norm_hook(module, args, out):
+        if isinstance(out, torch.Tensor):
+            produced[id(out)] = (names[module], out)
+
+    def linear_hook(module, args):
+        name = names[module]
+        if name not in called:
+            called.append(name)
+        x = args[0] if args else None
+        hit = produced.get(id(x)) if isinstance(x, torch.Tensor) else None
+        if hit is not None and hit[1] is x and name not in readers.setdefault(hit[0], []):
+            readers[hit[0]].append(name)
+
+    for m in names:
+        if _is_norm(m):
+            hooks.append(m.register_forward_hook(norm_hook))
+        elif _is_linear(m):
+            hooks.append(m.register_forward_pre_hook(linear_hook))
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    pairs = [SmoothPair(norm, tuple(linears)) for norm, linears in readers.items()]
+    modules = dict(model.named_modules())
+    for down in called:
+        parent = down.rpartition(".")[0]
+        for up in called:
+            if up != down and up.rpartition(".")[0] == parent:
+                if _features(modules[up])[1] == _features(modules[down])[0]:
+                    pairs.append(SmoothPair(up, (down,)))
+    return pairs
+
+
+def _relative_change(ref: torch.Tensor, out: torch.Tensor) -> float:
+    den = float(ref.double().pow(2).sum())
+    num = float((out.double() - ref.double()).pow(2).sum())
+    return num / den if den > 0 else num
+
+
+@torch.no_grad()
+def _moves_through(
+    model: nn.Module, run: Callable[[], torch.Tensor], ref: torch.Tensor, pairs: list[SmoothPair], noise: float
+) -> bool:
+    """True when dividing each producer's output channels by random powers of two and multiplying its consumers'
+    input columns by the same leaves the model's output unchanged: the pairs are a float identity to fold into."""
+    names = dict(model.named_modules())
+    mods = {n: names[n] for p in pairs for n in (p.producer, *p.consumers)}
+    saved = [
+        (t, t.detach().clone()) for m in mods.values() for t in (m.weight, getattr(m, "bias", None)) if t is not None
+    ]
+    g = torch.Generator().manual_seed(0)
+    try:
+        for p in pairs:
+            s = torch.pow(2.0, torch.randint(-1, 2, (_features(mods[p.consumers[0]])[0],), generator=g).float())
+            _scale_producer_output(mods[p.producer], s)  # s: 1/2, 1 or 2 per channel, exact in any float format
+            for c in p.consumers:
+                _scale_consumer_columns(mods[c], s)
+        out = run()
+    finally:
+        for t, v in saved:
+            t.data.copy_(v)
+    return _relative_change(ref, out) <= noise
+
+
+def _kind(p: SmoothPair) -> tuple:
+    """The pair's names with the layer index taken out: the same code runs in every block."""
+    return _LAYER_INDEX.sub(".#", p.producer), tuple(_LAYER_INDEX.sub(".#", c) for c in p.consumers)
+
+
+def discover_pairs(model: nn.Module, run: Callable[[], torch.Tensor]) -> tuple[list[SmoothPair], list[SmoothPair]]:
+    """(pairs, rejected): the smoothing pairs of any model, found by running it (`run` returns its main output on a
+    fixed sample). Candidates come from `_trace_candidates`; each kind of candidate is tested once with
+    `_moves_through` on its first block, then all accepted pairs together (one by one if that fails). A norm whose
+    output also feeds a residual (post-norm BERT), a norm that is not `weight * x` (Gemma's `(1 + weight) * x`)
+    or a nonlinearity between two linears (GELU, softmax) fails the test: those pairs are not smoothed."""
+    with torch.no_grad():
+        ref = run().detach().clone()
+        # 0 on deterministic kernels; else (atomics in a GPU reduction) the run-to-run change, with a margin
+        noise = 4 * _relative_change(ref, run())
+    candidates = _trace_candidates(model, run)
+    kinds: dict[tuple, bool] = {}
+    for p in candidates:
+        if _kind(p) not in kinds:
+            kinds[_kind(p)] = _moves_through(model, run, ref, [p], noise)
+    accepted, taken = [], set()
+    for p in candidates:  # one producer per consumer: stats are gathered at the consumer's input
+        if kinds[_kind(p)] and taken.isdisjoint(p.consumers):
+            accepted.append(p)
+            taken.update(p.consumers)
+    if accepted and not _moves_through(model, run, ref, accepted, noise):
+        accepted = [p for p in accepted if _moves_through(model, run, ref, [p], noise)]
+    return accepted, [p for p in candidates if p not in accepted]
 
 
 def _weight(m: nn.Module) -> torch.Tensor:
