@@ -197,8 +197,9 @@ class Config:
             (producer -> linears) pair (a float identity). Pairs come from a table for Hugging Face Llama /
             Mistral / Qwen / GPT-2, and for any other model from one traced forward (norm -> the linears reading
             its output, linear -> linear), each kind kept only if moving power-of-two scales through it leaves
-            the output bit-identical (post-norm residuals, GELU or softmax in between fail it). A warning names
-            the blocks when nothing folds.
+            the output bit-identical (post-norm residuals, GELU or softmax in between fail it) and the producer's
+            parameters can divide its output (Gemma's (1 + weight) norms included). A warning names the blocks
+            when nothing folds.
         head_weight_only: W8A8 on a Hugging Face model: its output head (lm_head) is quantized weight-only
             (W8A16, per-channel), and a head tied to the input embedding stays tied (one int8 matrix serves
             both); `exclude=["lm_head"]` keeps it float. `head_granularity`: PerChannel(0) or PerGroup(size).

@@ -107,7 +107,7 @@ _UNKNOWN = {  # model_type -> (tiny model, the block-0 pairs a correct search fi
         ),
         {("input_layernorm", ("self_attn.qkv_proj",)), ("post_attention_layernorm", ("mlp.gate_up_proj",))},
     ),
-    "gemma": (  # its norms compute (1 + weight) * x: not foldable as weight / s, rejected; up -> down is
+    "gemma": (  # its norms compute (1 + weight) * x_hat: folded as (1 + weight) / s - 1
         lambda: _tiny(
             transformers.GemmaConfig,
             transformers.GemmaForCausalLM,
@@ -117,7 +117,11 @@ _UNKNOWN = {  # model_type -> (tiny model, the block-0 pairs a correct search fi
             num_key_value_heads=2,
             head_dim=16,
         ),
-        {("mlp.up_proj", ("mlp.down_proj",))},
+        {
+            ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+            ("mlp.up_proj", ("mlp.down_proj",)),
+        },
     ),
     "bert": (  # post-norm: every LayerNorm output also feeds a residual add, nothing folds
         lambda: _tiny(
@@ -154,6 +158,8 @@ def test_discovered_pairs_are_exactly_the_foldable_ones(name):
     assert _block0(pairs) == expected
     assert rejected  # candidates were tested, not only found
     assert len(pairs) == 2 * len(expected)  # the same pairs in block 1
+    offsets = {p.norm_offset for p in pairs if "norm" in p.producer}
+    assert offsets <= ({1.0} if name == "gemma" else {0.0})
     if pairs:  # smoothing along them is a float identity
         ref = _run_on(model, ids)()
         smooth(model, lambda: [model(b) for b in _calib()], oq.QuantMode.W8A8_DYNAMIC, pairs)
@@ -308,3 +314,27 @@ def test_probe_sample_is_one_short_sample():
     images = torch.randn(4, 3, 8, 8)
     a, b = _probe_sample((images, images))
     assert torch.equal(a, images[:1]) and torch.equal(b, images[:1])
+
+
+def test_a_norm_whose_weight_cannot_divide_its_output_is_not_smoothed():
+    class SquareNorm(torch.nn.Module):  # (weight ** 2) * x: neither weight / s nor (1 + weight) / s - 1 divides it
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.rand(16) + 0.5)
+
+        def forward(self, x):
+            return x * self.weight**2
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(SquareNorm(), torch.nn.Linear(16, 8)).eval()
+    x = torch.randn(4, 16)
+    pairs, rejected = discover_pairs(model, lambda: model(x))
+    assert pairs == [] and [(p.producer, p.consumers) for p in rejected] == [("0", ("1",))]
+
+
+def test_pair_search_refuses_a_model_that_is_not_deterministic(caplog):
+    model = torch.nn.Sequential(torch.nn.LayerNorm(16), torch.nn.Linear(16, 8), torch.nn.Dropout(0.5)).train()
+    x = torch.randn(4, 16)
+    with caplog.at_level(logging.WARNING, logger="octoquant"):
+        assert discover_pairs(model, lambda: model(x)) == ([], [])
+    assert "changes between identical runs" in caplog.text

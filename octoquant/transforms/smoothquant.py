@@ -17,7 +17,7 @@ import fnmatch
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -36,6 +36,7 @@ S_MIN = 1e-5
 class SmoothPair:
     producer: str  # a norm (weight [, bias]) or a Linear whose output rows are scaled
     consumers: tuple[str, ...]  # Linears reading the producer's output
+    norm_offset: float = 0.0  # a norm computing (norm_offset + weight) * x_hat (+ bias): 1 for Gemma's RMSNorm
 
 
 # (producer glob, consumer suffixes) per block, by Hugging Face model_type: a table, not if-chains.
@@ -73,10 +74,14 @@ def find_pairs(model: nn.Module) -> list[SmoothPair] | None:
 
 
 # Pair discovery on a model with no table entry (`discover_pairs`): candidates from one traced forward, each kind
-# of candidate kept only if moving power-of-two scales through it leaves the model's output unchanged.
-# Scales of 1/2, 1, 2 are exact in any float format: through a valid pair the output does not change by one bit
-# (deterministic kernels); any nonlinearity (softmax, GELU, a residual) between the two ends changes it.
+# of candidate kept only if (1) the model's output does not change by one bit when the producer's output is divided
+# by powers of two (a forward hook) and the consumers' columns multiplied by them: exact in any float format, so any
+# nonlinearity (softmax, GELU, a residual) between the two ends shows; and (2) the producer's own parameters can
+# divide its output so (a Linear always; a norm as weight / s, or as (1 + weight) / s - 1 for Gemma's RMSNorm).
 _LAYER_INDEX = re.compile(r"\.\d+(?=\.|$)")
+NORM_OFFSETS = (0.0, 1.0)  # the norm parametrizations tried: (offset + weight) * x_hat
+NOISE_MAX = 1e-8  # squared relative run-to-run change beyond which the bit-exact test means nothing (dropout on)
+NORM_RTOL = 1e-5  # a norm's rescaled output against output / s (float32 rounding of (1 + w) / s - 1: ~1e-7)
 
 
 def _is_norm(m: nn.Module) -> bool:
@@ -100,11 +105,18 @@ def _features(m: nn.Module) -> tuple[int, int]:
     return w.shape[1], w.shape[0]
 
 
-def _trace_candidates(model: nn.Module, run: Callable[[], object]) -> list[SmoothPair]:
+def _power_of_two_scales(n: int, seed: int) -> torch.Tensor:
+    """(n,) scales of 1/2, 1 or 2: multiplying or dividing by them is exact in any float format."""
+    return torch.pow(2.0, torch.randint(-1, 2, (n,), generator=torch.Generator().manual_seed(seed)).float())
+
+
+def _trace_candidates(model: nn.Module, run: Callable[[], object]) -> tuple[list[SmoothPair], dict[str, tuple]]:
     """Candidates seen in one forward: (norm -> the linears whose input is that norm's output tensor), and
-    (linear -> a sibling linear whose input width is its output width: up -> down, v -> o, fc1 -> fc2)."""
+    (linear -> a sibling linear whose input width is its output width: up -> down, v -> o, fc1 -> fc2); and each
+    norm's first input arguments."""
     names = {m: n for n, m in model.named_modules()}
     produced: dict[int, tuple[str, torch.Tensor]] = {}  # id(output) -> (norm, output): kept alive, ids stay unique
+    norm_args: dict[str, tuple] = {}
     readers: dict[str, list[str]] = {}
     called: list[str] = []
     hooks = []
@@ -112,6 +124,7 @@ def _trace_candidates(model: nn.Module, run: Callable[[], object]) -> list[Smoot
     def norm_hook(module, args, out):
         if isinstance(out, torch.Tensor):
             produced[id(out)] = (names[module], out)
+            norm_args.setdefault(names[module], args)
 
     def linear_hook(module, args):
         name = names[module]
@@ -140,10 +153,11 @@ def _trace_candidates(model: nn.Module, run: Callable[[], object]) -> list[Smoot
             if up != down and up.rpartition(".")[0] == parent:
                 if _features(modules[up])[1] == _features(modules[down])[0]:
                     pairs.append(SmoothPair(up, (down,)))
-    return pairs
+    return pairs, norm_args
 
 
 def _relative_change(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """|out - ref|^2 / |ref|^2."""
     den = float(ref.double().pow(2).sum())
     num = float((out.double() - ref.double()).pow(2).sum())
     return num / den if den > 0 else num
@@ -153,25 +167,45 @@ def _relative_change(ref: torch.Tensor, out: torch.Tensor) -> float:
 def _moves_through(
     model: nn.Module, run: Callable[[], torch.Tensor], ref: torch.Tensor, pairs: list[SmoothPair], noise: float
 ) -> bool:
-    """True when dividing each producer's output channels by random powers of two and multiplying its consumers'
-    input columns by the same leaves the model's output unchanged: the pairs are a float identity to fold into."""
+    """True when dividing each producer's output channels by powers of two (a forward hook on it) and multiplying
+    its consumers' input columns by the same leaves the model's output unchanged."""
     names = dict(model.named_modules())
-    mods = {n: names[n] for p in pairs for n in (p.producer, *p.consumers)}
-    saved = [
-        (t, t.detach().clone()) for m in mods.values() for t in (m.weight, getattr(m, "bias", None)) if t is not None
-    ]
-    g = torch.Generator().manual_seed(0)
+    consumers = {c: names[c] for p in pairs for c in p.consumers}
+    saved = [(m.weight, m.weight.detach().clone()) for m in consumers.values()]
+    hooks = []
     try:
-        for p in pairs:
-            s = torch.pow(2.0, torch.randint(-1, 2, (_features(mods[p.consumers[0]])[0],), generator=g).float())
-            _scale_producer_output(mods[p.producer], s)  # s: 1/2, 1 or 2 per channel, exact in any float format
+        for i, p in enumerate(pairs):
+            s = _power_of_two_scales(_features(consumers[p.consumers[0]])[0], i)
+            hooks.append(names[p.producer].register_forward_hook(lambda m, a, out, s=s: out / s.to(out.dtype)))
             for c in p.consumers:
-                _scale_consumer_columns(mods[c], s)
+                _scale_consumer_columns(consumers[c], s)
         out = run()
     finally:
+        for h in hooks:
+            h.remove()
         for t, v in saved:
             t.data.copy_(v)
     return _relative_change(ref, out) <= noise
+
+
+@torch.no_grad()
+def _norm_offset(m: nn.Module, args: tuple) -> float | None:
+    """The offset c of a norm computing (c + weight) * x_hat (+ bias), among NORM_OFFSETS, found by rescaling its
+    parameters and comparing its output on `args` with output / s; None if none fits."""
+    ref = m(*args)
+    s = _power_of_two_scales(m.weight.numel(), 0)
+    target = (ref / s.to(ref.dtype)).double()
+    saved = [(t, t.detach().clone()) for t in (m.weight, getattr(m, "bias", None)) if t is not None]
+    for offset in NORM_OFFSETS:
+        try:
+            _scale_producer_output(m, s, offset)
+            out = m(*args).double()
+        finally:
+            for t, v in saved:
+                t.data.copy_(v)
+        if float((out - target).norm()) <= NORM_RTOL * float(target.norm()):
+            return offset
+    return None
 
 
 def _kind(p: SmoothPair) -> tuple:
@@ -181,27 +215,34 @@ def _kind(p: SmoothPair) -> tuple:
 
 def discover_pairs(model: nn.Module, run: Callable[[], torch.Tensor]) -> tuple[list[SmoothPair], list[SmoothPair]]:
     """(pairs, rejected): the smoothing pairs of any model, found by running it (`run` returns its main output on a
-    fixed sample). Candidates come from `_trace_candidates`; each kind of candidate is tested once with
-    `_moves_through` on its first block, then all accepted pairs together (one by one if that fails). A norm whose
-    output also feeds a residual (post-norm BERT), a norm that is not `weight * x` (Gemma's `(1 + weight) * x`)
-    or a nonlinearity between two linears (GELU, softmax) fails the test: those pairs are not smoothed."""
+    fixed sample). Candidates come from `_trace_candidates`; each kind of candidate is tested once on its first
+    block (`_moves_through`, `_norm_offset`), then all accepted pairs together (one by one if that fails). A norm
+    whose output also feeds a residual (post-norm BERT), or a nonlinearity between two linears (GELU, softmax)
+    fails: those pairs are not smoothed."""
     with torch.no_grad():
         ref = run().detach().clone()
         # 0 on deterministic kernels; else (atomics in a GPU reduction) the run-to-run change, with a margin
         noise = 4 * _relative_change(ref, run())
-    candidates = _trace_candidates(model, run)
-    kinds: dict[tuple, bool] = {}
+    if noise > NOISE_MAX:
+        log.warning("SmoothQuant pair search: the model's output changes between identical runs; no pairs searched")
+        return [], []
+    candidates, norm_args = _trace_candidates(model, run)
+    names = dict(model.named_modules())
+    kinds: dict[tuple, float | None] = {}  # kind -> the producer's norm offset (0 for a Linear), None: rejected
     for p in candidates:
-        if _kind(p) not in kinds:
-            kinds[_kind(p)] = _moves_through(model, run, ref, [p], noise)
+        if _kind(p) in kinds:
+            continue
+        offset = _norm_offset(names[p.producer], norm_args[p.producer]) if p.producer in norm_args else 0.0
+        kinds[_kind(p)] = offset if offset is not None and _moves_through(model, run, ref, [p], noise) else None
     accepted, taken = [], set()
     for p in candidates:  # one producer per consumer: stats are gathered at the consumer's input
-        if kinds[_kind(p)] and taken.isdisjoint(p.consumers):
-            accepted.append(p)
+        if kinds[_kind(p)] is not None and taken.isdisjoint(p.consumers):
+            accepted.append(replace(p, norm_offset=kinds[_kind(p)]))
             taken.update(p.consumers)
     if accepted and not _moves_through(model, run, ref, accepted, noise):
         accepted = [p for p in accepted if _moves_through(model, run, ref, [p], noise)]
-    return accepted, [p for p in candidates if p not in accepted]
+    kept = {(p.producer, p.consumers) for p in accepted}
+    return accepted, [p for p in candidates if (p.producer, p.consumers) not in kept]
 
 
 def _weight(m: nn.Module) -> torch.Tensor:
@@ -216,16 +257,20 @@ def _scale_consumer_columns(m: nn.Module, s: torch.Tensor) -> None:
         m.weight.data.mul_(s.reshape(1, -1).to(m.weight.dtype))
 
 
-def _scale_producer_output(m: nn.Module, s: torch.Tensor) -> None:
+def _scale_producer_output(m: nn.Module, s: torch.Tensor, norm_offset: float = 0.0) -> None:
+    """Divide m's output channels by s: a Linear's rows (a Conv1D's columns) and bias, or a norm's affine
+    parameters ((offset + weight) / s - offset for a norm that multiplies by offset + weight)."""
     inv = (1.0 / s).to(m.weight.dtype)
     if isinstance(m, nn.Linear):  # rows = output channels
         m.weight.data.mul_(inv.reshape(-1, 1))
-        if m.bias is not None:
-            m.bias.data.mul_(inv)
-    else:  # norm: elementwise affine weight (and bias)
+    elif type(m).__name__ == "Conv1D":  # weight (in, out)
+        m.weight.data.mul_(inv.reshape(1, -1))
+    elif norm_offset:
+        m.weight.data.copy_((m.weight.data + norm_offset) * inv - norm_offset)
+    else:  # norm: elementwise affine weight
         m.weight.data.mul_(inv)
-        if getattr(m, "bias", None) is not None:
-            m.bias.data.mul_(inv)
+    if getattr(m, "bias", None) is not None:
+        m.bias.data.mul_(inv)
 
 
 def _fake_act(x: torch.Tensor, mode: QuantMode) -> torch.Tensor:
@@ -302,7 +347,7 @@ def smooth(
         chosen[p.producer] = alpha
         if alpha is None:
             continue
-        _scale_producer_output(names[p.producer], s)
+        _scale_producer_output(names[p.producer], s, p.norm_offset)
         for c in p.consumers:
             _scale_consumer_columns(names[c], s)
         log.debug("smoothquant %s: alpha %.2f, relative error %.3g", p.producer, alpha, rel)
