@@ -79,6 +79,7 @@ def _module_spec(m: nn.Module) -> dict | None:
             "embedding_dim": m.embedding_dim,
             "dtype": str(m.dtype).removeprefix("torch."),
             "group_size": m.group_size,
+            "embed_scale": m.embed_scale,
         }
     if isinstance(m, ChannelClamp):
         return {"type": "ChannelClamp", "channels": m.upper.numel()}
@@ -119,7 +120,9 @@ def _build(spec: dict) -> nn.Module:
         dtype = getattr(torch, spec["dtype"], None)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise CheckpointError(f"QEmbedding dtype {spec['dtype']!r} in {CONFIG_NAME} is not a float dtype")
-        return QEmbedding(spec["num_embeddings"], spec["embedding_dim"], dtype, spec.get("group_size"))
+        return QEmbedding(
+            spec["num_embeddings"], spec["embedding_dim"], dtype, spec.get("group_size"), spec.get("embed_scale", 1.0)
+        )
     if kind == "ChannelClamp":
         return ChannelClamp(torch.zeros(spec["channels"]))
     if kind == "Identity":

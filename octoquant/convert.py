@@ -461,7 +461,9 @@ def _prepare(model, config, calib, exclude, inplace, backend, progress):
     work.eval()
     targets, floats = _select(work, config, list(exclude))
     if not targets:
-        raise ValueError("the model has no quantizable layer (nn.Linear, nn.Conv2d, transformers Conv1D)")
+        reasons = sorted({r.reason for r in floats.values()})
+        found = f"; its {len(floats)} candidate layers stay float: {', '.join(reasons)}" if floats else ""
+        raise ValueError(f"the model has no quantizable layer (nn.Linear, nn.Conv2d, transformers Conv1D){found}")
     from .transforms import equalize_channels, equalize_depthwise, fold_batchnorm
 
     fold_batchnorm(work)
@@ -549,12 +551,45 @@ def quantize(
         _fallback(
             work, targets, built, records, batches[:eval_batches], max_error, keep_float, fallback, backend, progress
         )
+    if batches is not None:
+        _keep_float_where_inputs_are_cast(work, targets, records, _probe_sample(batches[0]))
     _fuse_activations(work, act_pairs)
     if tie is not None:
         _tie_embedding(work, *tie)
     work = chain_convolutions(work)  # consecutive QConv2d layers pass uint8 codes (bit-identical, faster)
     work.octoquant_layers = records
     return work
+
+
+@torch.no_grad()
+def _keep_float_where_inputs_are_cast(work: nn.Module, targets: dict, records: dict, sample) -> None:
+    """Put back in float the quantized layers that get an integer input on `sample`: the model casts their input to
+    the layer's weight dtype, int8 once quantized (Hugging Face ViT, CLIP: `pixel_values.to(patch.weight.dtype)`)."""
+    cast: list[str] = []
+
+    def hook(module, args, name):
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and not x.is_floating_point():
+            cast.append(name)
+            return (x.float(), *args[1:])  # carry on to find any other: the result is not used
+
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, name=name: hook(mod, args, name))
+        for name, m in work.named_modules()
+        if isinstance(m, QuantizedModule) and name in targets
+    ]
+    try:
+        _run(work, sample)
+    finally:
+        for h in hooks:
+            h.remove()
+    for name in dict.fromkeys(cast):
+        m = targets[name][0]
+        _swap(work, name, m)
+        rec = records[name]
+        reason = "the model casts its input to the layer's weight dtype (int8 once quantized)"
+        records[name] = LayerRecord(name, rec.kind, "float", reason, float_bytes=rec.float_bytes)
+        log.warning("octoquant: %s stays float: %s", name, reason)
 
 
 def head_defaults(model: nn.Module, config: Config) -> tuple[Config, tuple[str, str] | None]:
@@ -585,7 +620,45 @@ def _tie_embedding(work: nn.Module, emb_name: str, head_name: str) -> None:
     if not isinstance(head, QLinear) or head.mode is not QuantMode.W8A16:
         return  # the head stayed float (excluded) or took another form: the embedding keeps its float matrix
     emb = work.get_submodule(emb_name)
-    _swap(work, emb_name, QEmbedding.tied_to(head, dtype=emb.weight.dtype))
+    scale = embedding_output_scale(emb)
+    if scale is None:
+        log.warning(
+            "octoquant: %s (%s) computes more than a row lookup: it stays float (the int8 head keeps its own copy)",
+            emb_name,
+            type(emb).__name__,
+        )
+        return
+    _swap(work, emb_name, QEmbedding.tied_to(head, dtype=emb.weight.dtype, embed_scale=scale))
+
+
+EMBED_PROBE_ROWS = 4096  # rows looked up to tell a plain (or constant-scaled) embedding from anything else
+
+
+@torch.no_grad()
+def embedding_output_scale(emb: nn.Module) -> float | None:
+    """c when `emb(ids)` is its weight's rows times a constant c (1 for nn.Embedding, sqrt(hidden) for Gemma's
+    scaled embedding), None when it computes anything else (then a QEmbedding cannot stand in for it)."""
+    weight = getattr(emb, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return None
+    ids = torch.arange(min(weight.shape[0], EMBED_PROBE_ROWS), device=weight.device)
+    try:
+        out = emb(ids)
+    except Exception:  # noqa: BLE001 - any module that does not take bare ids is not a plain lookup
+        return None
+    rows = weight[ids]
+    if not isinstance(out, torch.Tensor) or out.shape != rows.shape:
+        return None
+    if torch.equal(out, rows):
+        return 1.0
+    nonzero = rows != 0
+    if not bool(nonzero.any()):
+        return None
+    c = float((out[nonzero].double() / rows[nonzero].double()).median())
+    eps = torch.finfo(out.dtype).eps if out.is_floating_point() else 0.0
+    if c == 0 or not torch.allclose(out.double(), rows.double() * c, rtol=4 * eps, atol=0.0):
+        return None
+    return c
 
 
 def _fuse_activations(work: nn.Module, pairs: list[tuple[str, str]]) -> None:

@@ -226,8 +226,10 @@ def _qembedding_forward(self: QEmbedding, ids: torch.Tensor) -> torch.Tensor:
     rows = F.embedding(ids, self.weight).to(torch.float32)  # (..., D) int8 codes
     scale = F.embedding(ids, self.weight_scale.reshape(self.num_embeddings, -1))  # (..., 1) or (..., G)
     if self.group_size is None:
-        return rows * scale
-    return (rows.reshape(*rows.shape[:-1], -1, self.group_size) * scale.unsqueeze(-1)).reshape(rows.shape)
+        out = rows * scale
+    else:
+        out = (rows.reshape(*rows.shape[:-1], -1, self.group_size) * scale.unsqueeze(-1)).reshape(rows.shape)
+    return out if self.embed_scale == 1.0 else out * self.embed_scale
 
 
 _EXPORT_FORWARDS = {QLinear: _qlinear_forward, QConv2d: _qconv_forward, QEmbedding: _qembedding_forward}

@@ -154,6 +154,8 @@ def dequantized_copy(qmodel: nn.Module) -> nn.Module:
             continue
         group = m.group_size if isinstance(m, (QLinear, QEmbedding)) else None
         w = dequantize(m.weight, m.weight_scale, 0, PerGroup(group) if group else PerChannel(0))
+        if isinstance(m, QEmbedding):
+            w = w * m.embed_scale  # a plain nn.Embedding of the rows it returns
         if isinstance(m, QLinear):
             f = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
         elif isinstance(m, QConv2d):

@@ -325,6 +325,8 @@ def test_bad_inputs():
         oq.quantize(m, oq.W8A8, calib=bad, progress=False)
     with pytest.raises(ValueError, match="no quantizable layer"):
         oq.quantize(nn.Sequential(nn.ReLU()), oq.W8A8_DYNAMIC, progress=False)
+    with pytest.raises(ValueError, match=r"its 1 candidate layers stay float: no weight-only conv kernel"):
+        oq.quantize(nn.Sequential(nn.Conv2d(3, 4, 3)), oq.W8A16, progress=False)  # says why, not only "none"
     with pytest.raises(TypeError, match="expects a torch.nn.Module, got dict"):
         oq.quantize({"weight": torch.zeros(2, 2)}, oq.W8A8_DYNAMIC)  # e.g. a state dict or a tokenizer
     with pytest.raises(TypeError, match="oq.Config"):

@@ -46,6 +46,17 @@ def input_qparams(input_range: tuple[float, float], input_dtype: QDtype) -> tupl
     return choose_qparams(lo, hi, input_dtype, symmetric=input_dtype is QDtype.INT8)
 
 
+def check_float_input(module: nn.Module, x: torch.Tensor) -> None:
+    """A quantized layer computes on float inputs; an integer one means the model cast it to the layer's weight
+    dtype (int8 here): `x.to(layer.weight.dtype)`, as Hugging Face ViT / CLIP do before their patch embedding."""
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{type(module).__name__} got a {x.dtype} input: the model casts its input to this layer's weight dtype "
+            "(int8 once quantized). Keep the layer in float (exclude=[its name]), or quantize with calib=... so "
+            "that oq.quantize finds such layers and keeps them in float"
+        )
+
+
 class QuantizedModule(nn.Module):
     """Keeps a backend-specific packed copy of the weights, rebuilt after loading or moving the buffers."""
 

@@ -13,7 +13,7 @@ from torch.nn.modules.utils import _pair
 from ..config import PerChannel, QDtype, QuantMode
 from ..kernels.cpu import scratch
 from ..kernels.reference import ActivationQParams
-from ._base import QuantizedModule, input_qparams, quantize_weight
+from ._base import QuantizedModule, check_float_input, input_qparams, quantize_weight
 
 # the per-thread buffers (kernels.cpu.scratch) a ConvChain's layers write their codes into, alternately
 CHAIN_SLOTS = ("chain-codes-0", "chain-codes-1")
@@ -130,6 +130,7 @@ class QConv2d(QuantizedModule):
         `scratch_slot` where the backend can write into one, see forward_codes)."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"QConv2d expects (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        check_float_input(self, x)
         in_q = self.input_q(x)
         backend = self.packed_with_backend()[0]
         if scratch_slot is None or not hasattr(backend, "conv_plan"):

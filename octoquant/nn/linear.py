@@ -7,7 +7,7 @@ from torch import nn
 
 from ..config import PerChannel, PerGroup, QDtype, QuantMode
 from ..kernels.reference import ActivationQParams
-from ._base import QuantizedModule, quantize_weight
+from ._base import QuantizedModule, check_float_input, quantize_weight
 
 
 def _float_weight(module: nn.Module) -> torch.Tensor:
@@ -136,6 +136,7 @@ class QLinear(QuantizedModule):
             return plan[1](x)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QLinear expects last dim {self.in_features}, got input shape {tuple(x.shape)}")
+        check_float_input(self, x)
         flat = x.dim() == 2  # (M, K) as given: no reshapes (a microsecond each, per call on small decode layers)
         x2 = x if flat else x.reshape(-1, self.in_features)  # (M, K)
         be, p = self.packed_with_backend()

@@ -1,0 +1,181 @@
+"""Plumbing across model families octoquant has no special code for: tiny random Hugging Face models (vision and
+text) quantized in every mode, their outputs checked against FP32. Random weights prove plumbing, not accuracy."""
+
+import logging
+import math
+
+import pytest
+import torch
+
+import octoquant as oq
+from octoquant.convert import embedding_output_scale
+
+T = pytest.importorskip("transformers")
+
+# A broken layer shows as ~0 dB here (seen: ViT's patch embedding fed int8-cast pixels, 0.0 dB; Gemma's scaled
+# embedding replaced by a plain lookup, 1.2 dB at the embeddings); healthy int8 runs gave 19-73 dB (lowest: static
+# W8A8 ConvNeXt with random weights).
+ARCH_SQNR_MIN_DB = 15.0
+
+_VISION = {
+    "resnet": lambda: T.ResNetForImageClassification(
+        T.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], num_labels=10)
+    ),
+    "convnext": lambda: T.ConvNextForImageClassification(
+        T.ConvNextConfig(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], num_labels=10)
+    ),
+    "vit": lambda: T.ViTForImageClassification(
+        T.ViTConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            image_size=32,
+            patch_size=8,
+            num_labels=10,
+        )
+    ),
+    "regnet": lambda: T.RegNetForImageClassification(
+        T.RegNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], groups_width=8)
+    ),
+    "swin": lambda: T.SwinForImageClassification(
+        T.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4)
+    ),
+}
+_TEXT = {
+    "distilbert": lambda: T.DistilBertModel(T.DistilBertConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=128)),
+    "t5-encoder": lambda: T.T5EncoderModel(T.T5Config(d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16)),
+    "qwen2": lambda: T.Qwen2ForCausalLM(
+        T.Qwen2Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+        )
+    ),
+    "gemma2": lambda: _gemma2(),
+    "phi3": lambda: T.Phi3ForCausalLM(
+        T.Phi3Config(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            pad_token_id=0,
+        )
+    ),
+    "opt": lambda: T.OPTForCausalLM(
+        T.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64)
+    ),
+    "bloom": lambda: T.BloomForCausalLM(T.BloomConfig(hidden_size=64, n_layer=2, n_head=4)),
+    "mixtral": lambda: T.MixtralForCausalLM(
+        T.MixtralConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=4,
+        )
+    ),
+}
+
+
+def _gemma2():
+    cfg = T.Gemma2Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
+    return T.Gemma2ForCausalLM(cfg)
+
+
+def _build(name: str):
+    make = {**_VISION, **_TEXT}[name]
+    torch.manual_seed(0)
+    model = make().eval()
+    if hasattr(model.config, "vocab_size") and name in _TEXT:
+        model.resize_token_embeddings(100)
+    return model
+
+
+def _input(name: str, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if name in _VISION:
+        return torch.randn(2, 3, 32, 32, generator=g)
+    return torch.randint(0, 100, (2, 16), generator=g)
+
+
+def _sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    return 10 * math.log10(float(ref.double().pow(2).sum()) / float((ref.double() - out.double()).pow(2).sum()))
+
+
+def _main(out) -> torch.Tensor:
+    return (out if isinstance(out, torch.Tensor) else out[0]).float()
+
+
+@pytest.mark.parametrize("mode", ["w8a8", "w8a8-dynamic", "w8a16"])
+@pytest.mark.parametrize("name", sorted(_VISION) + sorted(_TEXT))
+def test_every_family_quantizes_and_stays_close_to_fp32(name, mode):
+    model = _build(name)
+    config = {"w8a8": oq.W8A8, "w8a8-dynamic": oq.W8A8_DYNAMIC, "w8a16": oq.W8A16}[mode]
+    x = _input(name, 99)
+    with torch.no_grad():
+        ref = _main(model(x))
+        q = oq.quantize(model, config, calib=[_input(name, s) for s in range(3)], progress=False)
+        out = _main(q(x))
+    assert any(r.status == "int8" for r in oq.summary(q, print_table=False))
+    assert _sqnr_db(ref, out) >= ARCH_SQNR_MIN_DB
+
+
+def test_a_layer_whose_input_the_model_casts_to_its_weight_dtype_stays_float(caplog):
+    """Hugging Face ViT casts pixel_values to patch_embeddings.projection.weight.dtype: int8 once quantized."""
+    model = _build("vit")
+    with caplog.at_level(logging.WARNING, logger="octoquant"):
+        q = oq.quantize(model, oq.W8A8, calib=[_input("vit", s) for s in range(3)], progress=False)
+    rows = {r.name: r for r in oq.summary(q, print_table=False)}
+    patch = rows["vit.embeddings.patch_embeddings.projection"]
+    assert patch.status == "float" and "weight dtype" in patch.reason and "stays float" in caplog.text
+    assert sum(r.status == "int8" for r in rows.values()) == len(rows) - 1
+    # without calibration data there is nothing to probe with: the cast input is refused loudly, not computed on
+    q = oq.quantize(model, oq.W8A8_DYNAMIC, progress=False)
+    with pytest.raises(TypeError, match="casts its input to this layer's weight dtype"):
+        q(_input("vit", 0))
+
+
+def test_a_scaled_tied_embedding_keeps_its_scale_and_its_tie(tmp_path):
+    """Gemma multiplies its embedding rows by sqrt(hidden_size): the int8 QEmbedding does too, through a save."""
+    model = _build("gemma2")
+    assert embedding_output_scale(model.model.embed_tokens) == 8.0
+    q = oq.quantize(model, oq.W8A16, progress=False)
+    emb = q.model.embed_tokens
+    assert emb.embed_scale == 8.0 and emb.weight is q.lm_head.weight
+    x = _input("gemma2", 5)
+    with torch.no_grad():
+        assert _sqnr_db(model.model.embed_tokens(x), emb(x)) >= 30.0  # int8 rows: weight rounding only
+        out = q(x).logits
+    oq.save(q, tmp_path / "q")
+    loaded = oq.load(tmp_path / "q")
+    assert loaded.model.embed_tokens.embed_scale == 8.0
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, out)
+
+
+def test_an_embedding_that_is_not_a_lookup_stays_float(caplog):
+    class NormedEmbedding(torch.nn.Embedding):  # a lookup followed by a LayerNorm: no int8 table stands in for it
+        def forward(self, ids):
+            return torch.nn.functional.layer_norm(super().forward(ids), (self.embedding_dim,))
+
+    emb = NormedEmbedding(50, 16)
+    assert embedding_output_scale(emb) is None
+    assert embedding_output_scale(torch.nn.Embedding(50, 16)) == 1.0
+    model = _build("qwen2")
+    model.model.embed_tokens = NormedEmbedding(100, 64)
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.config.tie_word_embeddings = True
+    with caplog.at_level(logging.WARNING, logger="octoquant"):
+        q = oq.quantize(model, oq.W8A16, progress=False)
+    assert type(q.model.embed_tokens) is NormedEmbedding and "computes more than a row lookup" in caplog.text
+    x = _input("qwen2", 1)
+    with torch.no_grad():
+        assert _sqnr_db(model(x).logits, q(x).logits) >= ARCH_SQNR_MIN_DB
