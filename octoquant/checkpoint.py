@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .config import QDtype, QuantMode
+from .convert import hf_embeddings
 from .nn import QConv2d, QEmbedding, QLinear, chain_convolutions
 from .nn._base import QuantizedModule
 from .transforms.equalize import ChannelClamp
@@ -311,8 +312,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) 
             cfg["architectures"] = [type(model).__name__]  # what `load` (and transformers) instantiate
             if any(isinstance(m, QLinear) for m in model.modules()):
                 cfg["quantization_config"] = compressed_tensors_config(model)
-            out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-            in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+            in_emb, out_emb = hf_embeddings(model)
             if isinstance(out_emb, QuantizedModule) and not isinstance(in_emb, QEmbedding):
                 cfg["tie_word_embeddings"] = False  # an int8 head is its own matrix now: no tie to restore
             (tmp / HF_CONFIG_NAME).write_text(json.dumps(cfg, indent=1, default=str))

@@ -592,11 +592,25 @@ def _keep_float_where_inputs_are_cast(work: nn.Module, targets: dict, records: d
         log.warning("octoquant: %s stays float: %s", name, reason)
 
 
+def hf_embeddings(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """(input embedding, output head) of a Hugging Face model; None for what it has not (vision models raise
+    NotImplementedError from get_input_embeddings) or for a model without the accessors."""
+
+    def get(attr: str) -> nn.Module | None:
+        fn = getattr(model, attr, None)
+        try:
+            m = fn() if callable(fn) else None
+        except NotImplementedError:
+            return None
+        return m if isinstance(m, nn.Module) else None
+
+    return get("get_input_embeddings"), get("get_output_embeddings")
+
+
 def head_defaults(model: nn.Module, config: Config) -> tuple[Config, tuple[str, str] | None]:
     """The config with the output head weight-only (see Config.head_weight_only), and the (embedding, head)
     names when the two are tied."""
-    get_out = getattr(model, "get_output_embeddings", None)
-    head = get_out() if callable(get_out) else None
+    emb, head = hf_embeddings(model)
     if head is None or not isinstance(head, nn.Linear) or not config.head_weight_only:
         return config, None
     names = {id(m): n for n, m in model.named_modules()}
@@ -608,7 +622,6 @@ def head_defaults(model: nn.Module, config: Config) -> tuple[Config, tuple[str, 
             mode=QuantMode.W8A16, weight_granularity=config.head_granularity, outlier_threshold=None, overrides=()
         )
         config = config.replace(overrides=((head_name, head_cfg), *config.overrides))  # the user's win
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is not None and getattr(emb, "weight", None) is head.weight and id(emb) in names:
         return config, (names[id(emb)], head_name)
     return config, None

@@ -29,6 +29,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 import tempfile
 import types
 import warnings
@@ -128,6 +129,30 @@ class _MatMulInteger(torch.autograd.Function):
         return out
 
 
+class _ConvInteger(torch.autograd.Function):
+    """ONNX ConvInteger: (x - x_zero_point) conv w -> int32, padding with the zero-point (a real 0), b int8."""
+
+    @staticmethod
+    def forward(ctx, x, w, x_zero_point, stride, padding, dilation, groups):
+        x0 = x.to(torch.float64) - x_zero_point.to(torch.float64)
+        return F.conv2d(x0, w.to(torch.float64), None, stride, padding, dilation, groups).round().to(torch.int32)
+
+    @staticmethod
+    def symbolic(g, x, w, x_zero_point, stride, padding, dilation, groups):
+        out = g.op(
+            "ConvInteger",
+            x,
+            w,
+            x_zero_point,
+            strides_i=list(stride),
+            pads_i=[padding[0], padding[1], padding[0], padding[1]],
+            dilations_i=list(dilation),
+            group_i=groups,
+        )
+        out.setType(x.type().with_dtype(torch.int32))
+        return out
+
+
 class _Mark(torch.autograd.Function):
     """Identity that tags a quantized module's float output with the module's name (for the placement pass)."""
 
@@ -204,10 +229,23 @@ def _qlinear_forward(self: QLinear, x: torch.Tensor) -> torch.Tensor:
     return _Mark.apply(y.squeeze(0) if flat else y, self._export_name)
 
 
+def _dynamic_conv(self: QConv2d, x: torch.Tensor) -> torch.Tensor:
+    """octoquant's dynamic uint8 conv as ONNX ops: DynamicQuantizeLinear (its asymmetric min/max qparams), the
+    exact integer conv (ConvInteger: ORT runs it on u8 x s8 kernels), then float32(acc) * (x_scale * w_scale) + bias
+    in the order octoquant's rescale computes it."""
+    q, s, z = _DynamicQuantizeLinear.apply(x)
+    acc = _ConvInteger.apply(q, self.weight, z, self.stride, self.padding, self.dilation, self.groups)
+    y = acc.to(torch.float32) * (s * self.weight_scale).reshape(1, -1, 1, 1)
+    return y + self.bias.reshape(1, -1, 1, 1) if self.bias is not None else y
+
+
 def _qconv_forward(self: QConv2d, x: torch.Tensor) -> torch.Tensor:
-    xd = _input_qdq(self, x)
-    wd = _dq_weight(self.weight, self.weight_scale, axis=0)
-    y = F.conv2d(xd, wd, self.bias, self.stride, self.padding, self.dilation, self.groups)
+    if self.mode is QuantMode.W8A8_DYNAMIC and self.input_dtype is QDtype.UINT8:
+        y = _dynamic_conv(self, x)
+    else:
+        xd = _input_qdq(self, x)
+        wd = _dq_weight(self.weight, self.weight_scale, axis=0)
+        y = F.conv2d(xd, wd, self.bias, self.stride, self.padding, self.dilation, self.groups)
     upper = self.output_clamp  # a fused ReLU (inf) / ReLU6 (6) / per-channel bound (ReLU6 after equalization)
     if upper is None:
         return _Mark.apply(y, self._export_name)
@@ -268,6 +306,29 @@ class LogitsOnly(nn.Module):
 # Inputs
 
 
+def _is_causal_lm(model: nn.Module) -> bool:
+    """A Hugging Face decoder-only generator (GenerationMixin, not encoder-decoder)."""
+    tf = sys.modules.get("transformers")
+    generation = getattr(tf, "GenerationMixin", None) if tf is not None else None
+    if generation is None or not isinstance(model, generation):
+        return False
+    return not getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+
+
+def _export_view(model: nn.Module, example):
+    """(module, example) to trace: a Hugging Face causal LM as `LogitsOnly` (its KV cache and generation arguments
+    are no graph), fed {input_ids, attention_mask} from a tensor of ids or a tokenizer batch; anything else as given."""
+    if isinstance(model, LogitsOnly) or not _is_causal_lm(model):
+        return model, example
+    if isinstance(example, torch.Tensor) and not example.is_floating_point():
+        ids, mask = example, None
+    elif isinstance(example, Mapping) and "input_ids" in example:
+        ids, mask = example["input_ids"], example.get("attention_mask")
+    else:
+        return model, example
+    return LogitsOnly(model), {"input_ids": ids, "attention_mask": torch.ones_like(ids) if mask is None else mask}
+
+
 def _as_args(example) -> tuple[tuple, dict]:
     if isinstance(example, torch.Tensor):
         return (example,), {}
@@ -301,6 +362,21 @@ def _default_dynamic_axes(names: list[str], tensors: list[torch.Tensor], outputs
 def _run(model: nn.Module, example):
     args, kwargs = _as_args(example)
     return model(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _without_kv_cache(model: nn.Module):
+    """A Hugging Face model with `config.use_cache` on returns its KV cache (a Cache object the exporter cannot
+    trace): off while exporting / verifying, the graph is (inputs) -> outputs, as `LogitsOnly` gives."""
+    config = getattr(model, "config", None)
+    on = bool(getattr(config, "use_cache", False))
+    if on:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if on:
+            config.use_cache = True
 
 
 def _flat_outputs(out) -> list[torch.Tensor]:
@@ -815,6 +891,10 @@ def onnx(
         raise ExportError(f"unknown dynamic form {dynamic!r}; valid: {', '.join(DYNAMIC_FORMS)}")
     if not 13 <= opset <= 20:
         raise ExportError(f"opset {opset} not supported: per-axis QDQ needs >= 13, the exporter supports <= 20")
+    user_model = qmodel
+    qmodel, example_inputs = _export_view(qmodel, example_inputs)
+    if calib is not None:
+        calib = [_export_view(user_model, b)[1] for b in calib]
     qmods = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantizedModule)}
     if not qmods:
         raise ExportError("the model has no quantized layers: quantize it first (oq.quantize), then export")
@@ -833,7 +913,7 @@ def onnx(
     was_training = qmodel.training
     qmodel.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _without_kv_cache(qmodel):
             ref_out = _flat_outputs(qmodel(*args, **kwargs))
             ranges = _observe_outputs(qmodel, calib if calib is not None else [example_inputs], calibrator)
         in_names = _input_names(args, kwargs)
@@ -846,6 +926,7 @@ def onnx(
         axes = dynamic_axes if dynamic_axes is not None else _default_dynamic_axes(in_names, in_tensors, out_names)
         with (
             tempfile.TemporaryDirectory() as tmp,
+            _without_kv_cache(qmodel),
             _export_forwards(qmodel, dynamic),
             torch.no_grad(),
             warnings.catch_warnings(),
@@ -1040,11 +1121,14 @@ def verify(
     batches = inputs if isinstance(inputs, list) else [inputs]
     if not batches:
         raise ExportError("verify needs at least one input batch")
+    view = _export_view(qmodel, batches[0])[0]  # the module `onnx` traced (LogitsOnly for a causal LM)
+    batches = [_export_view(qmodel, b)[1] for b in batches]
+    qmodel = view
     refs, outs = [], []
     was_training = qmodel.training
     qmodel.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _without_kv_cache(qmodel):
             for b in batches:
                 refs.append([t.to(torch.float32) for t in _flat_outputs(_run(qmodel, b))])
                 outs.append([t.to(torch.float32) for t in runner(b)])
