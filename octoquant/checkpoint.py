@@ -310,6 +310,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) 
         if hf_config is not None and hasattr(hf_config, "to_dict"):
             cfg = hf_config.to_dict()
             cfg["architectures"] = [type(model).__name__]  # what `load` (and transformers) instantiate
+            if not cfg.get("dtype") and not cfg.get("torch_dtype"):  # e.g. a model cast with .to(torch.bfloat16)
+                cfg["dtype"] = _float_dtype_name(model)
             if any(isinstance(m, QLinear) for m in model.modules()):
                 cfg["quantization_config"] = compressed_tensors_config(model)
             in_emb, out_emb = hf_embeddings(model)
@@ -364,11 +366,15 @@ def _hf_model_from_folder(path: Path) -> nn.Module:
 
     archs = config.architectures or []
     cls = getattr(transformers, archs[0], None) if archs else None
+    dtype = getattr(config, "dtype", None)  # the saved model's float dtype (a bf16 model's norms stay bf16)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    kwargs = {"dtype": dtype} if isinstance(dtype, torch.dtype) and dtype.is_floating_point else {}
     with init_empty_weights(include_buffers=False):  # buffers (rotary tables) are computed, not stored
         if cls is not None and hasattr(cls, "_from_config"):
-            return cls._from_config(config)
+            return cls._from_config(config, **kwargs)
         causal = any(a.endswith("ForCausalLM") for a in archs)
-        return (AutoModelForCausalLM if causal else AutoModel).from_config(config)
+        return (AutoModelForCausalLM if causal else AutoModel).from_config(config, **kwargs)
 
 
 def _ct_matches(name: str, module: nn.Module, patterns: list[str]) -> bool:
@@ -567,6 +573,13 @@ def _read_tensors(file: Path, model: nn.Module, expected: dict, foreign: bool) -
                 t = t.to(want.dtype)  # another tool's bf16 scales / float weights: widened exactly to ours
             if foreign and key.endswith(".weight_scale") and t.numel() == 1 and want.numel() > 1:
                 t = t.reshape(()).expand(want.shape).clone()  # per-tensor weight scale -> per-channel
+            if (
+                t.is_floating_point()
+                and want.is_floating_point()
+                and not isinstance(owner, QuantizedModule | QEmbedding)
+                and t.shape == want.shape
+            ):
+                want = t  # a float layer keeps the dtype it was saved in (a bf16 model's norms and embeddings)
             if t.dtype != want.dtype or t.shape != want.shape:
                 raise CheckpointError(
                     f"{file}: tensor {key!r} is {t.dtype} {tuple(t.shape)}, the model expects "
@@ -577,6 +590,18 @@ def _read_tensors(file: Path, model: nn.Module, expected: dict, foreign: bool) -
                 raise CheckpointError(f"{file}: tensor {key!r} holds non-finite or non-positive scales")
             state[key] = t
     return state
+
+
+def _float_dtype_name(model: nn.Module) -> str:
+    """The dtype most float parameters of the model's float layers have ("float32", "bfloat16", ...)."""
+    counts: dict[torch.dtype, int] = {}
+    for m in model.modules():
+        if isinstance(m, QuantizedModule | QEmbedding):
+            continue
+        for p in m.parameters(recurse=False):
+            if p.is_floating_point():
+                counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return str(max(counts, key=counts.get) if counts else torch.float32).removeprefix("torch.")
 
 
 def _retie(model: nn.Module, aliases: dict[str, str]) -> None:

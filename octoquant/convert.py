@@ -334,8 +334,9 @@ def _build(
         weight_granularity=_granularity_name(cfg),
         float_bytes=_param_bytes(m),
     )
-    sample = rec.sketch.units if rec is not None else None
-    ref = m(sample) if sample is not None else None
+    sample = rec.sketch.units if rec is not None else None  # float32
+    # the float layer's output on it, in its own dtype (a bf16 / fp16 model), compared in float32
+    ref = m(sample.to(w.dtype)).to(torch.float32) if sample is not None else None
     if cfg.mode is QuantMode.W8A8_STATIC:
         if rec is None:
             raise CalibrationError(f"{name!r}: static W8A8 needs calibration data (calib=...)")
@@ -580,6 +581,9 @@ def _keep_float_where_inputs_are_cast(work: nn.Module, targets: dict, records: d
     ]
     try:
         _run(work, sample)
+    except Exception:  # noqa: BLE001 - a float32 stand-in for a cast input may upset a later bf16 layer
+        if not cast:
+            raise
     finally:
         for h in hooks:
             h.remove()
@@ -590,6 +594,8 @@ def _keep_float_where_inputs_are_cast(work: nn.Module, targets: dict, records: d
         reason = "the model casts its input to the layer's weight dtype (int8 once quantized)"
         records[name] = LayerRecord(name, rec.kind, "float", reason, float_bytes=rec.float_bytes)
         log.warning("octoquant: %s stays float: %s", name, reason)
+    if cast:  # once those run in float, look again: a later such layer may not have been reached
+        _keep_float_where_inputs_are_cast(work, targets, records, sample)
 
 
 def hf_embeddings(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:

@@ -26,6 +26,7 @@ float, with a warning.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -892,9 +893,9 @@ def onnx(
     if not 13 <= opset <= 20:
         raise ExportError(f"opset {opset} not supported: per-axis QDQ needs >= 13, the exporter supports <= 20")
     user_model = qmodel
-    qmodel, example_inputs = _export_view(qmodel, example_inputs)
+    qmodel, example_inputs = _export_view(*_float32_view(qmodel, example_inputs))
     if calib is not None:
-        calib = [_export_view(user_model, b)[1] for b in calib]
+        calib = [_as_float32(_export_view(user_model, b)[1]) for b in calib]
     qmods = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantizedModule)}
     if not qmods:
         raise ExportError("the model has no quantized layers: quantize it first (oq.quantize), then export")
@@ -1031,9 +1032,39 @@ def _feeds(names: list[str], example) -> dict:
         missing = [n for n in names if n not in kwargs]
         if missing:
             raise ExportError(f"inputs {missing} of the ONNX graph are not in the example dict {list(kwargs)}")
-        return {n: kwargs[n].numpy() for n in names}
+        return {n: _numpy(kwargs[n]) for n in names}
     by_name = dict(zip(_input_names(args, {}), args, strict=True))
-    return {n: by_name[n].numpy() for n in names}
+    return {n: _numpy(by_name[n]) for n in names}
+
+
+def _numpy(t: torch.Tensor):
+    """A runtime input: float inputs as float32 (the graph's float type; numpy has no bfloat16)."""
+    return (t.to(torch.float32) if t.is_floating_point() else t).detach().cpu().numpy()
+
+
+def _float32_view(model: nn.Module, example):
+    """(model, example) with every float parameter, buffer and input in float32: ONNX graphs are exported in float32
+    (runtimes pick their own precisions). A copy when anything else was float; the model itself is left as is."""
+    if all(t.dtype == torch.float32 for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()):
+        return model, example
+    warnings.warn("the model's float layers are not float32: the ONNX graph is exported in float32", stacklevel=3)
+    copy32 = copy.deepcopy(model).float()
+    for m in copy32.modules():
+        if isinstance(m, QEmbedding):
+            m.dtype = torch.float32
+
+    return copy32, _as_float32(example)
+
+
+def _as_float32(batch):
+    """The batch with its float tensors in float32."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(torch.float32) if batch.is_floating_point() else batch
+    if isinstance(batch, Mapping):
+        return {k: _as_float32(v) for k, v in batch.items()}
+    if isinstance(batch, tuple | list):
+        return type(batch)(_as_float32(v) for v in batch)
+    return batch
 
 
 class _OrtRunner:

@@ -1,6 +1,7 @@
 """Plumbing across model families octoquant has no special code for: tiny random Hugging Face models (vision and
 text) quantized in every mode, their outputs checked against FP32. Random weights prove plumbing, not accuracy."""
 
+import importlib.util
 import logging
 import math
 
@@ -205,3 +206,33 @@ def test_every_family_saves_loads_and_exports(name, mode, tmp_path):
     v = oq.export.verify(q, tmp_path / "q.onnx", [x])
     assert v.outputs[0]["sqnr_db"] >= EXPORT_SQNR_MIN_DB
     assert v.integer_ops and not v.dequantized_float
+
+
+@pytest.mark.parametrize("mode", ["w8a8-dynamic", "w8a16"])
+@pytest.mark.parametrize("name", ["qwen2", "gemma2", "vit", "distilbert"])
+def test_bfloat16_models_quantize_save_and_load(name, mode, tmp_path):
+    """A bf16 model (built as from_pretrained(dtype=torch.bfloat16) builds it): int8 layers compute in float32 and
+    hand back bf16; its float layers stay bf16 through oq.save / oq.load."""
+    fp32 = _build(name)
+    model = type(fp32)._from_config(fp32.config, dtype=torch.bfloat16).eval()
+    model.load_state_dict(fp32.state_dict())
+    config = {"w8a8-dynamic": oq.W8A8_DYNAMIC, "w8a16": oq.W8A16}[mode]
+    calib = [_input(name, s) for s in range(3)]
+    to_model = (lambda t: t.to(torch.bfloat16)) if name in _VISION else (lambda t: t)
+    q = oq.quantize(model, config, calib=[to_model(c) for c in calib], progress=False)
+    x = to_model(_input(name, 99))
+    with torch.no_grad():
+        ref, out = _main(model(x)), q(x)
+    out = out if isinstance(out, torch.Tensor) else out[0]
+    assert out.dtype is torch.bfloat16
+    assert _sqnr_db(ref, out.float()) >= ARCH_SQNR_MIN_DB
+    oq.save(q, tmp_path / "q")
+    loaded = oq.load(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(_main(loaded(x)), out.float())
+    if mode == "w8a8-dynamic" and importlib.util.find_spec("onnxruntime"):  # exported as a float32 graph
+        with pytest.warns(UserWarning, match="exported in float32"):
+            oq.export.onnx(q, x, tmp_path / "q.onnx", calib=[to_model(c) for c in calib])
+        v = oq.export.verify(q, tmp_path / "q.onnx", [x])
+        assert v.outputs[0]["sqnr_db"] >= 30.0  # the issue's bar; bf16 rounding of the float layers: 38-46 dB seen
+        assert next(q.parameters()).dtype is torch.bfloat16  # the model itself untouched
