@@ -281,6 +281,26 @@ def test_smollm2_perplexity(smollm2_setup, name, config, use_calib, bound):
     assert q.model.embed_tokens.weight is q.lm_head.weight
 
 
+def test_smollm2_bfloat16(smollm2_setup):
+    """The checkpoint loaded in bf16 (from_pretrained(dtype=torch.bfloat16)): W8A8 dynamic + SmoothQuant keeps the
+    bound against the bf16 model itself, and the model stays bf16 around its int8 layers."""
+    from transformers import AutoModelForCausalLM
+
+    from octoquant.models.smollm2 import CACHE
+
+    _, calib, ppl, fp32 = smollm2_setup
+    bf16 = AutoModelForCausalLM.from_pretrained(CACHE, dtype=torch.bfloat16).eval()
+    ref = ppl(bf16)
+    q = oq.quantize(bf16, oq.W8A8_DYNAMIC, calib=calib, progress=False)
+    got = ppl(q)
+    print(
+        f"SmolLM2 bf16 {ref:.3f} (fp32 {fp32:.3f}) -> W8A8 dynamic + SmoothQuant {got:.3f} "
+        f"({100 * (got / ref - 1):+.2f}%)"
+    )
+    assert got / ref - 1 <= SMOLLM2_W8A8_DYNAMIC_SQ_MAX_PPL_INCREASE
+    assert q.model.norm.weight.dtype is torch.bfloat16 and q.model.embed_tokens.dtype is torch.bfloat16
+
+
 def test_smollm2_static_with_dynamic_fallback(smollm2_setup):
     from octoquant.evaluate.perplexity import perplexity
     from octoquant.evaluate.text import wiki_text
