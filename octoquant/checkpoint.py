@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .config import QDtype, QuantMode
-from .convert import hf_embeddings
+from .convert import _keep_torch_transformer_layers_on_modules, hf_embeddings
 from .nn import QConv2d, QEmbedding, QLinear, chain_convolutions
 from .nn._base import QuantizedModule
 from .transforms.equalize import ChannelClamp
@@ -531,6 +531,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
             "stored: build the architecture with accelerate.init_empty_weights(include_buffers=False))"
         )
     _retie(model, aliases)
+    _keep_torch_transformer_layers_on_modules(model)
     return chain_convolutions(model).eval()
 
 

@@ -66,9 +66,14 @@ def _is_candidate(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear | nn.Conv2d) or _is_conv1d(m)
 
 
-def _unsupported(m: nn.Module) -> bool:
-    """Layers with weights we do not quantize: listed as float in the summary."""
-    return isinstance(m, nn.Conv1d | nn.Conv3d | nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d)
+def _unsupported(m: nn.Module) -> str | None:
+    """Why a layer with weights stays float (listed in the summary), or None."""
+    if isinstance(m, nn.Conv1d | nn.Conv3d | nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d):
+        return "unsupported layer type"
+    if isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        # nn.MultiheadAttention's out_proj: the attention reads its weight directly (F.multi_head_attention_forward)
+        return "weight read directly by nn.MultiheadAttention"
+    return None
 
 
 def _float_reason(m: nn.Module, cfg: Config) -> str | None:
@@ -87,10 +92,9 @@ def _select(model: nn.Module, config: Config, exclude: Sequence[str]) -> tuple[d
     for name, m in model.named_modules():
         if isinstance(m, QuantizedModule):
             raise ValueError(f"{name!r} is already quantized: oq.quantize expects a float model")
-        if _unsupported(m):
-            floats[name] = LayerRecord(
-                name, type(m).__name__, "float", "unsupported layer type", float_bytes=_param_bytes(m)
-            )
+        unsupported = _unsupported(m)
+        if unsupported:
+            floats[name] = LayerRecord(name, type(m).__name__, "float", unsupported, float_bytes=_param_bytes(m))
             continue
         if not _is_candidate(m):
             continue
@@ -554,12 +558,30 @@ def quantize(
         )
     if batches is not None:
         _keep_float_where_inputs_are_cast(work, targets, records, _probe_sample(batches[0]))
+    _keep_torch_transformer_layers_on_modules(work)
     _fuse_activations(work, act_pairs)
     if tie is not None:
         _tie_embedding(work, *tie)
     work = chain_convolutions(work)  # consecutive QConv2d layers pass uint8 codes (bit-identical, faster)
     work.octoquant_layers = records
     return work
+
+
+def _slow_path(module: nn.Module, args: tuple) -> None:
+    """A no-op forward pre-hook: its presence turns off nn.TransformerEncoderLayer's fused fast path."""
+    return None
+
+
+def _keep_torch_transformer_layers_on_modules(work: nn.Module) -> None:
+    """nn.TransformerEncoderLayer's inference fast path (torch._transformer_encoder_layer_fwd) reads linear1 /
+    linear2 .weight as float matrices instead of calling the modules; a forward pre-hook is one of its documented
+    off-switches, so a layer with quantized linears runs them (its MultiheadAttention's out_proj stays float)."""
+    for m in work.modules():
+        if isinstance(m, nn.TransformerEncoderLayer) and any(
+            isinstance(getattr(m, n, None), QuantizedModule) for n in ("linear1", "linear2")
+        ):
+            if _slow_path not in m._forward_pre_hooks.values():
+                m.register_forward_pre_hook(_slow_path)
 
 
 @torch.no_grad()

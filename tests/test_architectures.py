@@ -236,3 +236,28 @@ def test_bfloat16_models_quantize_save_and_load(name, mode, tmp_path):
         v = oq.export.verify(q, tmp_path / "q.onnx", [x])
         assert v.outputs[0]["sqnr_db"] >= 30.0  # the issue's bar; bf16 rounding of the float layers: 38-46 dB seen
         assert next(q.parameters()).dtype is torch.bfloat16  # the model itself untouched
+
+
+@pytest.mark.parametrize("mode", ["w8a8", "w8a8-dynamic", "w8a16"])
+def test_torch_transformer_encoder(mode, tmp_path):
+    """torch's own nn.TransformerEncoder: its fused inference fast path reads the linears' weights directly, so a
+    quantized layer runs the module path; MultiheadAttention's out_proj (read directly by the attention) stays float."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(d_model=64, nhead=4, dim_feedforward=128, batch_first=True)
+    model = torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).eval()
+    config = {"w8a8": oq.W8A8, "w8a8-dynamic": oq.W8A8_DYNAMIC, "w8a16": oq.W8A16}[mode]
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(2, 10, 64, generator=g) for _ in range(3)]
+    x = torch.randn(2, 10, 64, generator=g)
+    q = oq.quantize(model, config, calib=calib, progress=False)
+    with torch.no_grad():
+        ref, out = model(x), q(x)
+    assert _sqnr_db(ref, out) >= 30.0  # 47-53 dB seen
+    rows = {r.name: r for r in oq.summary(q, print_table=False)}
+    assert rows["layers.0.linear1"].status == "int8" and rows["layers.1.linear2"].status == "int8"
+    assert "MultiheadAttention" in rows["layers.0.self_attn.out_proj"].reason
+    path = oq.save(q, tmp_path / "q")
+    with torch.device("meta"):
+        arch = torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+    with torch.no_grad():
+        assert torch.equal(oq.load(path, arch)(x), out)
