@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .config import W8A8, Calibrator, Config, PerChannel, PerGroup, PerTensor, QDtype, QScheme, QuantMode, Rounding
 from .functional import check_finite, dequantize, sqnr_db
 from .nn import QConv2d, QEmbedding, QLinear, chain_convolutions
-from .nn._base import QuantizedModule
+from .nn._base import CastInputError, QuantizedModule
 from .observers import CalibrationError, MSEObserver, Observer, make_observer
 from .rounding import gptq_round, input_hessian_update
 from .sampling import SampleSketch
@@ -550,15 +550,16 @@ def quantize(
     for name, (q, rec) in built.items():
         _swap(work, name, q)
         records[name] = rec
+    _keep_torch_transformer_layers_on_modules(work)
+    if batches is not None:  # before any measurement: such a layer breaks the model while quantized
+        for name in _keep_float_where_inputs_are_cast(work, targets, records, _probe_sample(batches[0])):
+            del built[name], targets[name]
     if max_error is not None or keep_float:
         if batches is None:
             raise CalibrationError("max_error / keep_float need calibration batches (calib=...) to measure error")
         _fallback(
             work, targets, built, records, batches[:eval_batches], max_error, keep_float, fallback, backend, progress
         )
-    if batches is not None:
-        _keep_float_where_inputs_are_cast(work, targets, records, _probe_sample(batches[0]))
-    _keep_torch_transformer_layers_on_modules(work)
     _fuse_activations(work, act_pairs)
     if tie is not None:
         _tie_embedding(work, *tie)
@@ -585,7 +586,7 @@ def _keep_torch_transformer_layers_on_modules(work: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _keep_float_where_inputs_are_cast(work: nn.Module, targets: dict, records: dict, sample) -> None:
+def _keep_float_where_inputs_are_cast(work: nn.Module, targets: dict, records: dict, sample) -> list[str]:
     """Put back in float the quantized layers that get an integer input on `sample`: the model casts their input to
     the layer's weight dtype, int8 once quantized (Hugging Face ViT, CLIP: `pixel_values.to(patch.weight.dtype)`)."""
     cast: list[str] = []
@@ -616,8 +617,10 @@ def _keep_float_where_inputs_are_cast(work: nn.Module, targets: dict, records: d
         reason = "the model casts its input to the layer's weight dtype (int8 once quantized)"
         records[name] = LayerRecord(name, rec.kind, "float", reason, float_bytes=rec.float_bytes)
         log.warning("octoquant: %s stays float: %s", name, reason)
+    found = list(dict.fromkeys(cast))
     if cast:  # once those run in float, look again: a later such layer may not have been reached
-        _keep_float_where_inputs_are_cast(work, targets, records, sample)
+        found += _keep_float_where_inputs_are_cast(work, targets, records, sample)
+    return found
 
 
 def hf_embeddings(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
@@ -877,8 +880,14 @@ def sensitivity(
     out = []
     for name in tqdm(targets, desc="sensitivity", disable=not progress, leave=False):
         old = _swap(work, name, built[name][0])
-        got = torch.cat([o.reshape(-1) for o in _outputs(work, batches)])
-        _swap(work, name, old)
+        _keep_torch_transformer_layers_on_modules(work)
+        try:
+            got = torch.cat([o.reshape(-1) for o in _outputs(work, batches)])
+        except CastInputError:
+            log.warning("octoquant: %s cannot be quantized: its model casts its input to its weight dtype", name)
+            continue
+        finally:
+            _swap(work, name, old)
         out.append((name, float(metric(ref, got))))
     return sorted(out, key=lambda t: t[1])
 

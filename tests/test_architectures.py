@@ -138,6 +138,13 @@ def test_a_layer_whose_input_the_model_casts_to_its_weight_dtype_stays_float(cap
     patch = rows["vit.embeddings.patch_embeddings.projection"]
     assert patch.status == "float" and "weight dtype" in patch.reason and "stays float" in caplog.text
     assert sum(r.status == "int8" for r in rows.values()) == len(rows) - 1
+    # found before the accuracy fallback measures anything (it runs the model with its layers quantized)
+    q = oq.quantize(model, oq.W8A8, calib=[_input("vit", s) for s in range(3)], keep_float=1, progress=False)
+    rows = {r.name: r for r in oq.summary(q, print_table=False)}
+    assert "weight dtype" in rows["vit.embeddings.patch_embeddings.projection"].reason
+    assert sum(r.status == "float" for r in rows.values()) == 2  # that layer and the one fallback
+    ranked = dict(oq.sensitivity(model, oq.W8A8, calib=[_input("vit", s) for s in range(3)], progress=False))
+    assert len(ranked) == len(rows) - 1 and "vit.embeddings.patch_embeddings.projection" not in ranked
     # without calibration data there is nothing to probe with: the cast input is refused loudly, not computed on
     q = oq.quantize(model, oq.W8A8_DYNAMIC, progress=False)
     with pytest.raises(TypeError, match="casts its input to this layer's weight dtype"):

@@ -46,11 +46,15 @@ def input_qparams(input_range: tuple[float, float], input_dtype: QDtype) -> tupl
     return choose_qparams(lo, hi, input_dtype, symmetric=input_dtype is QDtype.INT8)
 
 
+class CastInputError(TypeError):
+    """A quantized layer got an integer input: its model casts the input to the layer's (int8) weight dtype."""
+
+
 def check_float_input(module: nn.Module, x: torch.Tensor) -> None:
     """A quantized layer computes on float inputs; an integer one means the model cast it to the layer's weight
     dtype (int8 here): `x.to(layer.weight.dtype)`, as Hugging Face ViT / CLIP do before their patch embedding."""
     if not x.is_floating_point():
-        raise TypeError(
+        raise CastInputError(
             f"{type(module).__name__} got a {x.dtype} input: the model casts its input to this layer's weight dtype "
             "(int8 once quantized). Keep the layer in float (exclude=[its name]), or quantize with calib=... so "
             "that oq.quantize finds such layers and keeps them in float"
