@@ -3,7 +3,8 @@
 The source (sharded) safetensors checkpoint is read one tensor at a time with plain reads (no memory map, so only
 what was asked for is resident), one decoder block at a time: the block is materialized, calibrated on the
 activations carried over from the previous block (float outputs, exactly what the in-memory path sees),
-quantized with `oq.quantize`, written as its own shard, and dropped. Peak memory ~ one float block + the
+quantized with `oq.quantize` (SmoothQuant on its own inputs when calibration data is given; the pair search of
+the first block serves the others), written as its own shard, and dropped. Peak memory ~ one float block + the
 calibration activations, not the model. The output is the folder `oq.save` writes (octoquant.json + config.json
 with the compressed-tensors config + safetensors shards and their index) and loads with `oq.load(dst)`.
 """
@@ -43,6 +44,7 @@ from .config import Calibrator, Config, PerChannel, PerGroup, QuantMode, Roundin
 from .convert import _select, _swap, quantize
 from .nn import QLinear
 from .nn._base import WEIGHT_ROWS_ELEMENTS, quantize_weight
+from .transforms.smoothquant import known_pair_kinds
 
 log = logging.getLogger("octoquant.streaming")
 
@@ -279,9 +281,7 @@ def quantize_checkpoint(
             f"{src / HF_CONFIG_NAME}: architecture {archs} does not stream; supported: {', '.join(ARCHITECTURES)}"
         )
     batches = list(calib) if calib is not None else None
-    if batches and config.smoothquant and config.mode is not QuantMode.W8A16:
-        log.warning("octoquant: quantize_checkpoint does not apply SmoothQuant yet; quantizing without it")
-    config = config.replace(smoothquant=False).with_default_calibrator(token_model=True)  # an LLM checkpoint
+    config = config.with_default_calibrator(token_model=True)  # an LLM checkpoint
     if config.needs_calibration and not batches:
         raise CheckpointError("static W8A8 needs calibration batches (calib=...); or use oq.W8A8_DYNAMIC")
 
@@ -373,25 +373,27 @@ def quantize_checkpoint(
         del embed
 
         bar = tqdm(range(n_layers), desc="octoquant: streaming blocks", disable=not progress)
-        for i in bar:
-            path = f"{layout.layers}.{i}"
-            block = layers[i]
-            host = _Host(path, block)
-            if not captured and _stream_block(host, config, exclude, reader, tied):
-                write(i + 1, host)  # quantized from row blocks: the float block never existed
-                layers[i] = nn.Module()
-                del host, block
-                continue
-            _materialize(block, f"{path}.", reader, {})
-            if captured:
-                with torch.no_grad():  # carry the float outputs on: the in-memory calibration sees exactly these
-                    outs = [_first(block(**kw)) for kw in captured]
-            q = _quantize_unless_all_excluded(host, config, list(captured) or None, exclude)
-            write(i + 1, q)
-            if captured:
-                captured = [{**kw, "hidden_states": o} for kw, o in zip(captured, outs, strict=True)]
-            layers[i] = nn.Module()  # drop the block's tensors
-            del host, q, block
+        # SmoothQuant (given calib) on each block: the pair search of block 0 serves every block
+        with known_pair_kinds():
+            for i in bar:
+                path = f"{layout.layers}.{i}"
+                block = layers[i]
+                host = _Host(path, block)
+                if not captured and _stream_block(host, config, exclude, reader, tied):
+                    write(i + 1, host)  # quantized from row blocks: the float block never existed
+                    layers[i] = nn.Module()
+                    del host, block
+                    continue
+                _materialize(block, f"{path}.", reader, {})
+                if captured:
+                    with torch.no_grad():  # carry the float outputs on: the in-memory calibration sees exactly these
+                        outs = [_first(block(**kw)) for kw in captured]
+                q = _quantize_unless_all_excluded(host, config, list(captured) or None, exclude)
+                write(i + 1, q)
+                if captured:
+                    captured = [{**kw, "hidden_states": o} for kw, o in zip(captured, outs, strict=True)]
+                layers[i] = nn.Module()  # drop the block's tensors
+                del host, q, block
 
         norm = skeleton.get_submodule(layout.norm)
         _materialize(norm, f"{layout.norm}.", reader, {})

@@ -13,6 +13,8 @@ alpha is searched per pair on a grid, minimizing the pair's int8 output error on
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import fnmatch
 import logging
 import re
@@ -213,6 +215,21 @@ def _kind(p: SmoothPair) -> tuple:
     return _LAYER_INDEX.sub(".#", p.producer), tuple(_LAYER_INDEX.sub(".#", c) for c in p.consumers)
 
 
+_KNOWN_KINDS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("octoquant_pair_kinds", default=None)
+
+
+@contextlib.contextmanager
+def known_pair_kinds():
+    """Within it, `discover_pairs` remembers each kind of candidate it tested (by name without the layer index) and
+    does not test it again: for a model quantized block by block (`oq.quantize_checkpoint`), where every block
+    runs the same code."""
+    token = _KNOWN_KINDS.set({})
+    try:
+        yield
+    finally:
+        _KNOWN_KINDS.reset(token)
+
+
 def discover_pairs(model: nn.Module, run: Callable[[], torch.Tensor]) -> tuple[list[SmoothPair], list[SmoothPair]]:
     """(pairs, rejected): the smoothing pairs of any model, found by running it (`run` returns its main output on a
     fixed sample). Candidates come from `_trace_candidates`; each kind of candidate is tested once on its first
@@ -228,7 +245,9 @@ def discover_pairs(model: nn.Module, run: Callable[[], torch.Tensor]) -> tuple[l
         return [], []
     candidates, norm_args = _trace_candidates(model, run)
     names = dict(model.named_modules())
-    kinds: dict[tuple, float | None] = {}  # kind -> the producer's norm offset (0 for a Linear), None: rejected
+    known = _KNOWN_KINDS.get()
+    # kind -> the producer's norm offset (0 for a Linear), None: rejected
+    kinds: dict[tuple, float | None] = known if known is not None else {}
     for p in candidates:
         if _kind(p) in kinds:
             continue
