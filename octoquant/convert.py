@@ -471,8 +471,12 @@ def _prepare(model, config, calib, exclude, inplace, backend, progress):
         raise ValueError(f"the model has no quantizable layer (nn.Linear, nn.Conv2d, transformers Conv1D){found}")
     from .transforms import equalize_channels, equalize_depthwise, fold_batchnorm
 
-    fold_batchnorm(work)
     batches = _materialize(calib)
+    if batches is None:
+        fold_batchnorm(work)  # consecutive Sequential children only
+    else:  # and pairs in any forward code, checked on a calibration sample
+        probe = _probe_sample(batches[0])
+        fold_batchnorm(work, lambda: first_tensor(_run(work, probe)).detach().float())
     if batches is not None and config.smoothquant and config.mode is not QuantMode.W8A16:
         _smooth(work, batches, config)
     if batches is not None and config.equalize_depthwise and config.mode is not QuantMode.W8A16:

@@ -538,25 +538,32 @@ class CpuBackend:
             y = output(slot)  # (M, O) rows; groups write their column ranges
             threads = torch.get_num_threads()
             for cols, lda, weights, tail, dims, column, ldy in groups:
-                if cols is None:
-                    src = a
-                else:
-                    src = scratch("im2col", (dims[0], dims[2]))
-                    _C.im2col_u8(a.data_ptr(), *cols, src.data_ptr(), dims[2], threads)
                 ptr = y.data_ptr() + column
-                _C.gemm_u8s8(
-                    src.data_ptr(),
-                    lda,
-                    *weights,
-                    *tail,
-                    0 if q_rest else ptr,
-                    0,
-                    ldy,
-                    *dims,
-                    isa,
-                    threads,
-                    (ptr, *q_rest) if q_rest else (),
-                )
+                out = (ptr, *q_rest) if q_rest else ()
+                if cols is None:
+                    _C.gemm_u8s8(
+                        a.data_ptr(), lda, *weights, *tail, 0 if q_rest else ptr, 0, ldy, *dims, isa, threads, out
+                    )
+                else:  # im2col fused with the GEMM (row blocks in cache); `buffer` when threads split columns
+                    buffer = scratch("im2col", (dims[0], dims[2]))
+                    w_ptr, colsum, offset, _, scale0, col_scale = weights
+                    _C.conv_gemm_u8s8(
+                        a.data_ptr(),
+                        cols,
+                        buffer.data_ptr(),
+                        w_ptr,
+                        colsum,
+                        offset,
+                        scale0,
+                        col_scale,
+                        *tail,
+                        0 if q_rest else ptr,
+                        ldy,
+                        *dims,
+                        isa,
+                        threads,
+                        out,
+                    )
             return y
 
         return run_gemm

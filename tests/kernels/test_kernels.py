@@ -194,6 +194,34 @@ def test_conv2d_bit_equal(fast, cfg, dtype, zp, scale):
     assert y.shape == y_ref.shape and torch.equal(y.contiguous(), y_ref.contiguous())
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "cfg",
+    [(12, 40, 3, 1, 1, 1, 1), (16, 24, 3, 2, 2, 2, 2), (7, 70, 5, 1, 2, 1, 1)],
+    ids=["3x3", "grouped-s2-d2", "5x5"],
+)
+@pytest.mark.parametrize("codes_out", [False, True], ids=["float", "codes"])
+def test_conv2d_im2col_fused_in_row_blocks_bit_equal(fast, cfg, threads, codes_out):
+    """Thousands of output pixels: im2col is done per GEMM row block (<= 256 rows) in each thread's buffer, several
+    blocks per thread, a last partial one; the result equals the reference's."""
+    c, o, k, s, p, d, g = cfg
+    x = torch.randn(2, c, 33 * s, 37 * s)
+    w, ws, bias = rand_i8(o, c // g, k, k), torch.rand(o) * 0.01, torch.randn(o)
+    in_q = ActivationQParams(0.03, 100, QDtype.UINT8)
+    out_q = ActivationQParams(0.01, 3, QDtype.UINT8) if codes_out else None
+    a = REF.quantize_nhwc(x, in_q)
+    geometry = ((s, s), (p, p), (d, d), in_q)
+    y_ref = REF.conv2d_codes(a, REF.pack_conv(w, ws, bias, g), *geometry, out_q)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = fast.conv2d_codes(a, fast.pack_conv(w, ws, bias, g), *geometry, out_q)
+    finally:
+        torch.set_num_threads(before)
+    assert y.shape == y_ref.shape and y.shape[0] * y.shape[1] * y.shape[2] > 4 * 256  # several row blocks
+    assert torch.equal(y, y_ref)
+
+
 # The next layer's input quantization, written by the epilogue: uint8 asymmetric and int8 symmetric.
 OUT_QS = {"to-u8-zp3": ActivationQParams(0.01, 3, QDtype.UINT8), "to-s8": ActivationQParams(0.015, 0, QDtype.INT8)}
 

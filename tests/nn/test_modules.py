@@ -88,7 +88,7 @@ def test_w8a8_forward_runs_integer_gemm_not_float_matmul(monkeypatch):
     def no_float(*args, **kwargs):
         raise AssertionError("float matmul called in a W8A8 forward")
 
-    spy("gemm_u8s8")  # the convolution's GEMM
+    spy("conv_gemm_u8s8")  # the convolution's im2col + GEMM
     spy("linear_u8s8")  # the linear's quantization + GEMM
     monkeypatch.setattr(torch.nn.functional, "linear", no_float)
     monkeypatch.setattr(torch, "matmul", no_float)
@@ -99,7 +99,7 @@ def test_w8a8_forward_runs_integer_gemm_not_float_matmul(monkeypatch):
     QLinear.from_float(lin, "w8a8_dynamic", backend="cpu")(x)
     QLinear.from_float(lin, "w8a8_static", input_range=(-3.0, 3.0), backend="cpu")(x)
     QConv2d.from_float(conv, input_range=(0.0, 3.0), backend="cpu")(torch.rand(1, 8, 6, 6))
-    assert calls == ["linear_u8s8", "linear_u8s8", "gemm_u8s8"]
+    assert calls == ["linear_u8s8", "linear_u8s8", "conv_gemm_u8s8"]
 
 
 def test_gpt2_conv1d_is_covered():

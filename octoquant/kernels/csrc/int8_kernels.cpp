@@ -1178,9 +1178,10 @@ inline void copy_short(uint8_t* dst, const uint8_t* src, int64_t n) {
 
 // Rows [lo, hi) of im2col. Every size is a by-value parameter: byte stores may alias anything in memory, so
 // sizes read through a reference (a lambda's captures) would be reloaded after every store (measured 2x slower).
+// Rows [lo, hi) go to cols + (r - row0) * ldc.
 void im2col_rows(const uint8_t* x, int64_t H, int64_t W, int64_t C, int64_t c0, int64_t cg, int64_t kh, int64_t kw,
                  int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t Ho, int64_t Wo,
-                 uint8_t pad, uint8_t* cols, int64_t ldc, int64_t lo, int64_t hi) {
+                 uint8_t pad, uint8_t* cols, int64_t ldc, int64_t lo, int64_t hi, int64_t row0) {
   const int64_t K = kh * kw * cg, row = kw * cg;
   const bool runs = dw == 1 && cg == C;  // taps (i, 0..kw) of all channels are adjacent in NHWC memory
   int64_t n = lo / (Ho * Wo), ho = (lo / Wo) % Ho, wo = lo % Wo - 1;  // advanced at the top of each row
@@ -1189,7 +1190,7 @@ void im2col_rows(const uint8_t* x, int64_t H, int64_t W, int64_t C, int64_t c0, 
       wo = 0;
       if (++ho == Ho) ho = 0, ++n;
     }
-    uint8_t* dst = cols + r * ldc;
+    uint8_t* dst = cols + (r - row0) * ldc;
     const int64_t iw0 = wo * sw - pw;
     for (int64_t i = 0; i < kh; ++i, dst += row) {
       const int64_t ih = ho * sh - ph + i * dh;
@@ -1209,7 +1210,7 @@ void im2col_rows(const uint8_t* x, int64_t H, int64_t W, int64_t C, int64_t c0, 
         }
       }
     }
-    for (int64_t k = K; k < ldc; ++k) cols[r * ldc + k] = pad;  // 0..3 bytes: no library call
+    for (int64_t k = K; k < ldc; ++k) cols[(r - row0) * ldc + k] = pad;  // 0..3 bytes: no library call
   }
 }
 
@@ -1222,7 +1223,52 @@ void im2col(const uint8_t* x, int64_t N, int64_t H, int64_t W, int64_t C, int64_
   pool().run(t, [&](int ti) {
     int64_t lo, hi;
     split(rows, t, ti, &lo, &hi);
-    im2col_rows(x, H, W, C, c0, cg, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo, pad, cols, ldc, lo, hi);
+    im2col_rows(x, H, W, C, c0, cg, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo, pad, cols, ldc, lo, hi, 0);
+  });
+}
+
+// A convolution's im2col + GEMM. When threads split the rows (a conv's tall-thin GEMM), each thread writes the
+// im2col rows of one GEMM row block (<= 256 rows, <= 256 KiB, the block gemm_vnni keeps in L2) into its own buffer
+// and multiplies them while they are in cache, instead of writing all N*Ho*Wo rows to memory and reading them back
+// (a 3x3 conv's columns are 9x its input). Otherwise (few rows, many column tiles) im2col into `cols`, then gemm.
+// c: the 17 im2col arguments (N, H, W, C, c0, cg, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo, pad); g.a unused.
+void conv_gemm(const uint8_t* x, const int64_t* c, const GemmArgs& args, uint8_t* cols, int isa, int nthreads) {
+  GemmArgs g = args;
+  const int64_t NB = (g.N + 15) / 16, units = (NB + TILE_BLOCKS - 1) / TILE_BLOCKS;
+  constexpr int64_t ROW_UNIT = 4;
+  const int64_t row_units = (g.M + ROW_UNIT - 1) / ROW_UNIT;
+  if (!(units < 4 * (int64_t)nthreads && row_units >= 4 * (int64_t)nthreads)) {
+    im2col(x, c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11], c[12], c[13], c[14], c[15],
+           (uint8_t)c[16], cols, g.Kp, nthreads);
+    g.a = cols;
+    gemm(g, isa, nthreads);
+    return;
+  }
+  std::unique_ptr<EpilogueConsts> consts;
+  if (isa == ISA_AVX512VNNI) consts = std::make_unique<EpilogueConsts>(g, units * 64);
+  const int64_t mc = std::min<int64_t>(256, std::max<int64_t>(ROW_UNIT, (256 * 1024 / g.Kp) / ROW_UNIT * ROW_UNIT));
+  int t = threads_for(g.M * g.N * g.Kp, row_units, nthreads);
+  py::gil_scoped_release nogil;
+  pool().run(t, [&](int i) {
+    int64_t lo, hi;
+    split(row_units, t, i, &lo, &hi);
+    const int64_t m_lo = lo * ROW_UNIT, m_hi = std::min(g.M, hi * ROW_UNIT);
+    thread_local std::vector<uint8_t> block;
+    block.resize((size_t)(mc * g.Kp));
+    for (int64_t m0 = m_lo; m0 < m_hi; m0 += mc) {
+      const int64_t m1 = std::min(m_hi, m0 + mc);
+      im2col_rows(x, c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11], c[12], c[13], c[14], c[15],
+                  (uint8_t)c[16], block.data(), g.Kp, m0, m1, m0);
+      GemmArgs b = g;  // rows [m0, m1) as a GEMM of their own: A from the block, outputs from row m0 on
+      b.a = block.data();
+      b.lda = g.Kp;
+      b.M = m1 - m0;
+      if (g.row_scale) b.row_scale = g.row_scale + m0;
+      if (g.y) b.y = g.y + m0 * g.ldy;
+      if (g.acc_out) b.acc_out = g.acc_out + m0 * g.ldy;
+      if (g.out_q.y) b.out_q.y = g.out_q.y + m0 * g.ldy;
+      gemm_part(b, isa, 0, NB, 0, b.M);
+    }
   });
 }
 
@@ -1322,16 +1368,13 @@ class ChainProgram {
       }
       for (const ChainGroup& cg : st.groups) {
         GemmArgs g = cg.g;
+        set_output(g.out_q, g.y, st, buf, cg.column);
         if (cg.cols) {
-          const int64_t* c = cg.im;
-          im2col(src, c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11], c[12], c[13], c[14],
-                 c[15], (uint8_t)c[16], (uint8_t*)buf[4], g.Kp, nthreads);
-          g.a = (const uint8_t*)buf[4];
+          conv_gemm(src, cg.im, g, (uint8_t*)buf[4], isa, nthreads);
         } else {
           g.a = src;
+          gemm(g, isa, nthreads);
         }
-        set_output(g.out_q, g.y, st, buf, cg.column);
-        gemm(g, isa, nthreads);
       }
     }
   }
@@ -1482,6 +1525,20 @@ PYBIND11_MODULE(_C, m) {
                         int64_t Wo, int pad, uintptr_t cols, int64_t ldc, int nthreads) {
     im2col((const uint8_t*)x, N, H, W, C, c0, cg, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo, (uint8_t)pad, (uint8_t*)cols,
            ldc, nthreads);
+  });
+
+  // conv_gemm: x the (N, H, W, C) input codes, im (the 17 im2col arguments), cols an im2col buffer of (M, Kp) bytes
+  // (used when threads split columns), then gemm_u8s8's arguments from w on
+  m.def("conv_gemm_u8s8", [](uintptr_t x, py::tuple im, uintptr_t cols, uintptr_t w, uintptr_t colsum, int32_t offset,
+                             float row_scale0, uintptr_t col_scale, uintptr_t bias, uintptr_t clamp_hi, uintptr_t y,
+                             int64_t ldy, int64_t M, int64_t N, int64_t Kp, int isa, int nthreads, py::tuple out_q) {
+    if (im.size() != 17) throw std::invalid_argument("conv_gemm_u8s8: expected 17 im2col arguments");
+    int64_t c[17];
+    for (int k = 0; k < 17; ++k) c[k] = im[k].cast<int64_t>();
+    GemmArgs g{nullptr, Kp, (const int8_t*)w, (const int32_t*)colsum, offset, nullptr, row_scale0,
+               (const float*)col_scale, (const float*)bias, (const float*)clamp_hi, (float*)y, nullptr, ldy, M, N, Kp,
+               out_q_of(out_q)};
+    conv_gemm((const uint8_t*)x, c, g, (uint8_t*)cols, check_isa(isa), nthreads);
   });
 
   m.def("linear_wo", [](uintptr_t x, int64_t ldx, int64_t M, int64_t K, uintptr_t w, uintptr_t scales,
