@@ -75,6 +75,48 @@ def test_fold_batchnorm_is_identity():
     assert_close(m(x), ref)
 
 
+class _Block(nn.Module):
+    """A ResNet basic block written as forward code (no Sequential): conv -> bn -> relu -> conv -> bn, + shortcut;
+    plus a conv whose output feeds a BatchNorm and the block output: that BatchNorm must not be folded."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.side, self.side_bn = nn.Conv2d(c, c, 1), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        s = self.side(x)
+        return torch.relu(x + y) + self.side_bn(s) + 0.5 * s  # s also feeds the sum itself
+
+
+def _blocks() -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _Block(8), _Block(8)).eval()
+    for bn in m.modules():
+        if isinstance(bn, nn.BatchNorm2d):  # non-trivial statistics
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.data.uniform_(0.5, 1.5)
+            bn.bias.data.uniform_(-0.2, 0.2)
+    return m
+
+
+def test_fold_batchnorm_in_forward_code_when_the_output_is_unchanged():
+    m = _blocks()
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        ref = m(x)
+        folded = fold_batchnorm(m, lambda: m(x))
+        assert sorted(folded) == ["1.bn1", "1.bn2", "2.bn1", "2.bn2"]  # not side_bn: its conv feeds the sum too
+        assert_close(m(x), ref)
+    assert isinstance(m[1].side_bn, nn.BatchNorm2d) and isinstance(m[1].bn1, nn.Identity)
+    assert fold_batchnorm(_blocks()) == []  # without a way to run the model: Sequential neighbours only
+    q = oq.quantize(_blocks(), oq.W8A8, calib=[torch.randn(2, 3, 12, 12) for _ in range(2)], progress=False)
+    assert sum(isinstance(b, nn.BatchNorm2d) for b in q.modules()) == 2  # oq.quantize folds with its calibration
+
+
 def test_equalize_depthwise_is_identity_and_equalizes():
     m = tiny_cnn()
     fold_batchnorm(m)
