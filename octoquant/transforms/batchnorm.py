@@ -47,10 +47,8 @@ def _foldable(layer: nn.Module, bn: nn.Module) -> bool:
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    old = getattr(parent, child)
-    setattr(parent, child, module)
+    old = model.get_submodule(name)
+    model.set_submodule(name, module)
     return old
 
 
