@@ -28,6 +28,7 @@ from .config import QDtype, QuantMode
 from .convert import _keep_torch_transformer_layers_on_modules, hf_embeddings
 from .nn import QConv2d, QEmbedding, QLinear, chain_convolutions
 from .nn._base import QuantizedModule
+from .transforms.attention import decompose_multihead_attention
 from .transforms.equalize import ChannelClamp
 
 log = logging.getLogger("octoquant.checkpoint")
@@ -501,6 +502,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
             model = _hf_model_from_folder(path)
         meta = _meta_from_compressed_tensors(qcfg, model, str(path / HF_CONFIG_NAME))
     foreign = meta.get("foreign", False)
+    decompose_multihead_attention(model)  # as oq.quantize did: the projections are layers of their own
     tied = _tied_keys(model)
     for name, spec in meta["modules"].items():
         _swap(model, name, _build(spec))

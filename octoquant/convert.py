@@ -464,6 +464,9 @@ def _prepare(model, config, calib, exclude, inplace, backend, progress):
     config = config.with_default_calibrator(is_token_model(model))
     work = model if inplace else copy.deepcopy(model)
     work.eval()
+    from .transforms import decompose_multihead_attention
+
+    decompose_multihead_attention(work)  # its packed projection weights as Linears that can be quantized
     targets, floats = _select(work, config, list(exclude))
     if not targets:
         reasons = sorted({r.reason for r in floats.values()})

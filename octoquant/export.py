@@ -534,14 +534,21 @@ class _Graph:
 
 
 def _constants_to_initializers(gr: _Graph) -> None:
-    """Constant nodes (scales, zero-points, clamp bounds) become initializers: one place for every constant."""
+    """Constant nodes (scales, zero-points, clamp bounds) become initializers: one place for every constant. An
+    Identity of an initializer (the exporter shares equal tensors that way: a tied table, two layers with equal
+    weights) gives way to the initializer itself, still stored once."""
     drop = []
+    inits = {t.name for t in gr.g.initializer}
+    outputs = {o.name for o in gr.g.output}
     for n in gr.nodes:
         if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
             t = gr.onnx.TensorProto()
             t.CopyFrom(n.attribute[0].t)
             t.name = n.output[0]
             gr.g.initializer.append(t)
+            drop.append(n)
+        elif n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in outputs:
+            gr.replace_uses(n.output[0], n.input[0])
             drop.append(n)
     gr.remove(drop)
     gr.refresh()

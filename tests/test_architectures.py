@@ -247,8 +247,8 @@ def test_bfloat16_models_quantize_save_and_load(name, mode, tmp_path):
 
 @pytest.mark.parametrize("mode", ["w8a8", "w8a8-dynamic", "w8a16"])
 def test_torch_transformer_encoder(mode, tmp_path):
-    """torch's own nn.TransformerEncoder: its fused inference fast path reads the linears' weights directly, so a
-    quantized layer runs the module path; MultiheadAttention's out_proj (read directly by the attention) stays float."""
+    """torch's own nn.TransformerEncoder: MultiheadAttention's packed projection becomes q/k/v Linears (quantized
+    like any), and its fused inference fast paths (which read weights as float matrices) are off."""
     torch.manual_seed(0)
     layer = torch.nn.TransformerEncoderLayer(d_model=64, nhead=4, dim_feedforward=128, batch_first=True)
     model = torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).eval()
@@ -256,15 +256,49 @@ def test_torch_transformer_encoder(mode, tmp_path):
     g = torch.Generator().manual_seed(0)
     calib = [torch.randn(2, 10, 64, generator=g) for _ in range(3)]
     x = torch.randn(2, 10, 64, generator=g)
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    mask[1, 7:] = True  # padding in the second sequence
     q = oq.quantize(model, config, calib=calib, progress=False)
     with torch.no_grad():
-        ref, out = model(x), q(x)
-    assert _sqnr_db(ref, out) >= 30.0  # 47-53 dB seen
+        ref, out = model(x, src_key_padding_mask=mask), q(x, src_key_padding_mask=mask)
+    assert _sqnr_db(ref, out) >= 30.0  # 35-51 dB seen
     rows = {r.name: r for r in oq.summary(q, print_table=False)}
-    assert rows["layers.0.linear1"].status == "int8" and rows["layers.1.linear2"].status == "int8"
-    assert "MultiheadAttention" in rows["layers.0.self_attn.out_proj"].reason
+    assert len(rows) == 12 and all(r.status == "int8" for r in rows.values())  # q, k, v, out, linear1, linear2
     path = oq.save(q, tmp_path / "q")
     with torch.device("meta"):
         arch = torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
     with torch.no_grad():
-        assert torch.equal(oq.load(path, arch)(x), out)
+        assert torch.equal(oq.load(path, arch)(x, src_key_padding_mask=mask), out)
+    if mode != "w8a16" and importlib.util.find_spec("onnxruntime"):
+        # the two layers are copies of one (equal weights): the exporter shares their scales through Identity nodes
+        rep = oq.export.onnx(q, x, tmp_path / "q.onnx", calib=calib)
+        v = oq.export.verify(q, tmp_path / "q.onnx", [x])
+        assert not rep.check.problems and sum(v.integer_ops.values()) == 12 and v.outputs[0]["sqnr_db"] >= 40.0
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_decomposed_attention_is_multihead_attention(batch_first):
+    """The same outputs (and attention weights) as nn.MultiheadAttention for its masks and flags."""
+    from octoquant.transforms import DecomposedMultiheadAttention
+
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(32, 4, batch_first=batch_first).eval()
+    dec = DecomposedMultiheadAttention.from_float(mha).eval()
+    shape = (lambda n, s: (n, s, 32)) if batch_first else (lambda n, s: (s, n, 32))
+    x, kv = torch.randn(*shape(2, 7)), torch.randn(*shape(2, 5))
+    kpm = torch.zeros(2, 5, dtype=torch.bool)
+    kpm[0, -2:] = True
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(7)
+    calls = [
+        ((x, kv, kv), {}),
+        ((x, kv, kv), {"need_weights": False, "key_padding_mask": kpm}),
+        ((x, kv, kv), {"key_padding_mask": kpm, "average_attn_weights": False}),
+        ((x, x, x), {"attn_mask": causal, "is_causal": True, "need_weights": False}),
+        ((x, x, x), {"attn_mask": causal > 0}),  # a boolean mask
+        ((x[0] if batch_first else x[:, 0],) * 3, {}),  # unbatched
+    ]
+    with torch.no_grad():
+        for args, kwargs in calls:
+            (a, wa), (b, wb) = mha(*args, **kwargs), dec(*args, **kwargs)
+            assert torch.allclose(a, b, atol=1e-6), kwargs
+            assert (wa is None and wb is None) or torch.allclose(wa, wb, atol=1e-6), kwargs

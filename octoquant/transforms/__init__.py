@@ -1,5 +1,6 @@
 """Float-identity rewrites applied before rounding (each tested to leave the FP32 output unchanged)."""
 
+from .attention import DecomposedMultiheadAttention, decompose_multihead_attention
 from .batchnorm import fold_batchnorm
 from .equalize import (
     ChannelClamp,
@@ -12,6 +13,8 @@ from .equalize import (
 from .fuse import activation_upper, find_conv_activation_pairs
 
 __all__ = [
+    "DecomposedMultiheadAttention",
+    "decompose_multihead_attention",
     "fold_batchnorm",
     "equalize_depthwise",
     "equalize_channels",
