@@ -25,10 +25,9 @@ import torch
 from torch import nn
 
 from .config import QDtype, QuantMode
-from .convert import _keep_torch_transformer_layers_on_modules, hf_embeddings
+from .convert import _as_quantizable_layers, _keep_torch_transformer_layers_on_modules, hf_embeddings
 from .nn import QConv2d, QEmbedding, QLinear, chain_convolutions
 from .nn._base import QuantizedModule
-from .transforms.attention import decompose_multihead_attention
 from .transforms.equalize import ChannelClamp
 
 log = logging.getLogger("octoquant.checkpoint")
@@ -502,7 +501,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
             model = _hf_model_from_folder(path)
         meta = _meta_from_compressed_tensors(qcfg, model, str(path / HF_CONFIG_NAME))
     foreign = meta.get("foreign", False)
-    decompose_multihead_attention(model)  # as oq.quantize did: the projections are layers of their own
+    _as_quantizable_layers(model)  # as oq.quantize did: attention projections, 1-D convolutions
     tied = _tied_keys(model)
     for name, spec in meta["modules"].items():
         _swap(model, name, _build(spec))

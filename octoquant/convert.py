@@ -455,6 +455,15 @@ def is_token_model(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Embedding) for m in model.modules())
 
 
+def _as_quantizable_layers(model: nn.Module) -> None:
+    """Float-identity rewrites that expose weights as quantizable layers: nn.MultiheadAttention's packed projection
+    as q/k/v Linears, nn.Conv1d as a height-1 Conv2d (also applied by `oq.load` to the float architecture)."""
+    from .transforms import conv1d_as_conv2d, decompose_multihead_attention
+
+    decompose_multihead_attention(model)
+    conv1d_as_conv2d(model)
+
+
 @torch.no_grad()
 def _prepare(model, config, calib, exclude, inplace, backend, progress):
     if not isinstance(model, nn.Module):
@@ -464,9 +473,7 @@ def _prepare(model, config, calib, exclude, inplace, backend, progress):
     config = config.with_default_calibrator(is_token_model(model))
     work = model if inplace else copy.deepcopy(model)
     work.eval()
-    from .transforms import decompose_multihead_attention
-
-    decompose_multihead_attention(work)  # its packed projection weights as Linears that can be quantized
+    _as_quantizable_layers(work)
     targets, floats = _select(work, config, list(exclude))
     if not targets:
         reasons = sorted({r.reason for r in floats.values()})

@@ -302,3 +302,81 @@ def test_decomposed_attention_is_multihead_attention(batch_first):
             (a, wa), (b, wb) = mha(*args, **kwargs), dec(*args, **kwargs)
             assert torch.allclose(a, b, atol=1e-6), kwargs
             assert (wa is None and wb is None) or torch.allclose(wa, wb, atol=1e-6), kwargs
+
+
+class _KeywordSpotter(torch.nn.Module):
+    """A 1-D CNN over (N, 40 mel bands, frames): forward-code BatchNorm, a depthwise block, a strided dilated conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.c1, self.b1 = nn.Conv1d(40, 64, 5, padding=2), nn.BatchNorm1d(64)
+        self.body = nn.Sequential(
+            nn.Conv1d(64, 64, 3, padding=1, groups=64), nn.BatchNorm1d(64), nn.ReLU(), nn.Conv1d(64, 128, 1), nn.ReLU()
+        )
+        self.c3 = nn.Conv1d(128, 128, 3, stride=2, dilation=2, padding=2)
+        self.fc = nn.Linear(128, 12)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        return self.fc(self.c3(self.body(x)).mean(-1))
+
+
+@pytest.mark.parametrize("mode", ["w8a8", "w8a8-dynamic"])
+def test_conv1d_models_run_int8(mode, tmp_path):
+    """nn.Conv1d runs as a height-1 int8 convolution (BatchNorm1d folded, Sequential or forward code); saves, loads
+    and exports with integer convolutions."""
+    torch.manual_seed(0)
+    model = _KeywordSpotter().eval()
+    for bn in model.modules():
+        if isinstance(bn, torch.nn.BatchNorm1d):
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 2.0)
+    config = {"w8a8": oq.W8A8, "w8a8-dynamic": oq.W8A8_DYNAMIC}[mode]
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(4, 40, 101, generator=g) for _ in range(3)]
+    x = torch.randn(4, 40, 101, generator=g)
+    q = oq.quantize(model, config, calib=calib, progress=False)
+    with torch.no_grad():
+        ref, out = model(x), q(x)
+    assert _sqnr_db(ref, out) >= 35.0  # 46-48 dB seen
+    assert all(r.status == "int8" for r in oq.summary(q, print_table=False))
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in q.modules())
+    path = oq.save(q, tmp_path / "q")
+    with torch.device("meta"):
+        arch = _KeywordSpotter()
+    with torch.no_grad():
+        assert torch.equal(oq.load(path, arch)(x), out)
+    if importlib.util.find_spec("onnxruntime"):
+        oq.export.onnx(q, x, tmp_path / "q.onnx", calib=calib)
+        v = oq.export.verify(q, tmp_path / "q.onnx", [x])
+        assert sum(v.integer_ops.values()) == 5 and not v.float_ops and v.outputs[0]["sqnr_db"] >= 35.0
+
+
+def test_wav2vec2_feature_encoder_runs_int8(tmp_path):
+    cfg = T.Wav2Vec2Config(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        conv_dim=(32, 32, 32),
+        conv_stride=(5, 2, 2),
+        conv_kernel=(10, 3, 3),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+    )
+    torch.manual_seed(0)
+    model = T.Wav2Vec2Model(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(2, 4000, generator=g) for _ in range(3)]
+    x = torch.randn(2, 4000, generator=g)
+    q = oq.quantize(model, oq.W8A8, calib=calib, progress=False)
+    with torch.no_grad():
+        ref, out = model(x).last_hidden_state, q(x).last_hidden_state
+    assert _sqnr_db(ref, out) >= 25.0  # 32.9 dB seen
+    rows = {r.name: r for r in oq.summary(q, print_table=False)}
+    assert all(rows[f"feature_extractor.conv_layers.{i}.conv.conv2d"].status == "int8" for i in range(3))
+    assert rows["encoder.pos_conv_embed.conv"].status == "float"  # weight-normed (parametrized): kept float
+    oq.save(q, tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(oq.load(tmp_path / "q")(x).last_hidden_state, out)

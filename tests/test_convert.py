@@ -381,7 +381,7 @@ def test_bad_inputs():
 
 
 def test_unsupported_layer_left_float_and_listed():
-    m = nn.Sequential(nn.Conv1d(4, 4, 3), nn.Flatten(), nn.Linear(8, 3))
+    m = nn.Sequential(nn.ConvTranspose1d(4, 4, 3), nn.Flatten(), nn.Linear(24, 3))
     q = oq.quantize(m, oq.W8A8, calib=[torch.randn(2, 4, 4)], progress=False)
     rows = {r.name: r for r in oq.summary(q, print_table=False)}
     assert rows["0"].status == "float" and rows["0"].reason == "unsupported layer type"

@@ -2,6 +2,7 @@
 
 from .attention import DecomposedMultiheadAttention, decompose_multihead_attention
 from .batchnorm import fold_batchnorm
+from .conv1d import Conv1dAs2d, conv1d_as_conv2d
 from .equalize import (
     ChannelClamp,
     ChannelGroup,
@@ -16,6 +17,8 @@ __all__ = [
     "DecomposedMultiheadAttention",
     "decompose_multihead_attention",
     "fold_batchnorm",
+    "Conv1dAs2d",
+    "conv1d_as_conv2d",
     "equalize_depthwise",
     "equalize_channels",
     "find_channel_groups",

@@ -17,13 +17,17 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .conv1d import Conv1dAs2d
+
 # A fold found by tracing is kept when the model output moves by less than this (relative RMS): folding changes
 # float rounding only (~1e-7 per layer); a conv output that also feeds something else moves it by O(1).
 FOLD_RTOL = 1e-4
 _LAYER_INDEX = re.compile(r"\.\d+(?=\.|$)")
 
 
-def _fold_into(layer: nn.Conv2d | nn.Linear, bn: nn.BatchNorm1d | nn.BatchNorm2d) -> None:
+def _fold_into(layer: nn.Conv2d | nn.Linear | Conv1dAs2d, bn: nn.BatchNorm1d | nn.BatchNorm2d) -> None:
+    if isinstance(layer, Conv1dAs2d):
+        layer = layer.conv2d
     with torch.no_grad():
         w = layer.weight.to(torch.float64)
         s = bn.weight.to(torch.float64) / torch.sqrt(bn.running_var.to(torch.float64) + bn.eps)
@@ -39,8 +43,10 @@ def _fold_into(layer: nn.Conv2d | nn.Linear, bn: nn.BatchNorm1d | nn.BatchNorm2d
 
 def _foldable(layer: nn.Module, bn: nn.Module) -> bool:
     pair_ok = (isinstance(layer, nn.Conv2d) and type(bn) is nn.BatchNorm2d) or (
-        isinstance(layer, nn.Linear) and type(bn) is nn.BatchNorm1d
+        isinstance(layer, nn.Linear | Conv1dAs2d) and type(bn) is nn.BatchNorm1d
     )
+    if isinstance(layer, Conv1dAs2d):
+        layer = layer.conv2d
     return (
         pair_ok and bn.track_running_stats and bn.running_mean is not None and bn.num_features == layer.weight.shape[0]
     )
@@ -73,7 +79,7 @@ def _traced_pairs(model: nn.Module, run: Callable[[], torch.Tensor]) -> list[tup
             pairs.append((hit[0], name))
 
     for m in names:
-        if isinstance(m, nn.Conv2d | nn.Linear):
+        if isinstance(m, nn.Conv2d | nn.Linear | Conv1dAs2d):
             hooks.append(m.register_forward_hook(out_hook))
         elif type(m) in (nn.BatchNorm1d, nn.BatchNorm2d):
             hooks.append(m.register_forward_pre_hook(bn_hook))
@@ -93,6 +99,7 @@ def _fold_pairs(model: nn.Module, pairs: list[tuple[str, str]]) -> list[tuple[nn
     modules = dict(model.named_modules())
     for a, b in pairs:
         layer, bn = modules[a], modules[b]
+        layer = layer.conv2d if isinstance(layer, Conv1dAs2d) else layer
         saved = {
             "weight": layer.weight.detach().clone(),
             "bias": None if layer.bias is None else layer.bias.detach().clone(),
