@@ -697,8 +697,8 @@ def embedding_output_scale(emb: nn.Module) -> float | None:
     """c when `emb(ids)` is its weight's rows times a constant c (1 for nn.Embedding, sqrt(hidden) for Gemma's
     scaled embedding), None when it computes anything else (then a QEmbedding cannot stand in for it)."""
     weight = getattr(emb, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        return None
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or getattr(emb, "max_norm", None) is not None:
+        return None  # (max_norm: the lookup renormalizes rows in place)
     ids = torch.arange(min(weight.shape[0], EMBED_PROBE_ROWS), device=weight.device)
     try:
         out = emb(ids)

@@ -177,6 +177,7 @@ def test_an_embedding_that_is_not_a_lookup_stays_float(caplog):
     emb = NormedEmbedding(50, 16)
     assert embedding_output_scale(emb) is None
     assert embedding_output_scale(torch.nn.Embedding(50, 16)) == 1.0
+    assert embedding_output_scale(torch.nn.Embedding(50, 16, max_norm=1.0)) is None  # renormalizes rows in place
     model = _build("qwen2")
     model.model.embed_tokens = NormedEmbedding(100, 64)
     model.lm_head.weight = model.model.embed_tokens.weight
