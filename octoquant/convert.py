@@ -430,10 +430,12 @@ def _outputs(model: nn.Module, batches: list) -> list[torch.Tensor]:
 def _smooth(work: nn.Module, batches: list, config: Config) -> None:
     """SmoothQuant: the (producer -> linears) pairs of a known architecture, or those `discover_pairs` finds by
     running the model on the first calibration batch; a warning naming the blocks when none can be smoothed."""
-    from .transforms.smoothquant import discover_pairs, find_pairs, smooth
+    from .transforms.smoothquant import DISCOVERED_MIN_OUTLIER_RATIO, discover_pairs, find_pairs, smooth
 
     pairs = find_pairs(work)
+    min_ratio = None  # the table's pairs: always searched (SmolLM2 figures)
     if pairs is None:
+        min_ratio = DISCOVERED_MIN_OUTLIER_RATIO
         sample = _probe_sample(batches[0])
         pairs, rejected = discover_pairs(work, lambda: first_tensor(_run(work, sample)).detach().float())
         if not pairs:
@@ -446,7 +448,7 @@ def _smooth(work: nn.Module, batches: list, config: Config) -> None:
                 )
             return
         log.info("octoquant: SmoothQuant on %d pairs found by tracing %s", len(pairs), type(work).__name__)
-    chosen = smooth(work, lambda: [_run(work, b) for b in batches], config.mode, pairs)
+    chosen = smooth(work, lambda: [_run(work, b) for b in batches], config.mode, pairs, min_ratio)
     work.octoquant_smoothquant = chosen
 
 

@@ -3,8 +3,8 @@
 The source (sharded) safetensors checkpoint is read one tensor at a time with plain reads (no memory map, so only
 what was asked for is resident), one decoder block at a time: the block is materialized, calibrated on the
 activations carried over from the previous block (float outputs, exactly what the in-memory path sees),
-quantized with `oq.quantize` (SmoothQuant on its own inputs when calibration data is given; the pair search of
-the first block serves the others), written as its own shard, and dropped. Peak memory ~ one float block + the
+quantized with `oq.quantize` (SmoothQuant on its own inputs when calibration data is given, with the pairs of the
+architecture table), written as its own shard, and dropped. Peak memory ~ one float block + the
 calibration activations, not the model. The output is the folder `oq.save` writes (octoquant.json + config.json
 with the compressed-tensors config + safetensors shards and their index) and loads with `oq.load(dst)`.
 """
@@ -44,7 +44,6 @@ from .config import Calibrator, Config, PerChannel, PerGroup, QuantMode, Roundin
 from .convert import _select, _swap, quantize
 from .nn import QLinear
 from .nn._base import WEIGHT_ROWS_ELEMENTS, quantize_weight
-from .transforms.smoothquant import known_pair_kinds
 
 log = logging.getLogger("octoquant.streaming")
 
@@ -373,27 +372,26 @@ def quantize_checkpoint(
         del embed
 
         bar = tqdm(range(n_layers), desc="octoquant: streaming blocks", disable=not progress)
-        # SmoothQuant (given calib) on each block: the pair search of block 0 serves every block
-        with known_pair_kinds():
-            for i in bar:
-                path = f"{layout.layers}.{i}"
-                block = layers[i]
-                host = _Host(path, block)
-                if not captured and _stream_block(host, config, exclude, reader, tied):
-                    write(i + 1, host)  # quantized from row blocks: the float block never existed
-                    layers[i] = nn.Module()
-                    del host, block
-                    continue
-                _materialize(block, f"{path}.", reader, {})
-                if captured:
-                    with torch.no_grad():  # carry the float outputs on: the in-memory calibration sees exactly these
-                        outs = [_first(block(**kw)) for kw in captured]
-                q = _quantize_unless_all_excluded(host, config, list(captured) or None, exclude)
-                write(i + 1, q)
-                if captured:
-                    captured = [{**kw, "hidden_states": o} for kw, o in zip(captured, outs, strict=True)]
-                layers[i] = nn.Module()  # drop the block's tensors
-                del host, q, block
+        for i in bar:
+            path = f"{layout.layers}.{i}"
+            block = layers[i]
+            host = _Host(path, block)
+            host.config = skeleton.config  # SmoothQuant: the architecture table's pairs, as in memory
+            if not captured and _stream_block(host, config, exclude, reader, tied):
+                write(i + 1, host)  # quantized from row blocks: the float block never existed
+                layers[i] = nn.Module()
+                del host, block
+                continue
+            _materialize(block, f"{path}.", reader, {})
+            if captured:
+                with torch.no_grad():  # carry the float outputs on: the in-memory calibration sees exactly these
+                    outs = [_first(block(**kw)) for kw in captured]
+            q = _quantize_unless_all_excluded(host, config, list(captured) or None, exclude)
+            write(i + 1, q)
+            if captured:
+                captured = [{**kw, "hidden_states": o} for kw, o in zip(captured, outs, strict=True)]
+            layers[i] = nn.Module()  # drop the block's tensors
+            del host, q, block
 
         norm = skeleton.get_submodule(layout.norm)
         _materialize(norm, f"{layout.norm}.", reader, {})

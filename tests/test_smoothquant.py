@@ -222,6 +222,14 @@ def test_smoothquant_on_an_architecture_without_a_table_entry():
     assert errs[True] < 0.7 * errs[False], errs
 
 
+def test_traced_pairs_are_smoothed_only_where_activations_have_outlier_channels():
+    """Outside the table, a pair is searched only if its input has an outlier channel (SmoothQuant's case)."""
+    chosen = oq.quantize(_neox(1.0), oq.W8A8, calib=_calib(), progress=False).octoquant_smoothquant
+    assert chosen and all(a is None for a in chosen.values())  # random weights: no outlier channel anywhere
+    chosen = oq.quantize(_neox(40.0), oq.W8A8, calib=_calib(), progress=False).octoquant_smoothquant
+    assert chosen["gpt_neox.layers.0.input_layernorm"] is not None
+
+
 @pytest.mark.parametrize("config", [oq.W8A8_DYNAMIC, oq.W8A8], ids=["dynamic", "static"])
 def test_smoothquant_reduces_error_on_outlier_channels(config):
     model = _llama(outlier_gain=40.0)
