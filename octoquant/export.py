@@ -942,17 +942,21 @@ def onnx(
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", category=DeprecationWarning)  # the TorchScript exporter's notice
             raw = os.path.join(tmp, "raw.onnx")
-            torch.onnx.export(
-                qmodel,
-                args + ((kwargs,) if kwargs else ()),
-                raw,
-                input_names=in_names,
-                output_names=out_names,
-                dynamic_axes=axes,
-                opset_version=opset,
-                do_constant_folding=True,
-                dynamo=False,
-            )
+            try:
+                torch.onnx.export(
+                    qmodel,
+                    args + ((kwargs,) if kwargs else ()),
+                    raw,
+                    input_names=in_names,
+                    output_names=out_names,
+                    dynamic_axes=axes,
+                    opset_version=opset,
+                    do_constant_folding=True,
+                    dynamo=False,
+                )
+            except torch.onnx.errors.UnsupportedOperatorError as e:  # e.g. aten::histc in a mixture-of-experts router
+                first = str(e).splitlines()[0]
+                raise ExportError(f"the model's own code uses an op the ONNX exporter cannot write: {first}") from e
             model = onnx_lib.load(raw)
     finally:
         qmodel.train(was_training)

@@ -381,3 +381,12 @@ def test_wav2vec2_feature_encoder_runs_int8(tmp_path):
     oq.save(q, tmp_path / "q")
     with torch.no_grad():
         assert torch.equal(oq.load(tmp_path / "q")(x).last_hidden_state, out)
+
+
+def test_an_op_the_exporter_cannot_write_is_a_clear_error(tmp_path):
+    """Mixtral's router uses aten::histc, which the TorchScript ONNX exporter has no symbol for."""
+    pytest.importorskip("onnxruntime")
+    q = oq.quantize(_build("mixtral"), oq.W8A8_DYNAMIC, progress=False)
+    with pytest.raises(oq.export.ExportError, match="cannot write: .*histc"):
+        oq.export.onnx(q, _input("mixtral", 0), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
