@@ -594,8 +594,10 @@ def _keep_torch_transformer_layers_on_modules(work: nn.Module) -> None:
     linear2 .weight as float matrices instead of calling the modules; a forward pre-hook is one of its documented
     off-switches, so a layer with quantized linears runs them (its MultiheadAttention's out_proj stays float)."""
     for m in work.modules():
-        if isinstance(m, nn.TransformerEncoderLayer) and any(
-            isinstance(getattr(m, n, None), QuantizedModule) for n in ("linear1", "linear2")
+        if (
+            isinstance(m, nn.TransformerEncoderLayer)
+            and getattr(m.self_attn, "in_proj_bias", None) is not None  # (a DecomposedMultiheadAttention turns it off)
+            and any(isinstance(getattr(m, n, None), QuantizedModule) for n in ("linear1", "linear2"))
         ):
             if _slow_path not in m._forward_pre_hooks.values():
                 m.register_forward_pre_hook(_slow_path)

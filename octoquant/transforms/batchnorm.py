@@ -17,11 +17,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..functional import sqnr_db
 from .conv1d import Conv1dAs2d
 
-# A fold found by tracing is kept when the model output moves by less than this (relative RMS): folding changes
-# float rounding only (~1e-7 per layer); a conv output that also feeds something else moves it by O(1).
-FOLD_RTOL = 1e-4
+# A fold found by tracing is kept when the model output stays within this SQNR of itself (a relative RMS change of
+# 1e-4): folding changes float rounding only (~1e-7 per layer); a conv output that also feeds something else moves
+# it by O(1).
+FOLD_MIN_SQNR_DB = 80.0
 _LAYER_INDEX = re.compile(r"\.\d+(?=\.|$)")
 
 
@@ -120,11 +122,6 @@ def _unfold(model: nn.Module, undo: list) -> None:
             _set(model, b, bn)
 
 
-def _relative_rms(ref: torch.Tensor, out: torch.Tensor) -> float:
-    den = float(ref.double().pow(2).mean()) ** 0.5
-    return float((out.double() - ref.double()).pow(2).mean()) ** 0.5 / den if den > 0 else float("inf")
-
-
 def _fold_traced(model: nn.Module, run: Callable[[], torch.Tensor]) -> list[str]:
     """Fold the traced pairs that keep the output; each kind (name without the layer index) tested once."""
     with torch.no_grad():
@@ -136,17 +133,17 @@ def _fold_traced(model: nn.Module, run: Callable[[], torch.Tensor]) -> list[str]
         if kind not in kinds:
             undo = _fold_pairs(model, [pair])
             with torch.no_grad():
-                kinds[kind] = _relative_rms(ref, run()) <= FOLD_RTOL
+                kinds[kind] = sqnr_db(ref, run()) >= FOLD_MIN_SQNR_DB
             _unfold(model, undo)
     accepted = [p for p in candidates if kinds[tuple(_LAYER_INDEX.sub(".#", n) for n in p)]]
     undo = _fold_pairs(model, accepted)
     with torch.no_grad():
-        if accepted and _relative_rms(ref, run()) > FOLD_RTOL:  # blocks of one kind that differ: one by one
+        if accepted and sqnr_db(ref, run()) < FOLD_MIN_SQNR_DB:  # blocks of one kind that differ: one by one
             _unfold(model, undo)
             kept = []
             for pair in accepted:
                 undo = _fold_pairs(model, [pair])
-                if _relative_rms(ref, run()) <= FOLD_RTOL:
+                if sqnr_db(ref, run()) >= FOLD_MIN_SQNR_DB:
                     kept.append(pair)
                     ref = run().detach().clone()
                 else:

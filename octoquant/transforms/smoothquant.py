@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..config import PerTensor, PerToken, QDtype, QuantMode
-from ..functional import fake_quantize_static, fake_quantize_weight, quantize_dynamic, reduce_minmax
+from ..functional import fake_quantize_static, fake_quantize_weight, quantize_dynamic, reduce_minmax, sqnr_db
 
 log = logging.getLogger("octoquant.smoothquant")
 
@@ -84,8 +84,8 @@ def find_pairs(model: nn.Module) -> list[SmoothPair] | None:
 # divide its output so (a Linear always; a norm as weight / s, or as (1 + weight) / s - 1 for Gemma's RMSNorm).
 _LAYER_INDEX = re.compile(r"\.\d+(?=\.|$)")
 NORM_OFFSETS = (0.0, 1.0)  # the norm parametrizations tried: (offset + weight) * x_hat
-NOISE_MAX = 1e-8  # squared relative run-to-run change beyond which the bit-exact test means nothing (dropout on)
-NORM_RTOL = 1e-5  # a norm's rescaled output against output / s (float32 rounding of (1 + w) / s - 1: ~1e-7)
+NOISE_MIN_SQNR_DB = 80.0  # run-to-run SQNR below which the bit-exact test means nothing (dropout left on)
+NORM_MIN_SQNR_DB = 100.0  # a norm's rescaled output against output / s (float32 rounding of (1 + w) / s - 1: ~140 dB)
 
 
 def _is_norm(m: nn.Module) -> bool:
@@ -160,16 +160,9 @@ def _trace_candidates(model: nn.Module, run: Callable[[], object]) -> tuple[list
     return pairs, norm_args
 
 
-def _relative_change(ref: torch.Tensor, out: torch.Tensor) -> float:
-    """|out - ref|^2 / |ref|^2."""
-    den = float(ref.double().pow(2).sum())
-    num = float((out.double() - ref.double()).pow(2).sum())
-    return num / den if den > 0 else num
-
-
 @torch.no_grad()
 def _moves_through(
-    model: nn.Module, run: Callable[[], torch.Tensor], ref: torch.Tensor, pairs: list[SmoothPair], noise: float
+    model: nn.Module, run: Callable[[], torch.Tensor], ref: torch.Tensor, pairs: list[SmoothPair], min_db: float
 ) -> bool:
     """True when dividing each producer's output channels by powers of two (a forward hook on it) and multiplying
     its consumers' input columns by the same leaves the model's output unchanged."""
@@ -189,7 +182,7 @@ def _moves_through(
             h.remove()
         for t, v in saved:
             t.data.copy_(v)
-    return _relative_change(ref, out) <= noise
+    return sqnr_db(ref, out) >= min_db
 
 
 @torch.no_grad()
@@ -207,7 +200,7 @@ def _norm_offset(m: nn.Module, args: tuple) -> float | None:
         finally:
             for t, v in saved:
                 t.data.copy_(v)
-        if float((out - target).norm()) <= NORM_RTOL * float(target.norm()):
+        if sqnr_db(target, out) >= NORM_MIN_SQNR_DB:
             return offset
     return None
 
@@ -225,9 +218,10 @@ def discover_pairs(model: nn.Module, run: Callable[[], torch.Tensor]) -> tuple[l
     fails: those pairs are not smoothed."""
     with torch.no_grad():
         ref = run().detach().clone()
-        # 0 on deterministic kernels; else (atomics in a GPU reduction) the run-to-run change, with a margin
-        noise = 4 * _relative_change(ref, run())
-    if noise > NOISE_MAX:
+        # inf on deterministic kernels (bit-identical runs); else (atomics in a GPU reduction) the run-to-run SQNR,
+        # less a margin of 4x in noise power
+        min_db = sqnr_db(ref, run()) - 6.0
+    if min_db < NOISE_MIN_SQNR_DB:
         log.warning("SmoothQuant pair search: the model's output changes between identical runs; no pairs searched")
         return [], []
     candidates, norm_args = _trace_candidates(model, run)
@@ -237,14 +231,14 @@ def discover_pairs(model: nn.Module, run: Callable[[], torch.Tensor]) -> tuple[l
         if _kind(p) in kinds:
             continue
         offset = _norm_offset(names[p.producer], norm_args[p.producer]) if p.producer in norm_args else 0.0
-        kinds[_kind(p)] = offset if offset is not None and _moves_through(model, run, ref, [p], noise) else None
+        kinds[_kind(p)] = offset if offset is not None and _moves_through(model, run, ref, [p], min_db) else None
     accepted, taken = [], set()
     for p in candidates:  # one producer per consumer: stats are gathered at the consumer's input
         if kinds[_kind(p)] is not None and taken.isdisjoint(p.consumers):
             accepted.append(replace(p, norm_offset=kinds[_kind(p)]))
             taken.update(p.consumers)
-    if accepted and not _moves_through(model, run, ref, accepted, noise):
-        accepted = [p for p in accepted if _moves_through(model, run, ref, [p], noise)]
+    if accepted and not _moves_through(model, run, ref, accepted, min_db):
+        accepted = [p for p in accepted if _moves_through(model, run, ref, [p], min_db)]
     kept = {(p.producer, p.consumers) for p in accepted}
     return accepted, [p for p in candidates if (p.producer, p.consumers) not in kept]
 

@@ -651,6 +651,13 @@ void gemm_part(const GemmArgs& g, int isa, int64_t nb_lo, int64_t nb_hi, int64_t
   }
 }
 
+// Threads own whole 64-column tiles (each weight byte read by one thread: decode, large N), or, when the tiles are
+// too few to share evenly (a conv's tall-thin GEMM: M = pixels, N = channels), row ranges that read all of the
+// (small) weights.
+inline bool split_by_rows(int64_t tiles, int64_t row_units, int nthreads) {
+  return tiles < 4 * (int64_t)nthreads && row_units >= 4 * (int64_t)nthreads;
+}
+
 void gemm(const GemmArgs& args, int isa, int nthreads) {
   GemmArgs g = args;
   int64_t NB = (g.N + 15) / 16;
@@ -660,10 +667,7 @@ void gemm(const GemmArgs& args, int isa, int nthreads) {
   int64_t units = (NB + unit - 1) / unit;  // 64-column tiles
   constexpr int64_t ROW_UNIT = 4;          // rows per share when threads split M (one register tile)
   int64_t row_units = (g.M + ROW_UNIT - 1) / ROW_UNIT;
-  // Threads own whole 64-column tiles (each weight byte read by one thread: decode, large N), or, when the
-  // tiles are too few to share evenly (a conv's tall-thin GEMM: M = pixels, N = channels), row ranges that
-  // read all of the (small) weights.
-  bool by_rows = units < 4 * (int64_t)nthreads && row_units >= 4 * (int64_t)nthreads;
+  bool by_rows = split_by_rows(units, row_units, nthreads);
   int t = threads_for(g.M * g.N * g.Kp, by_rows ? row_units : units, nthreads);
   py::gil_scoped_release nogil;
   pool().run(t, [&](int i) {
@@ -1237,7 +1241,7 @@ void conv_gemm(const uint8_t* x, const int64_t* c, const GemmArgs& args, uint8_t
   const int64_t NB = (g.N + 15) / 16, units = (NB + TILE_BLOCKS - 1) / TILE_BLOCKS;
   constexpr int64_t ROW_UNIT = 4;
   const int64_t row_units = (g.M + ROW_UNIT - 1) / ROW_UNIT;
-  if (!(units < 4 * (int64_t)nthreads && row_units >= 4 * (int64_t)nthreads)) {
+  if (!split_by_rows(units, row_units, nthreads)) {
     im2col(x, c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11], c[12], c[13], c[14], c[15],
            (uint8_t)c[16], cols, g.Kp, nthreads);
     g.a = cols;
