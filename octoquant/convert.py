@@ -23,6 +23,7 @@ from .config import W8A8, Calibrator, Config, PerChannel, PerGroup, PerTensor, Q
 from .functional import check_finite, dequantize, sqnr_db
 from .nn import QConv2d, QEmbedding, QLinear, chain_convolutions
 from .nn._base import CastInputError, QuantizedModule
+from .nn.conv import explicit_padding
 from .observers import CalibrationError, MSEObserver, Observer, make_observer
 from .rounding import gptq_round, input_hessian_update
 from .sampling import SampleSketch
@@ -80,8 +81,8 @@ def _float_reason(m: nn.Module, cfg: Config) -> str | None:
     if isinstance(m, nn.Conv2d):
         if cfg.mode is QuantMode.W8A16:
             return "no weight-only conv kernel (W8A16 is for Linear)"
-        if m.padding_mode != "zeros" or isinstance(m.padding, str):
-            return f"padding {m.padding!r}/{m.padding_mode} not supported"
+        if explicit_padding(m) is None:
+            return f"padding {m.padding!r}/{m.padding_mode} not supported (zero padding, the same on both sides)"
     return None
 
 

@@ -390,3 +390,126 @@ def test_an_op_the_exporter_cannot_write_is_a_clear_error(tmp_path):
     with pytest.raises(oq.export.ExportError, match="cannot write: .*histc"):
         oq.export.onnx(q, _input("mixtral", 0), tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+class _StringPadded(torch.nn.Module):
+    """Convolutions padded by name, as TensorFlow ports (EfficientNet) and audio models write them."""
+
+    def __init__(self):
+        super().__init__()
+        self.same = torch.nn.Conv2d(3, 8, 3, padding="same")
+        self.dilated = torch.nn.Conv2d(8, 8, 3, padding="same", dilation=2, groups=8)
+        self.valid = torch.nn.Conv2d(8, 8, (1, 3), padding="valid")
+        self.even = torch.nn.Conv2d(8, 8, 2, padding="same")  # PyTorch pads the odd pixel at the end only
+        self.temporal = torch.nn.Conv1d(8, 8, 5, padding="same")
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.valid(torch.relu(self.dilated(torch.relu(self.same(x))))))
+        x = self.temporal(self.even(x).mean(2))
+        return self.fc(x.mean(-1))
+
+
+@pytest.mark.parametrize("mode", ["w8a8", "w8a8-dynamic"])
+def test_convolutions_padded_by_name_run_int8(mode, tmp_path):
+    torch.manual_seed(0)
+    model = _StringPadded().eval()
+    config = {"w8a8": oq.W8A8, "w8a8-dynamic": oq.W8A8_DYNAMIC}[mode]
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(2, 3, 12, 12, generator=g) for _ in range(3)]
+    x = torch.randn(2, 3, 12, 12, generator=g)
+    q = oq.quantize(model, config, calib=calib, progress=False)
+    rows = {r.name: r for r in oq.summary(q, print_table=False)}
+    assert rows["even"].status == "float" and "padding 'same'" in rows["even"].reason
+    assert all(rows[n].status == "int8" for n in ("same", "dilated", "valid", "temporal.conv2d", "fc"))
+    assert (q.same.padding, q.dilated.padding, q.valid.padding) == ((1, 1), (2, 2), (0, 0))
+    assert q.temporal.padding == (2,) and q.temporal.conv2d.padding == (0, 2)
+    with torch.no_grad():
+        ref, out = model(x), q(x)
+    assert _sqnr_db(ref, out) >= 30.0  # 41-44 dB seen
+    path = oq.save(q, tmp_path / "q")
+    with torch.device("meta"):
+        arch = _StringPadded()
+    with torch.no_grad():
+        assert torch.equal(oq.load(path, arch)(x), out)
+
+
+def _kaiming(model: torch.nn.Module) -> torch.nn.Module:
+    """Hugging Face's random init leaves some CNNs with ~0 outputs (EfficientNet's logits are exactly 0): weights with
+    unit gain and BatchNorm statistics that are not the identity give a signal to compare."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d | torch.nn.Linear):
+            m.weight.data = torch.randn(m.weight.shape, generator=g) * (2 / m.weight[0].numel()) ** 0.5
+        elif isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1, generator=g)
+            m.running_var.uniform_(0.5, 2.0, generator=g)
+            m.weight.data.uniform_(0.5, 1.5, generator=g)
+            m.bias.data.normal_(0, 0.1, generator=g)
+    return model
+
+
+@pytest.mark.parametrize("mode", ["w8a8", "w8a8-dynamic"])
+def test_efficientnet_with_same_padding_runs_int8(mode, tmp_path):
+    """EfficientNet (TensorFlow-style padding="same"/"valid", squeeze-excite, SiLU): every convolution int8 (all 36
+    stayed float while named padding was refused), exported on integer convolutions."""
+    cfg = T.EfficientNetConfig(image_size=32, width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320)
+    torch.manual_seed(0)
+    model = _kaiming(T.EfficientNetForImageClassification(cfg)).eval()
+    config = {"w8a8": oq.W8A8, "w8a8-dynamic": oq.W8A8_DYNAMIC}[mode]
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(2, 3, 32, 32, generator=g) for _ in range(3)]
+    x = torch.randn(2, 3, 32, 32, generator=g)
+    q = oq.quantize(model, config, calib=calib, progress=False)
+    rows = oq.summary(q, print_table=False)
+    assert [r.name for r in rows if r.status != "int8"] == []
+    with torch.no_grad():
+        assert _sqnr_db(model(x).logits, q(x).logits) >= 28.0  # 35-36 dB seen
+    if importlib.util.find_spec("onnxruntime"):
+        oq.export.onnx(q, x, tmp_path / "q.onnx", calib=calib)
+        v = oq.export.verify(q, tmp_path / "q.onnx", [x])
+        assert v.outputs[0]["sqnr_db"] >= EXPORT_SQNR_MIN_DB and v.integer_ops and not v.dequantized_float
+        assert sum(n for op, n in v.integer_ops.items() if "Conv" in op) == 36
+
+
+def test_whisper_encoder_decoder_runs_int8(tmp_path):
+    """Whisper: its Conv1d front end becomes int8 height-1 convolutions that still answer `.stride` (the encoder sizes
+    its input from conv1.stride[0] * conv2.stride[0]); calibration batches are keyword dicts."""
+    cfg = T.WhisperConfig(
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        vocab_size=100,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+        num_mel_bins=16,
+        max_source_positions=16,
+        max_target_positions=32,
+    )
+    torch.manual_seed(0)
+    model = T.WhisperForConditionalGeneration(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+
+    def batch():
+        return {
+            "input_features": torch.randn(2, 16, 32, generator=g),
+            "decoder_input_ids": torch.randint(3, 100, (2, 8), generator=g),
+        }
+
+    calib, x = [batch() for _ in range(3)], batch()
+    q = oq.quantize(model, oq.W8A8, calib=calib, progress=False)
+    rows = {r.name: r for r in oq.summary(q, print_table=False)}
+    assert all(r.status == "int8" for r in rows.values()) and "model.encoder.conv2.conv2d" in rows
+    assert q.model.encoder.conv2.stride == (2,) and q.model.encoder.conv1.kernel_size == (3,)
+    with torch.no_grad():
+        ref, out = model(**x).logits, q(**x).logits
+    assert _sqnr_db(ref, out) >= 28.0  # 36.4 dB seen
+    oq.save(q, tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(oq.load(tmp_path / "q")(**x).logits, out)

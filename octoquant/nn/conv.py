@@ -22,6 +22,21 @@ CHAIN_INPUT_SLOT = "chain-input-codes"  # the first layer's quantized input
 PLANS_PER_LAYER = 16
 
 
+def explicit_padding(conv: nn.Conv1d | nn.Conv2d) -> tuple[int, ...] | None:
+    """The zero padding `conv` applies before and after each spatial dimension, as one symmetric amount per dimension:
+    its own explicit padding; "valid" -> 0; "same" -> dilation * (kernel - 1) / 2 where that amount is whole (odd
+    kernels: always). None where no such tuple exists: "same" with an odd total (PyTorch pads the extra pixel at the
+    end only) or a padding mode other than zeros."""
+    if conv.padding_mode != "zeros":
+        return None
+    if conv.padding == "valid":
+        return (0,) * len(conv.kernel_size)
+    if conv.padding == "same":
+        totals = [d * (k - 1) for k, d in zip(conv.kernel_size, conv.dilation, strict=True)]
+        return None if any(t % 2 for t in totals) else tuple(t // 2 for t in totals)
+    return tuple(conv.padding)
+
+
 class QConv2d(QuantizedModule):
     """Conv2d with int8 per-output-channel weights and per-tensor int8/uint8 activations.
 
@@ -88,16 +103,18 @@ class QConv2d(QuantizedModule):
         mode = QuantMode.parse(mode)
         if not isinstance(module, nn.Conv2d):
             raise TypeError(f"QConv2d.from_float expects nn.Conv2d, got {type(module).__name__}")
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        padding = explicit_padding(module)
+        if padding is None:
             raise ValueError(
-                f"{name!r}: only explicit zero padding is supported, got {module.padding!r}/{module.padding_mode}"
+                f"{name!r}: only zero padding, symmetric on each side, is supported, got {module.padding!r}/"
+                f"{module.padding_mode}"
             )
         q = cls(
             module.in_channels,
             module.out_channels,
             module.kernel_size,
             module.stride,
-            module.padding,
+            padding,
             module.dilation,
             module.groups,
             module.bias is not None,
