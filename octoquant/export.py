@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 import math
 import os
@@ -303,6 +304,19 @@ class LogitsOnly(nn.Module):
         return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
+class IdsByKeyword(nn.Module):
+    """A Hugging Face model as input_ids -> its outputs, passing the ids by keyword: the tracer calls positionally,
+    which transformers' config-default decorators break on some models (RoBERTa, Electra: "got multiple values for
+    argument 'use_cache'")."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor):
+        return self.model(input_ids=input_ids)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Inputs
 
@@ -318,8 +332,20 @@ def _is_causal_lm(model: nn.Module) -> bool:
 
 def _export_view(model: nn.Module, example):
     """(module, example) to trace: a Hugging Face causal LM as `LogitsOnly` (its KV cache and generation arguments
-    are no graph), fed {input_ids, attention_mask} from a tensor of ids or a tokenizer batch; anything else as given."""
-    if isinstance(model, LogitsOnly) or not _is_causal_lm(model):
+    are no graph), fed {input_ids, attention_mask} from a tensor of ids or a tokenizer batch; any other Hugging Face
+    model given a tensor of ids is traced as `IdsByKeyword`; anything else as given."""
+    if isinstance(model, LogitsOnly | IdsByKeyword):
+        return model, example
+    if not _is_causal_lm(model):
+        tf = sys.modules.get("transformers")
+        if (
+            isinstance(example, torch.Tensor)
+            and not example.is_floating_point()
+            and tf is not None
+            and isinstance(model, tf.PreTrainedModel)
+            and "input_ids" in inspect.signature(model.forward).parameters
+        ):
+            return IdsByKeyword(model), example
         return model, example
     if isinstance(example, torch.Tensor) and not example.is_floating_point():
         ids, mask = example, None

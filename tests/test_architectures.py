@@ -45,6 +45,9 @@ _VISION = {
 }
 _TEXT = {
     "distilbert": lambda: T.DistilBertModel(T.DistilBertConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=128)),
+    "roberta": lambda: T.RobertaModel(
+        T.RobertaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    ),
     "t5-encoder": lambda: T.T5EncoderModel(T.T5Config(d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16)),
     "qwen2": lambda: T.Qwen2ForCausalLM(
         T.Qwen2Config(
@@ -197,7 +200,9 @@ EXPORT_SQNR_MIN_DB = 20.0
 
 
 @pytest.mark.parametrize("mode", ["w8a8", "w8a8-dynamic"])
-@pytest.mark.parametrize("name", ["convnext", "resnet", "vit", "swin", "distilbert", "t5-encoder", "qwen2", "gemma2"])
+@pytest.mark.parametrize(
+    "name", ["convnext", "resnet", "vit", "swin", "distilbert", "roberta", "t5-encoder", "qwen2", "gemma2"]
+)
 def test_every_family_saves_loads_and_exports(name, mode, tmp_path):
     """oq.save / oq.load gives the same outputs; oq.export.onnx runs in ONNX Runtime on integer ops and matches
     (a causal LM exports as (input_ids, attention_mask) -> logits, given bare token ids)."""
