@@ -624,7 +624,7 @@ def _quantize_outputs(
         gr.replace_uses(m, y)
         gr.remove([mark])
         if kinds.get(name) != "conv" or not others:
-            continue  # MatMul / Gemm run integer with a float output; Conv -> Q already fuses
+            continue  # MatMul / Gemm / dynamic Conv run integer with a float output; Conv -> Q already fuses
         if not branches and not reuse and any(c.op_type == "Add" for c in others):
             continue  # a residual branch left float, as octoquant computes it
         if reuse:
@@ -986,7 +986,12 @@ def onnx(
             model = onnx_lib.load(raw)
     finally:
         qmodel.train(was_training)
-    kinds = {n: "conv" if isinstance(m, QConv2d) else "linear" for n, m in qmods.items()}
+    # static convolutions get output Q/DQ pairs (ORT then fuses QLinearConv); a dynamic one's output is float in
+    # octoquant, and a pair there would add a rounding (at a range fixed on the example) octoquant does not have
+    kinds = {
+        n: ("conv" if m.mode is QuantMode.W8A8_STATIC else "dynamic-conv") if isinstance(m, QConv2d) else "linear"
+        for n, m in qmods.items()
+    }
     gr = _Graph(model)
     _constants_to_initializers(gr)
     _merge_duplicate_quantize(gr)

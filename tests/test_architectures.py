@@ -197,6 +197,9 @@ def test_an_embedding_that_is_not_a_lookup_stays_float(caplog):
 # CNNs with static activations lose some to requantization ties flipping (25-31 dB seen on random weights; the
 # real MobileNetV2 against itself with a 1e-6 input jitter: 20.5 dB). A wrong graph gives ~0 dB.
 EXPORT_SQNR_MIN_DB = 20.0
+# dynamic layers compute the same integers in both (run-time qparams from the same float input): 130-146 dB seen; an
+# output Q/DQ pair the export once put after dynamic convolutions (a rounding octoquant does not do) gave 11-37 dB
+EXPORT_DYNAMIC_SQNR_MIN_DB = 100.0
 
 
 @pytest.mark.parametrize("mode", ["w8a8", "w8a8-dynamic"])
@@ -217,7 +220,7 @@ def test_every_family_saves_loads_and_exports(name, mode, tmp_path):
         assert torch.equal(_main(oq.load(tmp_path / "q")(x)), _main(q(x)))
     oq.export.onnx(q, x, tmp_path / "q.onnx", calib=calib)
     v = oq.export.verify(q, tmp_path / "q.onnx", [x])
-    assert v.outputs[0]["sqnr_db"] >= EXPORT_SQNR_MIN_DB
+    assert v.outputs[0]["sqnr_db"] >= (EXPORT_DYNAMIC_SQNR_MIN_DB if mode == "w8a8-dynamic" else EXPORT_SQNR_MIN_DB)
     assert v.integer_ops and not v.dequantized_float
 
 
@@ -473,7 +476,8 @@ def test_efficientnet_with_same_padding_runs_int8(mode, tmp_path):
     if importlib.util.find_spec("onnxruntime"):
         oq.export.onnx(q, x, tmp_path / "q.onnx", calib=calib)
         v = oq.export.verify(q, tmp_path / "q.onnx", [x])
-        assert v.outputs[0]["sqnr_db"] >= EXPORT_SQNR_MIN_DB and v.integer_ops and not v.dequantized_float
+        bound = EXPORT_DYNAMIC_SQNR_MIN_DB if mode == "w8a8-dynamic" else EXPORT_SQNR_MIN_DB
+        assert v.outputs[0]["sqnr_db"] >= bound and v.integer_ops and not v.dequantized_float
         assert sum(n for op, n in v.integer_ops.items() if "Conv" in op) == 36
 
 
