@@ -373,14 +373,17 @@ def _input_names(args: tuple, kwargs: dict) -> list[str]:
 
 
 def _default_dynamic_axes(names: list[str], tensors: list[torch.Tensor], outputs: list[str]) -> dict:
-    """Batch (dim 0) everywhere; for integer inputs of 2+ dims (token ids, masks) also the sequence (dim 1)."""
+    """Batch (dim 0) everywhere; for integer inputs of 2+ dims (token ids, masks) also the sequence (dim 1): one
+    "sequence" for those as long as the first, `<name>_sequence` for another length (a decoder's ids)."""
     axes = {}
+    first = None
     for n, t in zip(names, tensors, strict=True):
         if t.dim() == 0:
             continue
         axes[n] = {0: "batch"}
         if t.dim() >= 2 and not t.is_floating_point():
-            axes[n][1] = "sequence"
+            first = t.shape[1] if first is None else first
+            axes[n][1] = "sequence" if t.shape[1] == first else f"{n}_sequence"
     for n in outputs:
         axes[n] = {0: "batch"}
     return axes
@@ -394,16 +397,17 @@ def _run(model: nn.Module, example):
 @contextlib.contextmanager
 def _without_kv_cache(model: nn.Module):
     """A Hugging Face model with `config.use_cache` on returns its KV cache (a Cache object the exporter cannot
-    trace): off while exporting / verifying, the graph is (inputs) -> outputs, as `LogitsOnly` gives."""
-    config = getattr(model, "config", None)
-    on = bool(getattr(config, "use_cache", False))
-    if on:
-        config.use_cache = False
+    trace): off while exporting / verifying, the graph is (inputs) -> outputs, as `LogitsOnly` gives. Every config
+    in the model: an encoder-decoder's stacks hold their own copies (T5)."""
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
+    on = [c for c in configs.values() if getattr(c, "use_cache", False) is True]
+    for c in on:
+        c.use_cache = False
     try:
         yield
     finally:
-        if on:
-            config.use_cache = True
+        for c in on:
+            c.use_cache = True
 
 
 def _flat_outputs(out) -> list[torch.Tensor]:
@@ -1211,11 +1215,15 @@ def verify(
         raise ExportError(f"the model gives {len(refs[0])} outputs, the ONNX graph {len(outs[0])}")
     metrics = []
     for i in range(len(refs[0])):
-        r = torch.cat([b[i].reshape(len(b[i]), -1) if b[i].dim() else b[i].reshape(1, 1) for b in refs])
-        o = torch.cat([b[i].reshape(len(b[i]), -1) if b[i].dim() else b[i].reshape(1, 1) for b in outs])
-        if r.shape != o.shape:
-            raise ExportError(f"output {i}: shape {tuple(o.shape)} from the runtime, {tuple(r.shape)} from octoquant")
-        cos = cosine_similarity(r, o, dim=1)
+        pairs = []  # per batch (rows, features): batches may differ in shape (sequence lengths)
+        for rb, ob in zip(refs, outs, strict=True):
+            if rb[i].shape != ob[i].shape:
+                raise ExportError(
+                    f"output {i}: shape {tuple(ob[i].shape)} from the runtime, {tuple(rb[i].shape)} from octoquant"
+                )
+            pairs.append(tuple(t.reshape(len(t), -1) if t.dim() else t.reshape(1, 1) for t in (rb[i], ob[i])))
+        r, o = (torch.cat([p[k].flatten() for p in pairs]) for k in (0, 1))
+        cos = torch.cat([cosine_similarity(a, b, dim=1) for a, b in pairs])
         m = {
             "name": f"output_{i}",
             "sqnr_db": sqnr_db(r, o),
@@ -1224,6 +1232,7 @@ def verify(
             "max_abs": float((r - o).abs().max()),
         }
         if refs[0][i].dim() == 2 and refs[0][i].shape[1] > 1:
-            m["top1_agreement"] = float((r.argmax(1) == o.argmax(1)).to(torch.float32).mean())
+            same = torch.cat([a.argmax(1) == b.argmax(1) for a, b in pairs])
+            m["top1_agreement"] = float(same.to(torch.float32).mean())
         metrics.append(m)
     return Verification(runtime, tuple(metrics), runner.integer_ops, runner.float_ops, runner.dequantized_float)
