@@ -26,6 +26,7 @@ from torch import nn
 
 from .config import QDtype, QuantMode
 from .convert import _as_quantizable_layers, _keep_torch_transformer_layers_on_modules, hf_embeddings
+from .hf import is_causal_lm_architecture
 from .nn import QConv2d, QEmbedding, QLinear, chain_convolutions
 from .nn._base import QuantizedModule
 from .transforms.equalize import ChannelClamp
@@ -373,7 +374,7 @@ def _hf_model_from_folder(path: Path) -> nn.Module:
     with init_empty_weights(include_buffers=False):  # buffers (rotary tables) are computed, not stored
         if cls is not None and hasattr(cls, "_from_config"):
             return cls._from_config(config, **kwargs)
-        causal = any(a.endswith("ForCausalLM") for a in archs)
+        causal = any(is_causal_lm_architecture(a) for a in archs)
         return (AutoModelForCausalLM if causal else AutoModel).from_config(config, **kwargs)
 
 

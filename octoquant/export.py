@@ -304,17 +304,22 @@ class LogitsOnly(nn.Module):
         return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
-class IdsByKeyword(nn.Module):
-    """A Hugging Face model as input_ids -> its outputs, passing the ids by keyword: the tracer calls positionally,
-    which transformers' config-default decorators break on some models (RoBERTa, Electra: "got multiple values for
-    argument 'use_cache'")."""
+class KeywordCall(nn.Module):
+    """A Hugging Face model called with keywords only: `forward(*tensors)` passes them as `keys`. The TorchScript
+    exporter calls positionally and fills every parameter it is not given with its default, which transformers'
+    config-default decorators then collide with (RoBERTa, Electra, GPT2Model: "got multiple values for argument
+    'use_cache'"). `forward` gets a signature naming `keys`, so the exporter binds a dict example by name."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, keys: tuple[str, ...]) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.keys = model, keys
 
-    def forward(self, input_ids: torch.Tensor):
-        return self.model(input_ids=input_ids)
+        def forward(*tensors, **named):  # positional (the tracer) or by name (verify)
+            return self.model(**dict(zip(self.keys, tensors, strict=False)), **named)
+
+        params = [inspect.Parameter(k, inspect.Parameter.POSITIONAL_OR_KEYWORD) for k in keys]
+        forward.__signature__ = inspect.Signature(params)
+        self.forward = forward
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -333,19 +338,19 @@ def _is_causal_lm(model: nn.Module) -> bool:
 def _export_view(model: nn.Module, example):
     """(module, example) to trace: a Hugging Face causal LM as `LogitsOnly` (its KV cache and generation arguments
     are no graph), fed {input_ids, attention_mask} from a tensor of ids or a tokenizer batch; any other Hugging Face
-    model given a tensor of ids is traced as `IdsByKeyword`; anything else as given."""
-    if isinstance(model, LogitsOnly | IdsByKeyword):
+    model given token ids (a tensor, or a dict of tensors holding input_ids) is traced as a `KeywordCall`; anything
+    else as given."""
+    if isinstance(model, LogitsOnly | KeywordCall):
         return model, example
     if not _is_causal_lm(model):
         tf = sys.modules.get("transformers")
-        if (
-            isinstance(example, torch.Tensor)
-            and not example.is_floating_point()
-            and tf is not None
-            and isinstance(model, tf.PreTrainedModel)
-            and "input_ids" in inspect.signature(model.forward).parameters
-        ):
-            return IdsByKeyword(model), example
+        if tf is None or not isinstance(model, tf.PreTrainedModel):
+            return model, example
+        if isinstance(example, torch.Tensor) and not example.is_floating_point():
+            if "input_ids" in inspect.signature(model.forward).parameters:
+                return KeywordCall(model, ("input_ids",)), example
+        elif isinstance(example, Mapping) and "input_ids" in example:
+            return KeywordCall(model, tuple(example)), example
         return model, example
     if isinstance(example, torch.Tensor) and not example.is_floating_point():
         ids, mask = example, None
@@ -986,7 +991,15 @@ def onnx(
                 )
             except torch.onnx.errors.UnsupportedOperatorError as e:  # e.g. aten::histc in a mixture-of-experts router
                 first = str(e).splitlines()[0]
-                raise ExportError(f"the model's own code uses an op the ONNX exporter cannot write: {first}") from e
+                hint = (
+                    " (transformers derives masks with aten::diff when none is given: pass attention_mask, and "
+                    "decoder_attention_mask for an encoder-decoder, in the example inputs)"
+                    if "aten::diff" in first
+                    else ""
+                )
+                raise ExportError(
+                    f"the model's own code uses an op the ONNX exporter cannot write: {first}{hint}"
+                ) from e
             model = onnx_lib.load(raw)
     finally:
         qmodel.train(was_training)

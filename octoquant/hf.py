@@ -26,3 +26,18 @@ def calibration_batches(tokenizer, texts: str | Iterable[str], n: int, seq_len: 
             "shorter seq_len"
         )
     return [ids[i * seq_len : (i + 1) * seq_len].unsqueeze(0) for i in range(min(n, windows))]
+
+
+def is_causal_lm_architecture(name: str) -> bool:
+    """A config `architectures` entry that generates text: `*ForCausalLM`, or a class transformers registers as a
+    causal LM under another name (GPT2LMHeadModel, OpenAIGPTLMHeadModel, ...)."""
+    if name.endswith("ForCausalLM"):
+        return True
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:
+        return False
+    for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        if name == v or (isinstance(v, tuple | list) and name in v):
+            return True
+    return False

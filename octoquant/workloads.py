@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .hf import is_causal_lm_architecture
+
 BUILTIN_MODELS = ("smollm2", "minilm", "mobilenetv2")
 PRESETS = {
     "w8a8": "W8A8",
@@ -52,7 +54,7 @@ class Workload:
 
 def _kind_of(config_json: Path) -> str:
     archs = json.loads(config_json.read_text()).get("architectures") or []
-    return "causal" if any(a.endswith("ForCausalLM") for a in archs) else "encoder"
+    return "causal" if any(is_causal_lm_architecture(a) for a in archs) else "encoder"
 
 
 def load_workload(name: str, arch: str | None = None) -> Workload:

@@ -263,3 +263,26 @@ def test_max_drop_on_text_models_moves_static_layers_to_dynamic_in_place(monkeyp
     monkeypatch.setattr(wl, "compare", lambda *a: {"metric": "m", "fp32": 1, "int8": 0.5, "drop_pct": 50.0})
     with pytest.raises(cli.UsageError, match="stays at 50.00 > 0.5 even with all 10 static layers"):
         cli._within_drop(w, oq.W8A8, calib, _drop_args(0.5), q)
+
+
+def test_gpt2_style_lm_head_folder_is_a_causal_lm(tmp_path):
+    """An LM whose class is not named *ForCausalLM (GPT2LMHeadModel) is a causal LM: perplexity, not cosine, and its
+    checkpoint loads back with its head (it was saved as a bare GPT2Model)."""
+    import json
+
+    T = pytest.importorskip("transformers")
+    import torch
+
+    from octoquant.models.minilm import load_minilm
+
+    tok, _ = load_minilm()
+    torch.manual_seed(0)
+    lm = T.GPT2LMHeadModel(T.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=len(tok), n_positions=128))
+    lm.save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    r = run_cli("quantize", str(tmp_path / "gpt2"), "--preset", "w8a8-dynamic", "--out", str(tmp_path / "q"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
+    r = run_cli("eval", str(tmp_path / "q"), "--windows", "2", "--seq-len", "64", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["task"] == "perplexity"
