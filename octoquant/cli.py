@@ -123,6 +123,46 @@ def _calib_text(spec: str | None) -> str | None:
     raise UsageError(f"calibration data {spec!r} not found (a text file, a folder of .txt files, or 'wiki')")
 
 
+def _calib_images(spec: str | None) -> list | None:
+    """--calib for a vision model: an image file or a folder of images (None: not images)."""
+    from pathlib import Path
+
+    from .evaluate.vision import IMAGE_SUFFIXES, load_images
+
+    if spec is None or spec == "wiki":
+        return None
+    p = Path(spec)
+    is_images = (p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES) or (
+        p.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in p.iterdir())
+    )
+    if not is_images:
+        return None
+    try:
+        return load_images(p)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _model_kind(model: str) -> str | None:
+    """The workload kind of a built-in name or a Hugging Face folder, read before loading any weights."""
+    from . import workloads as wl
+
+    builtin = {"smollm2": "causal", "minilm": "encoder", "mobilenetv2": "vision"}
+    return builtin.get(model) or wl.kind_of_folder(model)
+
+
+def _calibration_inputs(spec: str | None, kind: str | None) -> tuple[str | None, list | None]:
+    """(text, images) of --calib: images only for a vision model (default: the bundled photos), text otherwise."""
+    images = _calib_images(spec)
+    if kind == "vision":
+        if spec is not None and images is None:
+            raise UsageError(f"--calib for a vision model: an image or a folder of images, got {spec!r}")
+        return None, images
+    if images is not None:
+        raise UsageError(f"--calib {spec}: images, but the model is a {kind or 'text'} model (calibration text needed)")
+    return _calib_text(spec), None
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -135,11 +175,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise UsageError(f"output folder {out} exists; pass --overwrite to replace it")
-    text = _calib_text(args.calib)
+    kind = _model_kind(args.model)
+    text, images = _calibration_inputs(args.calib, kind)
     needs_calib = config.needs_calibration or args.preset == "smoothquant"
     if args.stream and args.max_drop is not None:
         raise UsageError("--max-drop needs the model in memory; it does not combine with --stream")
-    if needs_calib and text is None and args.model != "mobilenetv2":  # checked before any model is loaded
+    if needs_calib and text is None and kind != "vision":  # checked before any model is loaded
         raise UsageError(f"preset {args.preset} needs calibration data: --calib FILE|DIR|wiki")
     t0 = time.perf_counter()
     if args.stream:
@@ -160,7 +201,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         w = wl.load_workload(args.model)
         model, tok = w.model, w.tokenizer
-        calib = wl.calibration(w, text, args.calib_windows, args.seq_len)
+        calib = wl.calibration(w, text, args.calib_windows, args.seq_len, images)
         if needs_calib and calib is None:
             raise UsageError(f"preset {args.preset} needs calibration data: --calib FILE|DIR|wiki")
         qmodel = oq.quantize(model, config, calib=calib, exclude=args.exclude, progress=not args.json)
@@ -315,9 +356,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if task != expected:
         raise UsageError(f"task {task!r} does not fit a {w.kind} model; valid for it: {expected}")
     if w.kind == "vision":
-        if args.data is not None:
-            raise UsageError("task top1 runs on the bundled photo crops; --data applies to text tasks")
-        data = wl.eval_data(w, args.windows)
+        images = _calib_images(args.data)
+        if args.data is not None and images is None:
+            raise UsageError(f"--data for a vision model: an image or a folder of images, got {args.data!r}")
+        data = (
+            wl.eval_data(w, args.windows) if images is None else wl.crops(w, wl.eval_size(w, args.windows), 1, images)
+        )
     else:
         data = _eval_text(args.data, w, args.windows)
     r = wl.outputs(w, ref, data, args.windows, args.seq_len, progress=not args.json)
@@ -376,7 +420,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.model} is not a quantized checkpoint: run octoquant quantize first")
     model = w.model
     if w.kind == "vision":
-        example = torch.randn(1, 3, 224, 224)
+        side = (w.image or wl.ImageSpec()).size
+        example = torch.randn(1, 3, side, side)
     else:
         ids = torch.arange(16).reshape(1, 16) % 100 + 1
         example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -398,12 +443,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if args.preset:
         _preset(args.preset)
-    text = _calib_text(args.calib) if args.calib else None
+    text, images = _calibration_inputs(args.calib, _model_kind(args.model))
     result = report.run(
         args.model,
         args.out,
         preset=args.preset,
         calib_text=text,
+        calib_images=images,
         calib_windows=args.calib_windows,
         eval_windows=args.eval_windows,
         seq_len=args.seq_len,
@@ -429,7 +475,11 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model and write an octoquant / compressed-tensors checkpoint")
     q.add_argument("model", help=f"a Hugging Face folder, or a built-in model: {', '.join(BUILTIN_MODELS)}")
     q.add_argument("--preset", default="w8a8-dynamic", help=f"one of {', '.join(PRESETS)} (default w8a8-dynamic)")
-    q.add_argument("--calib", help="calibration text: a file, a folder of .txt files, or 'wiki'")
+    q.add_argument(
+        "--calib",
+        help="calibration text: a file, a folder of .txt files, or 'wiki'; for a vision model an image or a folder "
+        "of images (default: the bundled photos)",
+    )
     q.add_argument("--calib-windows", type=int, default=8, help="calibration windows / batches (default 8)")
     q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
     q.add_argument("--calibrator", help="static activation calibrator: minmax, percentile, entropy, mse, auto")
@@ -461,7 +511,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="accuracy of INT8 vs FP32: perplexity (LMs), cosine (encoders), top-1 (vision)")
     model_args(e)
     e.add_argument("--task", help="perplexity, cosine or top1 (the one that fits the model kind)")
-    e.add_argument("--data", help="evaluation text: a file, a folder of .txt files, or 'wiki' (default)")
+    e.add_argument(
+        "--data",
+        help="evaluation text: a file, a folder of .txt files, or 'wiki' (default); for a vision model an image or "
+        "a folder of images (default: the bundled photos)",
+    )
     e.add_argument("--reference", help="FP32 model to compare a checkpoint with (default: its dequantized weights)")
     e.add_argument("--windows", type=int, default=8, help="LM windows of --seq-len tokens; 32x crops (default 8)")
     e.add_argument("--seq-len", type=int, default=512)
@@ -487,7 +541,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="quantize + evaluate + benchmark: the FP32-vs-INT8 table, HTML, plots")
     r.add_argument("model", help=f"an FP32 model: a Hugging Face folder or one of {', '.join(BUILTIN_MODELS)}")
     r.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (default: the measured best for the model kind)")
-    r.add_argument("--calib", help="calibration text: a file, a folder of .txt files, or 'wiki' (default)")
+    r.add_argument(
+        "--calib",
+        help="calibration text: a file, a folder of .txt files, or 'wiki' (default); for a vision model an image "
+        "or a folder of images (default: the bundled photos)",
+    )
     r.add_argument("--calib-windows", type=int, default=8, help="calibration windows / batches (default 8)")
     r.add_argument("--eval-windows", type=int, default=8, help="LM windows; x32 sentences or crops (default 8)")
     r.add_argument("--seq-len", type=int, default=512)

@@ -68,6 +68,7 @@ def run(
     *,
     preset: str | None = None,
     calib_text: str | None = None,
+    calib_images: list | None = None,
     calib_windows: int = 8,
     eval_windows: int = 8,
     seq_len: int = 512,
@@ -81,6 +82,7 @@ def run(
     Args:
         model: a built-in name (smollm2, minilm, mobilenetv2) or a Hugging Face folder (FP32).
         calib_text: calibration text for text models (default: the packaged Wikipedia calibration half).
+        calib_images: calibration images (3, H, W) in [0, 1] for vision models (default: the bundled photos).
         eval_windows: evaluation size: LM windows of seq_len tokens; 32 x this many sentences / crops otherwise.
     """
     import octoquant as oq
@@ -97,7 +99,7 @@ def run(
         from .evaluate.text import wiki_text
 
         calib_text = wiki_text("calib")
-    calib = wl.calibration(w, calib_text, calib_windows, seq_len)
+    calib = wl.calibration(w, calib_text, calib_windows, seq_len, calib_images)
     t0 = time.perf_counter()
     qmodel = oq.quantize(w.model, config, calib=calib, progress=progress)
     quantize_s = time.perf_counter() - t0

@@ -50,11 +50,64 @@ class Workload:
     model: nn.Module
     tokenizer: object | None
     quantized: bool  # loaded from an octoquant / compressed-tensors checkpoint
+    image: ImageSpec | None = None  # vision: the input the model expects
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """A vision model's input: square side in pixels and the per-channel normalisation."""
+
+    size: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet's
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+def _is_image_classifier(arch: str) -> bool:
+    if arch.endswith("ForImageClassification"):
+        return True
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES as names
+    except ImportError:
+        return False
+    return any(arch == v or (isinstance(v, tuple | list) and arch in v) for v in names.values())
 
 
 def _kind_of(config_json: Path) -> str:
     archs = json.loads(config_json.read_text()).get("architectures") or []
-    return "causal" if any(is_causal_lm_architecture(a) for a in archs) else "encoder"
+    if any(is_causal_lm_architecture(a) for a in archs):
+        return "causal"
+    return "vision" if any(_is_image_classifier(a) for a in archs) else "encoder"
+
+
+def kind_of_folder(path: str | Path) -> str | None:
+    """ "causal", "encoder" or "vision" for a Hugging Face folder (from its config.json), None for anything else."""
+    config = Path(path) / "config.json"
+    return _kind_of(config) if config.is_file() else None
+
+
+def _image_spec(folder: Path, config) -> ImageSpec:
+    """The input size and normalisation from the folder's preprocessor_config.json (else the config's image_size
+    and ImageNet's statistics)."""
+    spec = ImageSpec()
+    size = getattr(config, "image_size", None)
+    size = size[0] if isinstance(size, list | tuple) else size
+    mean, std = spec.mean, spec.std
+    pre = folder / "preprocessor_config.json"
+    if pre.is_file():
+        p = json.loads(pre.read_text())
+        for key in ("crop_size", "size"):  # the crop the model sees, else the resize
+            v = p.get(key) if p.get("do_center_crop", True) or key == "size" else None
+            if isinstance(v, int):
+                size = v
+                break
+            if isinstance(v, dict) and (v.get("height") or v.get("shortest_edge")):
+                size = v.get("height") or v.get("shortest_edge")
+                break
+        if isinstance(p.get("image_mean"), list) and len(p["image_mean"]) == 3:
+            mean = tuple(float(x) for x in p["image_mean"])
+        if isinstance(p.get("image_std"), list) and len(p["image_std"]) == 3:
+            std = tuple(float(x) for x in p["image_std"])
+    return ImageSpec(int(size) if isinstance(size, int) and size > 0 else spec.size, mean, std)
 
 
 def load_workload(name: str, arch: str | None = None) -> Workload:
@@ -78,7 +131,7 @@ def load_workload(name: str, arch: str | None = None) -> Workload:
     if name == "mobilenetv2":
         from .models.mobilenetv2 import mobilenet_v2_imagenet
 
-        return Workload(name, "vision", mobilenet_v2_imagenet().eval(), None, False)
+        return Workload(name, "vision", mobilenet_v2_imagenet().eval(), None, False, ImageSpec())
     path = Path(name)
     if not path.exists():
         raise FileNotFoundError(
@@ -97,9 +150,9 @@ def load_workload(name: str, arch: str | None = None) -> Workload:
 
             with torch.device("meta"):
                 skeleton = MobileNetV2()
-            return Workload(name, "vision", load(path, skeleton), None, True)
+            return Workload(name, "vision", load(path, skeleton), None, True, ImageSpec())
         raise FileNotFoundError(f"{name}: no config.json; not a Hugging Face model or checkpoint folder")
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -110,7 +163,10 @@ def load_workload(name: str, arch: str | None = None) -> Workload:
     if quantized:
         model = load(path)
     else:
-        model = (AutoModelForCausalLM if kind == "causal" else AutoModel).from_pretrained(path).eval()
+        auto = {"causal": AutoModelForCausalLM, "vision": AutoModelForImageClassification}.get(kind, AutoModel)
+        model = auto.from_pretrained(path).eval()
+    if kind == "vision":
+        return Workload(name, kind, model, None, quantized, _image_spec(path, model.config))
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError):
@@ -118,13 +174,23 @@ def load_workload(name: str, arch: str | None = None) -> Workload:
     return Workload(name, kind, model, tok, quantized)
 
 
-def calibration(w: Workload, text: str | None, windows: int, seq_len: int) -> list | None:
-    """Calibration batches: crops for vision, token windows (LM) or sentence batches (encoder) from `text`."""
-    if w.kind == "vision":
-        from .evaluate.vision import photo_crops
+def crops(w: Workload, n: int, seed: int, photos: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """`n` random-resized crops of `photos` (default: the bundled photos), at the model's input size and
+    normalisation."""
+    from .evaluate.vision import photo_crops
 
-        crops = photo_crops(windows * 16, seed=0)
-        return [crops[i : i + 16] for i in range(0, len(crops), 16)]
+    spec = w.image or ImageSpec()
+    return photo_crops(n, seed, spec.size, photos=photos, mean=spec.mean, std=spec.std)
+
+
+def calibration(
+    w: Workload, text: str | None, windows: int, seq_len: int, images: list[torch.Tensor] | None = None
+) -> list | None:
+    """Calibration batches: crops of `images` (default: the bundled photos) for vision, token windows (LM) or
+    sentence batches (encoder) from `text`."""
+    if w.kind == "vision":
+        c = crops(w, windows * 16, seed=0, photos=images)
+        return [c[i : i + 16] for i in range(0, len(c), 16)]
     if text is None:
         return None
     if w.tokenizer is None:
@@ -200,9 +266,7 @@ def eval_data(w: Workload, windows: int):
         from .evaluate.text import wiki_sentences
 
         return wiki_sentences("eval", eval_size(w, windows))
-    from .evaluate.vision import photo_crops
-
-    return photo_crops(eval_size(w, windows), seed=1)
+    return crops(w, eval_size(w, windows), seed=1)
 
 
 @torch.no_grad()
@@ -218,7 +282,12 @@ def outputs(w: Workload, model: nn.Module, data, windows: int, seq_len: int, pro
         from .models.minilm import embed
 
         return embed(model, w.tokenizer, data)
-    return torch.cat([model(b) for b in data.split(32)])
+    return torch.cat([logits_of(model(b)) for b in data.split(32)])
+
+
+def logits_of(out) -> torch.Tensor:
+    """A classifier's logits: the tensor itself, or `.logits` of a Hugging Face output."""
+    return out if isinstance(out, torch.Tensor) else out.logits
 
 
 def compare(w: Workload, ref, out) -> dict:
@@ -274,7 +343,8 @@ def speed_fns(w: Workload, batch: int, new_tokens: int = 32):
             ["The quick brown fox jumps over the lazy dog near the river bank."] * batch, return_tensors="pt"
         )
         return f"encode, batch {batch}", "sentences/s", batch, lambda m: m(**enc)
-    x = torch.randn(batch, 3, 224, 224)
+    side = (w.image or ImageSpec()).size
+    x = torch.randn(batch, 3, side, side)
     return f"inference, batch {batch}", "images/s", batch, lambda m: m(x)
 
 

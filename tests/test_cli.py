@@ -286,3 +286,62 @@ def test_gpt2_style_lm_head_folder_is_a_causal_lm(tmp_path):
     r = run_cli("eval", str(tmp_path / "q"), "--windows", "2", "--seq-len", "64", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["task"] == "perplexity"
+
+
+@pytest.fixture(scope="module")
+def hf_vision_folder(tmp_path_factory):
+    """A Hugging Face image classifier folder (tiny random ResNet, 64-pixel input with its own normalisation) and a
+    folder of the user's images."""
+    T = pytest.importorskip("transformers")
+    import json
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from octoquant.evaluate.vision import load_photos
+
+    root = tmp_path_factory.mktemp("vision")
+    torch.manual_seed(0)
+    cfg = T.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10)
+    T.ResNetForImageClassification(cfg).save_pretrained(root / "resnet")
+    pre = {"crop_size": {"height": 64, "width": 64}, "image_mean": [0.5] * 3, "image_std": [0.25] * 3}
+    (root / "resnet" / "preprocessor_config.json").write_text(json.dumps(pre))
+    (root / "images").mkdir()
+    for i, photo in enumerate(load_photos()[:3]):
+        Image.fromarray((photo.permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(root / "images" / f"{i}.png")
+    (root / "images" / "notes.md").write_text("not an image: ignored")
+    return root
+
+
+def test_hf_image_classifier_folder_quantizes_with_the_users_images(hf_vision_folder, tmp_path):
+    import json
+
+    from octoquant import workloads as wl
+
+    root = hf_vision_folder
+    w = wl.load_workload(str(root / "resnet"))
+    assert w.kind == "vision" and w.image == wl.ImageSpec(64, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    assert wl.calibration(w, None, 2, 0)[0].shape == (16, 3, 64, 64)
+    out = tmp_path / "q"
+    args = ("quantize", str(root / "resnet"), "--preset", "w8a8", "--calib", str(root / "images"), "--out", str(out))
+    r = run_cli(*args, "--calib-windows", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["layers_int8"] == res["layers"] > 0
+    r = run_cli("eval", str(out), "--data", str(root / "images"), "--windows", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["task"] == "top1" and 0.0 <= res["int8"] <= 1.0
+    r = run_cli("export", str(out), "--format", "onnx", "--out", str(tmp_path / "m.onnx"))
+    assert r.returncode == 0, r.stderr
+    assert "QLinearConv" in r.stdout
+    wiki = ("quantize", str(root / "resnet"), "--calib", "wiki", "--out", str(tmp_path / "q2"))
+    _one_line_error(run_cli(*wiki), "image or a folder of images")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("text, not images")
+    _one_line_error(
+        run_cli("quantize", str(root / "resnet"), "--calib", str(empty), "--out", str(tmp_path / "q4")),
+        "image or a folder of images",
+    )

@@ -53,12 +53,48 @@ def load_photos() -> list[torch.Tensor]:
     return [torch.from_numpy(a.copy()).permute(2, 0, 1).float() / 255.0 for a in arrays]
 
 
-def photo_crops(n: int, seed: int, size: int = 224, photos: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """(n, 3, size, size) ImageNet-normalised random-resized crops (area 10-100%, aspect 3/4-4/3, flips)."""
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+def load_images(path: str | os.PathLike) -> list[torch.Tensor]:
+    """A user's images (a file, or every image file in a folder, sorted by name) as float (3, H, W) in [0, 1].
+
+    Raises:
+        ValueError: no image file there, or a file PIL cannot read (named).
+    """
+    from pathlib import Path
+
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    out = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                a = np.asarray(im.convert("RGB"))
+        except (OSError, UnidentifiedImageError) as e:
+            raise ValueError(f"{f}: not a readable image ({e})") from e
+        out.append(torch.from_numpy(a.copy()).permute(2, 0, 1).float() / 255.0)
+    return out
+
+
+def photo_crops(
+    n: int,
+    seed: int,
+    size: int = 224,
+    photos: list[torch.Tensor] | None = None,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """(n, 3, size, size) random-resized crops (area 10-100%, aspect 3/4-4/3, flips), normalised with `mean` / `std`
+    (ImageNet's by default)."""
     photos = photos if photos is not None else load_photos()
     g = torch.Generator().manual_seed(seed)
-    mean = torch.tensor(IMAGENET_MEAN).reshape(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).reshape(3, 1, 1)
+    mean = torch.tensor(mean, dtype=torch.float32).reshape(3, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).reshape(3, 1, 1)
     out = torch.empty(n, 3, size, size)
     for i in range(n):
         img = photos[int(torch.randint(len(photos), (1,), generator=g))]
