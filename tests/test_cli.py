@@ -8,6 +8,16 @@ def run_cli(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "octoquant", *args], capture_output=True, text=True, timeout=timeout)
 
 
+def run_in_process(capsys, *args) -> subprocess.CompletedProcess:
+    """`octoquant.cli.main` in this process (no interpreter start-up), as run_cli's result."""
+    from octoquant.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, rc, out.out, out.err)
+
+
 @pytest.mark.real_model
 def test_demo_quantizes_real_mobilenet_and_compares():
     out = run_cli("demo", "--calib", "32", "--eval", "64")
@@ -265,7 +275,7 @@ def test_max_drop_on_text_models_moves_static_layers_to_dynamic_in_place(monkeyp
         cli._within_drop(w, oq.W8A8, calib, _drop_args(0.5), q)
 
 
-def test_gpt2_style_lm_head_folder_is_a_causal_lm(tmp_path):
+def test_gpt2_style_lm_head_folder_is_a_causal_lm(tmp_path, capsys):
     """An LM whose class is not named *ForCausalLM (GPT2LMHeadModel) is a causal LM: perplexity, not cosine, and its
     checkpoint loads back with its head (it was saved as a bare GPT2Model)."""
     import json
@@ -280,10 +290,10 @@ def test_gpt2_style_lm_head_folder_is_a_causal_lm(tmp_path):
     lm = T.GPT2LMHeadModel(T.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=len(tok), n_positions=128))
     lm.save_pretrained(tmp_path / "gpt2")
     tok.save_pretrained(tmp_path / "gpt2")
-    r = run_cli("quantize", str(tmp_path / "gpt2"), "--preset", "w8a8-dynamic", "--out", str(tmp_path / "q"))
+    r = run_in_process(capsys, "quantize", tmp_path / "gpt2", "--preset", "w8a8-dynamic", "--out", tmp_path / "q")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "q" / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
-    r = run_cli("eval", str(tmp_path / "q"), "--windows", "2", "--seq-len", "64", "--json")
+    r = run_in_process(capsys, "eval", tmp_path / "q", "--windows", "2", "--seq-len", "64", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["task"] == "perplexity"
 
@@ -314,7 +324,7 @@ def hf_vision_folder(tmp_path_factory):
     return root
 
 
-def test_hf_image_classifier_folder_quantizes_with_the_users_images(hf_vision_folder, tmp_path):
+def test_hf_image_classifier_folder_quantizes_with_the_users_images(hf_vision_folder, tmp_path, capsys):
     import json
 
     from octoquant import workloads as wl
@@ -325,23 +335,21 @@ def test_hf_image_classifier_folder_quantizes_with_the_users_images(hf_vision_fo
     assert wl.calibration(w, None, 2, 0)[0].shape == (16, 3, 64, 64)
     out = tmp_path / "q"
     args = ("quantize", str(root / "resnet"), "--preset", "w8a8", "--calib", str(root / "images"), "--out", str(out))
-    r = run_cli(*args, "--calib-windows", "2", "--json")
+    r = run_in_process(capsys, *args, "--calib-windows", "2", "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["layers_int8"] == res["layers"] > 0
-    r = run_cli("eval", str(out), "--data", str(root / "images"), "--windows", "1", "--json")
+    r = run_in_process(capsys, "eval", out, "--data", root / "images", "--windows", "1", "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["task"] == "top1" and 0.0 <= res["int8"] <= 1.0
-    r = run_cli("export", str(out), "--format", "onnx", "--out", str(tmp_path / "m.onnx"))
+    r = run_in_process(capsys, "export", out, "--format", "onnx", "--out", tmp_path / "m.onnx")
     assert r.returncode == 0, r.stderr
     assert "QLinearConv" in r.stdout
     wiki = ("quantize", str(root / "resnet"), "--calib", "wiki", "--out", str(tmp_path / "q2"))
-    _one_line_error(run_cli(*wiki), "image or a folder of images")
+    _one_line_error(run_cli(*wiki), "image or a folder of images")  # the real command line: one line, exit 2
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "a.txt").write_text("text, not images")
-    _one_line_error(
-        run_cli("quantize", str(root / "resnet"), "--calib", str(empty), "--out", str(tmp_path / "q4")),
-        "image or a folder of images",
-    )
+    r = run_in_process(capsys, "quantize", root / "resnet", "--calib", empty, "--out", tmp_path / "q4")
+    assert r.returncode == 2 and "image or a folder of images" in r.stderr
