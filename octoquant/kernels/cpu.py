@@ -167,6 +167,36 @@ class ChainPlan:
         return out
 
 
+class BlockPlan:
+    """A `ChainProgram` over a sequence of convolution blocks (`CpuBackend.block_program`) and its buffers."""
+
+    def __init__(self, program, isa: int, in_shape, out_shape, codes_bytes: int, cols_bytes: int, float_bytes: int):
+        self.program, self.isa, self.in_shape, self.out_shape = program, isa, in_shape, out_shape
+        self.codes_bytes, self.cols_bytes, self.float_bytes = (
+            max(codes_bytes, 1),
+            max(cols_bytes, 1),
+            max(float_bytes, 4),
+        )
+
+    def __call__(self, codes: torch.Tensor, slots: tuple[str, str]) -> torch.Tensor:
+        """Run on `codes` (N, H, W, C); the result is a fresh (N, Ho, Wo, O) float tensor."""
+        if codes.shape != self.in_shape or codes.dtype != torch.uint8 or not codes.is_contiguous():
+            raise ValueError(f"BlockPlan expects contiguous uint8 codes of shape {tuple(self.in_shape)}")
+        out = torch.empty(self.out_shape, dtype=torch.float32)
+        floats = self.float_bytes // 4
+        buffers = (
+            codes.data_ptr(),
+            scratch(slots[0], (self.codes_bytes,)).data_ptr(),
+            scratch(slots[1], (self.codes_bytes,)).data_ptr(),
+            out.data_ptr(),
+            scratch("im2col", (self.cols_bytes,)).data_ptr(),
+            scratch("block-float-0", (floats,), torch.float32).data_ptr(),
+            scratch("block-float-1", (floats,), torch.float32).data_ptr(),
+        )
+        self.program.run(buffers, self.isa, torch.get_num_threads())
+        return out
+
+
 @dataclass(frozen=True)
 class CpuPackedW8A16:
     packed: torch.Tensor  # (NB, K, 16) int8
@@ -568,6 +598,14 @@ class CpuBackend:
 
         return run_gemm
 
+    @staticmethod
+    def _conv_step(spec: ConvSpec, src: int, dst: int) -> tuple[tuple, int]:
+        """A ChainProgram step running `spec` from buffer `src` into `dst`, and the im2col bytes it needs."""
+        if spec.dw_args is not None:
+            return ("dw", src, dst, spec.q_rest, spec.dw_args, spec.dw_tail), 0
+        cols = max([0] + [g[4][0] * g[4][2] for g in spec.groups if g[0] is not None])
+        return ("gemm", src, dst, spec.q_rest, list(spec.groups)), cols
+
     def chain_program(self, specs: list[ConvSpec]) -> ChainPlan:
         """Consecutive convolutions handing codes to each other (every spec but the last requantizes for the
         next, the last gives float) as one kernel call per run: a `ChainPlan`."""
@@ -577,11 +615,9 @@ class CpuBackend:
             if last == bool(spec.q_rest) or (i and spec.in_shape != specs[i - 1].out_shape):
                 raise ValueError("chain_program: specs must chain, codes out of all but the last, float out of it")
             src, dst = (0 if i == 0 else 1 + (i - 1) % 2), (3 if last else 1 + i % 2)
-            if spec.dw_args is not None:
-                steps.append(("dw", src, dst, spec.q_rest, spec.dw_args, spec.dw_tail))
-            else:
-                steps.append(("gemm", src, dst, spec.q_rest, list(spec.groups)))
-                cols_bytes = max([cols_bytes] + [g[4][0] * g[4][2] for g in spec.groups if g[0] is not None])
+            step, cols = self._conv_step(spec, src, dst)
+            steps.append(step)
+            cols_bytes = max(cols_bytes, cols)
             if not last:
                 codes_bytes = max(codes_bytes, math.prod(spec.out_shape))
         return ChainPlan(
@@ -592,6 +628,63 @@ class CpuBackend:
             len(specs) - 1,
             codes_bytes,
             cols_bytes,
+        )
+
+    def block_program(self, units: list[tuple[bool, list[ConvSpec], ActivationQParams | None]]) -> BlockPlan:
+        """A sequence of convolution blocks as one kernel program: per unit (residual, its convolutions' specs,
+        the next unit's input quantization or None for the last). Inside a unit the specs hand codes on; a unit
+        whose last spec requantizes hands its codes to the next unit directly; one whose last spec gives float
+        (a residual block, or one whose output a residual block adds) is followed by an add-and-quantize step:
+        y = v (+ the unit's float input) in float, then the next unit's codes from y (quantize_static's
+        rounding): the arithmetic of running the blocks one by one. Buffers: 0 input codes, 1 / 2 codes,
+        3 the result, 4 im2col columns, 5 / 6 block outputs kept in float."""
+        steps, cols_bytes, codes_bytes, float_bytes = [], 0, 0, 0
+        cur, float_in, float_in_shape = 0, None, None
+        shape = units[0][1][0].in_shape if units and units[0][1] else None
+        for i, (residual, specs, next_q) in enumerate(units):
+            final = i == len(units) - 1
+            if not specs or (final != (next_q is None)) or (residual and float_in is None):
+                raise ValueError("block_program: every unit needs specs, a residual unit a float input")
+            for j, spec in enumerate(specs):
+                last = j == len(specs) - 1
+                if spec.in_shape != shape or (not last and not spec.q_rest) or (last and final and spec.q_rest):
+                    raise ValueError("block_program: specs must chain (codes between them, float out of the last)")
+                shape = spec.out_shape
+                if spec.q_rest:  # codes for the next conv (of this unit or the next one)
+                    if last and residual:
+                        raise ValueError("block_program: a residual unit's last convolution must give float")
+                    dst = 2 if cur == 1 else 1
+                    step, cols = self._conv_step(spec, cur, dst)
+                    steps.append(step)
+                    cur, float_out = dst, None
+                    codes_bytes = max(codes_bytes, math.prod(spec.out_shape))
+                else:
+                    dst = 3 if final else (6 if float_in == 5 else 5)
+                    step, cols = self._conv_step(spec, cur, dst)
+                    steps.append(step)
+                    n = math.prod(spec.out_shape)
+                    if residual and float_in_shape != spec.out_shape:
+                        raise ValueError("block_program: a residual add needs equal shapes")
+                    if residual or next_q is not None:
+                        cdst = (2 if cur == 1 else 1) if next_q is not None else -1
+                        rest = _out_q_rest(next_q) if next_q is not None else ()
+                        steps.append(("addq", dst, dst, float_in if residual else -1, cdst, n, rest))
+                        if next_q is not None:
+                            cur = cdst
+                            codes_bytes = max(codes_bytes, n)
+                    float_out = dst
+                    if not final:
+                        float_bytes = max(float_bytes, 4 * n)
+                cols_bytes = max(cols_bytes, cols)
+            float_in, float_in_shape = float_out, shape
+        return BlockPlan(
+            _C.ChainProgram(steps),
+            self._isa_id,
+            units[0][1][0].in_shape,
+            units[-1][1][-1].out_shape,
+            codes_bytes,
+            cols_bytes,
+            float_bytes,
         )
 
     def conv2d_static(self, x, p: CpuPackedConv, stride, padding, dilation, in_q: ActivationQParams):

@@ -4,6 +4,7 @@ ConvChain: a Sequential whose consecutive QConv2d layers hand each other uint8 c
 
 from __future__ import annotations
 
+import operator
 from collections import OrderedDict
 
 import torch
@@ -370,6 +371,183 @@ def chain_convolutions(model: nn.Module) -> nn.Module:
         new = chain(model)
         if new is not model:
             visit_layers(new)
-            return new
+            return _chain_blocks(new)
+    visit(model)
+    return _chain_blocks(model)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Blocks: a Sequential of convolution blocks (residual or not) as one kernel program
+
+
+def _block_form(m: nn.Module) -> tuple[bool, str] | None:
+    """(residual, name of the child Sequential) where `m.forward(x)` is exactly `x + m.<name>(x)` (either order) or
+    `m.<name>(x)`, found by symbolic tracing with `m`'s children as leaves; None for anything else (more inputs,
+    other ops, a hook-like forward). MobileNetV2's inverted residuals are the common case."""
+    import torch.fx
+
+    class _Children(torch.fx.Tracer):
+        def is_leaf_module(self, mod: nn.Module, qualname: str) -> bool:
+            return True  # called from m.forward: a child, never traced into
+
+    try:
+        graph = _Children().trace(m)
+    except Exception:  # anything fx cannot trace (data-dependent control flow, ...) is not such a block
+        return None
+    nodes = list(graph.nodes)
+    ph = [n for n in nodes if n.op == "placeholder"]
+    calls = [n for n in nodes if n.op == "call_module"]
+    adds = [n for n in nodes if n.op == "call_function"]
+    out = [n for n in nodes if n.op == "output"]
+    if len(ph) != 1 or len(calls) != 1 or len(out) != 1 or len(nodes) != 3 + len(adds) or len(adds) > 1:
+        return None
+    x, call = ph[0], calls[0]
+    sub = m.get_submodule(call.target) if "." not in call.target else None
+    if call.args != (x,) or call.kwargs or not isinstance(sub, nn.Sequential):
+        return None
+    if not adds:
+        return (False, call.target) if out[0].args == (call,) else None
+    add = adds[0]
+    if add.target not in (operator.add, torch.add) or add.kwargs or set(add.args) != {x, call} or len(add.args) != 2:
+        return None
+    return (True, call.target) if out[0].args == (add,) else None
+
+
+def _block_units(seq: nn.Sequential) -> tuple[list, list] | None:
+    """(units, bypassed) of a Sequential every layer of which is a static QConv2d or a block (`_block_form`) of
+    static QConv2d layers that hand each other codes; units: (residual, [QConv2d, ...]). None otherwise."""
+    layers, bypassed = [], []
+    _walk(seq, layers, bypassed)
+    units, blocks = [], 0
+    for layer in layers:
+        if isinstance(layer, QConv2d):
+            units.append((False, [layer]))
+            continue
+        form = layer.__dict__.get("_oq_block_form")
+        if form is None:
+            return None
+        sub = getattr(layer, form[1], None)
+        if not isinstance(sub, nn.Sequential) or type(sub).forward not in (nn.Sequential.forward, ConvChain.forward):
+            return None
+        convs, inner = [], [layer, sub]
+        _walk(sub, convs, inner)
+        if not convs or not all(isinstance(c, QConv2d) for c in convs) or not all(_links(convs)):
+            return None
+        units.append((form[0], convs))
+        bypassed += inner
+        blocks += 1
+    convs = [c for _, cs in units for c in cs]
+    if not blocks:  # only QConv2d layers: a ConvChain's job
+        return None
+    if len(units) < 2 or units[0][0] or not all(c.mode is QuantMode.W8A8_STATIC for c in convs):
+        return None
+    return units, bypassed + convs
+
+
+class BlockChain(nn.Sequential):
+    """A Sequential of convolution blocks (MobileNetV2's features: a stem conv, inverted residual blocks `x +
+    conv(x)` or `conv(x)`, a last conv) run as one kernel program: inside a block the convolutions hand each other
+    uint8 codes (as in ConvChain), and across blocks the last convolution requantizes for the next block, or, where
+    a residual add needs the float value, writes it, adds the block's float input and quantizes the sum for the
+    next block in one pass. No Python and no float hand-over per block.
+
+    The result is bit-identical to running the children one by one (`nn.Sequential.forward`), which it does
+    whenever the input is not float32, the backend has no block programs, or anything observes the layers.
+    Built by `chain_convolutions` (same children, same state-dict keys).
+    """
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_block_cache", None)  # packed weights' addresses: a copy derives its own
+        return state
+
+    def _units(self):
+        """`_block_units`, cached on a snapshot of the children and the packed weights (re-derived on a change)."""
+        cached = self.__dict__.get("_block_cache")
+        if cached is not None:
+            snapshot, found, plans = cached
+            mods, packed = snapshot
+            if [tuple(m._modules.values()) for m in mods] == packed[0] and (
+                found is None or [id(c._packed) for _, cs in found[0] for c in cs] == packed[1]
+            ):
+                return found, plans
+        found = _block_units(self)
+        mods = [self] + ([m for m in found[1] if isinstance(m, nn.Module) and m._modules] if found else [])
+        packed = (
+            [tuple(m._modules.values()) for m in mods],
+            [id(c._packed) for _, cs in found[0] for c in cs] if found else [],
+        )
+        self._block_cache = ((mods, packed), found, {})
+        return found, self._block_cache[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32:
+            return super().forward(x)
+        found, plans = self._units()
+        if found is None or _observed(found[1]):
+            return super().forward(x)
+        units = found[0]
+        first = units[0][1][0]
+        codes, _ = first.input_codes(x, CHAIN_INPUT_SLOT)
+        plan = plans.get(codes.shape, False)
+        if plan is False:
+            plan = self._program(units, codes.shape)
+            if len(plans) >= PLANS_PER_LAYER:
+                plans.clear()
+            plans[codes.shape] = plan
+        if plan is None:
+            return super().forward(x)
+        return plan(codes, CHAIN_SLOTS).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def _program(units: list, shape: torch.Size):
+        convs = [c for _, cs in units for c in cs]
+        backend = convs[0].packed_with_backend()[0]
+        if not hasattr(backend, "block_program") or any(c.packed_with_backend()[0] is not backend for c in convs):
+            return None
+        described = []
+        for i, (residual, cs) in enumerate(units):
+            next_q = units[i + 1][1][0].input_q() if i + 1 < len(units) else None
+            # the last convolution gives float where a residual add reads it (this block's or the next one's)
+            float_out = residual or (i + 1 < len(units) and units[i + 1][0]) or next_q is None
+            specs = []
+            for k, c in enumerate(cs):
+                out_q = cs[k + 1].input_q() if k + 1 < len(cs) else (None if float_out else next_q)
+                spec = backend.conv_spec(shape, c.packed(), c.stride, c.padding, c.dilation, c.input_q(), out_q)
+                specs.append(spec)
+                shape = spec.out_shape
+            described.append((residual, specs, next_q))
+        return backend.block_program(described)
+
+
+def _chain_blocks(model: nn.Module) -> nn.Module:
+    """Mark every module of `x + seq(x)` / `seq(x)` form over a Sequential of static QConv2d layers, and turn each
+    Sequential of such blocks and QConv2d layers into a BlockChain (outermost first)."""
+
+    def holds_convs(m: nn.Module) -> bool:  # a child Sequential of QConv2d layers: worth tracing m
+        return any(
+            isinstance(c, nn.Sequential) and any(isinstance(d, QConv2d) for d in c.modules()) for c in m.children()
+        )
+
+    candidates = [m for m in model.modules() if not isinstance(m, nn.Sequential | QConv2d) and m._modules]
+    for m in candidates:
+        if "_oq_block_form" not in m.__dict__ and len(m._modules) <= 4 and holds_convs(m):
+            form = _block_form(m)
+            if form is not None:
+                m._oq_block_form = form
+
+    def visit(parent: nn.Module) -> None:
+        for name, child in list(parent._modules.items()):
+            if isinstance(child, nn.Sequential) and not isinstance(child, BlockChain) and _block_units(child):
+                new = BlockChain(OrderedDict(child._modules))
+                new.train(child.training)
+                parent._modules[name] = new
+            elif child is not None:
+                visit(child)
+
+    if isinstance(model, nn.Sequential) and not isinstance(model, BlockChain) and _block_units(model):
+        new = BlockChain(OrderedDict(model._modules))
+        new.train(model.training)
+        return new
     visit(model)
     return model

@@ -1297,11 +1297,19 @@ struct ChainGroup {
 };
 
 struct ChainStep {
-  bool depthwise;
+  int kind;  // 0: GEMM groups, 1: depthwise, 2: add-and-quantize (a residual add and / or the next layer's codes)
   int src, dst;
+  bool codes_out;
   DwArgs dw;
   std::vector<ChainGroup> groups;
+  // kind 2: y[dst] = x[src] (+ r[res]) over n floats; codes[cdst] = quantize(y) with q (cdst < 0: none)
+  int res, cdst;
+  int64_t n;
+  float scale;
+  int32_t zp, qmin, qmax, shift;
 };
+
+constexpr int CHAIN_BUFFERS = 8;
 
 OutQ out_q_from(const py::tuple& t) {  // (scale, zero_point, qmin, qmax, shift) or ()
   if (t.size() == 0) return OutQ{nullptr, 1.0f, 0.0f, 0.0f, 0};
@@ -1314,16 +1322,35 @@ class ChainProgram {
   explicit ChainProgram(const py::list& specs) {
     for (const auto& item : specs) {
       py::tuple sp = item.cast<py::tuple>();
-      ChainStep st;
-      st.depthwise = sp[0].cast<std::string>() == "dw";
+      ChainStep st{};
+      std::string kind = sp[0].cast<std::string>();
+      st.kind = kind == "dw" ? 1 : (kind == "addq" ? 2 : 0);
       st.src = sp[1].cast<int>();
       st.dst = sp[2].cast<int>();
+      if (st.src < 0 || st.src >= CHAIN_BUFFERS || st.dst < 0 || st.dst >= CHAIN_BUFFERS || st.src == st.dst &&
+          st.kind != 2)
+        throw std::invalid_argument("ChainProgram: bad buffer indices in a step");
+      if (st.kind == 2) {  // ("addq", src, dst, res, cdst, n, (scale, zp, qmin, qmax, shift) or ())
+        st.res = sp[3].cast<int>();
+        st.cdst = sp[4].cast<int>();
+        st.n = sp[5].cast<int64_t>();
+        py::tuple q = sp[6].cast<py::tuple>();
+        if (st.res >= CHAIN_BUFFERS || st.cdst >= CHAIN_BUFFERS || (st.cdst >= 0) != (q.size() == 5))
+          throw std::invalid_argument("ChainProgram: bad add-and-quantize step");
+        if (q.size() == 5) {
+          st.scale = q[0].cast<float>();
+          st.zp = q[1].cast<int32_t>();
+          st.qmin = q[2].cast<int32_t>();
+          st.qmax = q[3].cast<int32_t>();
+          st.shift = q[4].cast<int32_t>();
+        }
+        steps_.push_back(st);
+        continue;
+      }
       py::tuple q = sp[3].cast<py::tuple>();
-      // buffers 1, 2: codes handed on (requantized output), 3: the float result
-      if (st.src < 0 || st.src > 2 || st.dst < 1 || st.dst > 3 || (st.dst == 3) != (q.size() == 0))
-        throw std::invalid_argument("ChainProgram: bad buffer indices or output quantization in a step");
+      st.codes_out = q.size() > 0;  // requantized codes for the next layer, else float
       OutQ oq = out_q_from(q);
-      if (st.depthwise) {
+      if (st.kind == 1) {
         py::tuple a = sp[4].cast<py::tuple>(), t = sp[5].cast<py::tuple>();
         st.dw = DwArgs{nullptr, a[0].cast<int64_t>(), a[1].cast<int64_t>(), a[2].cast<int64_t>(),
                        a[3].cast<int64_t>(), (const int32_t*)a[4].cast<uintptr_t>(), a[5].cast<int64_t>(),
@@ -1358,12 +1385,22 @@ class ChainProgram {
   }
 
   void run(const py::tuple& buffers, int isa, int nthreads) {
-    uintptr_t buf[5];
-    for (int k = 0; k < 5; ++k) buf[k] = buffers[k].cast<uintptr_t>();
+    uintptr_t buf[CHAIN_BUFFERS] = {};
+    if (buffers.size() > CHAIN_BUFFERS) throw std::invalid_argument("ChainProgram: too many buffers");
+    for (size_t k = 0; k < buffers.size(); ++k) buf[k] = buffers[k].cast<uintptr_t>();
+    const int given = (int)buffers.size();  // (an empty batch has null data pointers: not a missing buffer)
+    for (const ChainStep& st : steps_) {
+      bool missing = st.src >= given || st.dst >= given || (st.kind == 2 && (st.res >= given || st.cdst >= given));
+      if (missing) throw std::invalid_argument("ChainProgram: a step uses a buffer that was not given");
+    }
     isa = check_isa(isa);
     for (const ChainStep& st : steps_) {  // (each kernel releases the GIL itself)
       const uint8_t* src = (const uint8_t*)buf[st.src];
-      if (st.depthwise) {
+      if (st.kind == 2) {
+        add_quantize(st, buf, isa, nthreads);
+        continue;
+      }
+      if (st.kind == 1) {
         DwArgs a = st.dw;
         a.x = src;
         set_output(a.out_q, a.y, st, buf);
@@ -1384,15 +1421,44 @@ class ChainProgram {
   }
 
  private:
+  // y = x (+ r), then codes = quantize(y): a residual add fused with the quantization of the next block's input,
+  // in the order the unchained layers compute them (float add, then quantize_static's rounding)
+  static void add_quantize(const ChainStep& st, const uintptr_t* buf, int isa, int nthreads) {
+    const float* x = (const float*)buf[st.src];
+    const float* r = st.res >= 0 ? (const float*)buf[st.res] : nullptr;
+    float* y = (float*)buf[st.dst];
+    uint8_t* c = st.cdst >= 0 ? (uint8_t*)buf[st.cdst] : nullptr;
+    const int64_t n = st.n;
+    int t = n < (1 << 16) ? 1 : nthreads;
+    py::gil_scoped_release nogil;
+    pool().run(t, [&](int i) {
+      int64_t lo, hi;
+      split(n / 64, t, i, &lo, &hi);
+      lo *= 64;
+      hi = (i == t - 1) ? n : hi * 64;
+      if (r != nullptr)
+        for (int64_t j = lo; j < hi; ++j) y[j] = x[j] + r[j];
+      else if (y != x)
+        std::copy(x + lo, x + hi, y + lo);
+      if (c == nullptr) return;
+      if (isa == ISA_AVX512VNNI)
+        quantize_static_avx512(y + lo, hi - lo, st.scale, st.zp, st.qmin, st.qmax, st.shift, c + lo);
+      else if (isa == ISA_AVX2)
+        quantize_static_avx2(y + lo, hi - lo, st.scale, st.zp, st.qmin, st.qmax, st.shift, c + lo);
+      else
+        for (int64_t j = lo; j < hi; ++j) c[j] = q_u8(y[j], st.scale, st.zp, st.qmin, st.qmax, st.shift);
+    });
+  }
+
   // codes (out_q set by the spec: scale > 0 marks it) go to out_q.y, float results to y
   template <class Y>
   static void set_output(OutQ& q, Y*& y, const ChainStep& st, const uintptr_t* buf, int64_t column = 0) {
-    if (st.dst != 3) {
+    if (st.codes_out) {
       q.y = (uint8_t*)(buf[st.dst] + column);
       y = nullptr;
     } else {
       q.y = nullptr;
-      y = (Y*)(buf[3] + column);
+      y = (Y*)(buf[st.dst] + column);
     }
   }
   std::vector<ChainStep> steps_;

@@ -1,0 +1,199 @@
+"""BlockChain: a Sequential of convolution blocks (stem conv, inverted residuals `x + conv(x)` / `conv(x)`, last conv)
+runs as one kernel program, bit-identical to running the blocks one by one; anything else takes the plain path."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import octoquant as oq
+from octoquant.kernels import available_isas
+from octoquant.nn import QConv2d
+from octoquant.nn.conv import BlockChain, _block_form
+
+CPU = "avx2" in available_isas()
+
+
+def _cbr(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU6()
+    )
+
+
+class Inverted(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, order: str = "x+f") -> None:
+        super().__init__()
+        hidden = 4 * cin
+        self.residual, self.order = stride == 1 and cin == cout, order
+        self.conv = nn.Sequential(
+            _cbr(cin, hidden, 1),
+            _cbr(hidden, hidden, 3, stride, hidden),
+            nn.Conv2d(hidden, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        )
+
+    def forward(self, x):
+        if not self.residual:
+            return self.conv(x)
+        return x + self.conv(x) if self.order == "x+f" else self.conv(x) + x
+
+
+def block_net() -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        _cbr(3, 8, stride=2),
+        Inverted(8, 8, 1),  # residual first after the stem
+        Inverted(8, 12, 2),  # plain, then a residual reads its float output
+        Inverted(12, 12, 1, order="f+x"),
+        Inverted(12, 12, 1),
+        Inverted(12, 16, 1),  # plain, followed by a plain conv: codes handed over directly
+        _cbr(16, 24, 1),
+    )
+    for bn in m.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 2.0)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def calib():
+    torch.manual_seed(1)
+    return [torch.randn(4, 3, 32, 32) for _ in range(3)]
+
+
+def _plain(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Block by block, layer by layer: a forward hook on every QConv2d turns every chain off."""
+    handles = [m.register_forward_hook(lambda *a: None) for m in model.modules() if isinstance(m, QConv2d)]
+    try:
+        return model(x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.skipif(not CPU, reason="no fast backend on this CPU")
+def test_blocks_run_as_one_program_bit_identical(calib, monkeypatch):
+    from octoquant.kernels.cpu import BlockPlan
+
+    float_model = block_net()
+    q = oq.quantize(float_model, oq.W8A8, calib=calib, progress=False)
+    assert isinstance(q, BlockChain)
+    runs, layer_calls = [], []
+    orig_plan, orig_fwd = BlockPlan.__call__, QConv2d.forward
+
+    def spy_plan(self, *a, **k):
+        runs.append(self)
+        return orig_plan(self, *a, **k)
+
+    def spy_fwd(self, x):
+        layer_calls.append(self)
+        return orig_fwd(self, x)
+
+    monkeypatch.setattr(BlockPlan, "__call__", spy_plan)
+    monkeypatch.setattr(QConv2d, "forward", spy_fwd)
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        for shape in [(2, 3, 32, 32), (1, 3, 24, 40), (2, 3, 32, 32)]:
+            x = torch.randn(shape)
+            runs.clear(), layer_calls.clear()
+            y = q(x)
+            assert len(runs) == 1 and not layer_calls  # one program, no layer called on its own
+            plain = _plain(q, x)
+            assert layer_calls  # the plain path did run layer by layer
+            assert torch.equal(y, plain) and y.stride() == plain.stride()
+            torch.set_num_threads(1)
+            try:
+                assert torch.equal(q(x), y)
+            finally:
+                torch.set_num_threads(threads)
+        assert oq.sqnr_db(float_model(x), y) > 25
+
+
+def test_block_forms():
+    class Relu(Inverted):
+        def forward(self, x):
+            return torch.relu(x + self.conv(x))
+
+    class Twice(Inverted):
+        def forward(self, x):
+            return x + self.conv(self.conv(x))
+
+    class Scaled(Inverted):
+        def forward(self, x):
+            return x + 2 * self.conv(x)
+
+    class Extra(Inverted):
+        def forward(self, x, y=None):
+            return x + self.conv(x)
+
+    assert _block_form(Inverted(4, 4, 1)) == (True, "conv")
+    assert _block_form(Inverted(4, 4, 1, order="f+x")) == (True, "conv")
+    assert _block_form(Inverted(4, 8, 2)) == (False, "conv")
+    for cls in (Relu, Twice, Scaled, Extra):
+        assert _block_form(cls(4, 4, 1)) is None, cls.__name__
+
+
+def test_reference_backend_and_dynamic_models_take_the_plain_path(calib):
+    q = oq.quantize(block_net(), oq.W8A8, calib=calib, backend="reference", progress=False)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(q(x), _plain(q, x))  # no block programs in the reference backend: plain path
+    qd = oq.quantize(block_net(), oq.W8A8_DYNAMIC, progress=False)
+    assert not any(isinstance(m, BlockChain) for m in qd.modules())  # dynamic layers need their float input
+
+
+def test_save_load_copy_and_pickle(calib, tmp_path):
+    q = oq.quantize(block_net(), oq.W8A8, calib=calib, progress=False)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        y = q(x)
+        oq.save(q, tmp_path / "q")
+        with torch.device("meta"):
+            arch = block_net()
+        loaded = oq.load(tmp_path / "q", arch)
+        assert isinstance(loaded, BlockChain) and torch.equal(loaded(x), y)
+        assert list(loaded.state_dict()) == list(q.state_dict())
+        twin, blob = copy.deepcopy(q), pickle.dumps(q)  # after running: cached programs hold raw addresses
+        del q
+        assert torch.equal(twin(x), y) and torch.equal(pickle.loads(blob)(x), y)
+
+
+def test_swapped_block_is_seen(calib):
+    q = oq.quantize(block_net(), oq.W8A8, calib=calib, progress=False)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        before = q(x)
+        q[3].conv[2] = nn.Conv2d(48, 12, 1, bias=False)  # a project conv back in float: no longer one program
+        after = q(x)
+        assert not torch.equal(before, after) and torch.equal(after, _plain(q, x))
+
+
+@pytest.mark.skipif(not CPU, reason="no fast backend on this CPU")
+def test_block_program_refuses_units_that_do_not_fit():
+    from octoquant.config import QDtype
+    from octoquant.kernels import get_backend
+    from octoquant.kernels.reference import ActivationQParams
+
+    be = get_backend("cpu")
+    a, b = (QConv2d.from_float(nn.Conv2d(4, 4, 1), input_range=(-1.0, 1.0), backend="cpu") for _ in range(2))
+    q = ActivationQParams(0.01, 0, QDtype.UINT8)
+    geometry = ((1, 1), (0, 0), (1, 1), q)
+    to_float = be.conv_spec((1, 5, 5, 4), a.packed(), *geometry)
+    to_codes = be.conv_spec((1, 5, 5, 4), b.packed(), *geometry, q)
+    be.block_program([(False, [to_float], q), (True, [to_float], None)])  # fits
+    with pytest.raises(ValueError, match="float input"):
+        be.block_program([(True, [to_float], q), (False, [to_float], None)])  # nothing to add to the first
+    with pytest.raises(ValueError, match="must give float"):
+        be.block_program([(False, [to_float], q), (True, [to_codes], q), (False, [to_float], None)])
+
+
+def test_empty_batch(calib):
+    """A batch of 0 images (null data pointers) runs and gives an empty result, as the plain path does."""
+    q = oq.quantize(block_net(), oq.W8A8, calib=calib, progress=False)
+    x = torch.randn(0, 3, 32, 32)
+    with torch.no_grad():
+        y = q(x)
+        assert y.shape == _plain(q, x).shape == (0, 24, 16, 16)
