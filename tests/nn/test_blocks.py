@@ -196,4 +196,4 @@ def test_empty_batch(calib):
     x = torch.randn(0, 3, 32, 32)
     with torch.no_grad():
         y = q(x)
-        assert y.shape == _plain(q, x).shape == (0, 24, 16, 16)
+        assert y.shape == _plain(q, x).shape == (0, 24, 8, 8)
