@@ -481,18 +481,24 @@ def test_efficientnet_with_same_padding_runs_int8(mode, tmp_path):
         assert sum(n for op, n in v.integer_ops.items() if "Conv" in op) == 36
 
 
+# tiny encoder-decoder sizes (Whisper, BART)
+_SEQ2SEQ = dict(
+    d_model=64,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=128,
+    decoder_ffn_dim=128,
+    vocab_size=100,
+)
+
+
 def test_whisper_encoder_decoder_runs_int8(tmp_path):
     """Whisper: its Conv1d front end becomes int8 height-1 convolutions that still answer `.stride` (the encoder sizes
     its input from conv1.stride[0] * conv2.stride[0]); calibration batches are keyword dicts."""
     cfg = T.WhisperConfig(
-        d_model=64,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=128,
-        decoder_ffn_dim=128,
-        vocab_size=100,
+        **_SEQ2SEQ,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
@@ -543,17 +549,7 @@ def test_encoder_decoder_models_export(name, tmp_path):
         cfg = T.T5Config(d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, vocab_size=100)
         model = T.T5ForConditionalGeneration(cfg).eval()
     else:
-        cfg = T.BartConfig(
-            d_model=64,
-            encoder_layers=2,
-            decoder_layers=2,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            encoder_ffn_dim=128,
-            decoder_ffn_dim=128,
-            vocab_size=100,
-        )
-        model = T.BartForConditionalGeneration(cfg).eval()
+        model = T.BartForConditionalGeneration(T.BartConfig(**_SEQ2SEQ)).eval()
     g = torch.Generator().manual_seed(0)
 
     def batch(enc, dec):

@@ -12,6 +12,7 @@ import octoquant as oq
 from octoquant.kernels import available_isas
 from octoquant.nn import QConv2d
 from octoquant.nn.conv import BlockChain, _block_form
+from tests.nn.test_chain import _unchained as _plain  # block by block, layer by layer
 
 CPU = "avx2" in available_isas()
 
@@ -62,16 +63,6 @@ def block_net() -> nn.Module:
 def calib():
     torch.manual_seed(1)
     return [torch.randn(4, 3, 32, 32) for _ in range(3)]
-
-
-def _plain(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Block by block, layer by layer: a forward hook on every QConv2d turns every chain off."""
-    handles = [m.register_forward_hook(lambda *a: None) for m in model.modules() if isinstance(m, QConv2d)]
-    try:
-        return model(x)
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @pytest.mark.skipif(not CPU, reason="no fast backend on this CPU")

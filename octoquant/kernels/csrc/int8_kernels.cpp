@@ -785,6 +785,21 @@ AVX2_TARGET void quantize_static_avx2(const float* x, int64_t n, float scale, in
   for (; i < n; ++i) out[i] = q_u8(x[i], scale, zp, qmin, qmax, shift);
 }
 
+// quantize_static on the best ISA given
+inline void quantize_static_any(const float* x, int64_t n, float scale, int32_t zp, int32_t qmin, int32_t qmax,
+                                int32_t shift, uint8_t* out, int isa) {
+  if (isa == ISA_AVX512VNNI) quantize_static_avx512(x, n, scale, zp, qmin, qmax, shift, out);
+  else if (isa == ISA_AVX2) quantize_static_avx2(x, n, scale, zp, qmin, qmax, shift, out);
+  else for (int64_t j = 0; j < n; ++j) out[j] = q_u8(x[j], scale, zp, qmin, qmax, shift);
+}
+
+// Thread i's share [lo, hi) of n elements in whole 64-element blocks (the last thread takes the rest)
+inline void split64(int64_t n, int t, int i, int64_t* lo, int64_t* hi) {
+  split(n / 64, t, i, lo, hi);
+  *lo *= 64;
+  *hi = (i == t - 1) ? n : *hi * 64;
+}
+
 // NCHW float -> NHWC u8 codes in one pass (the layout change of a network's input, fused with its
 // quantization: no float NHWC copy). Per image, blocks of 64 pixels: each channel's 64 contiguous values are
 // quantized as quantize_static does, then interleaved. Pixels [p_lo, p_hi) of image n.
@@ -1433,20 +1448,12 @@ class ChainProgram {
     py::gil_scoped_release nogil;
     pool().run(t, [&](int i) {
       int64_t lo, hi;
-      split(n / 64, t, i, &lo, &hi);
-      lo *= 64;
-      hi = (i == t - 1) ? n : hi * 64;
+      split64(n, t, i, &lo, &hi);
       if (r != nullptr)
         for (int64_t j = lo; j < hi; ++j) y[j] = x[j] + r[j];
       else if (y != x)
         std::copy(x + lo, x + hi, y + lo);
-      if (c == nullptr) return;
-      if (isa == ISA_AVX512VNNI)
-        quantize_static_avx512(y + lo, hi - lo, st.scale, st.zp, st.qmin, st.qmax, st.shift, c + lo);
-      else if (isa == ISA_AVX2)
-        quantize_static_avx2(y + lo, hi - lo, st.scale, st.zp, st.qmin, st.qmax, st.shift, c + lo);
-      else
-        for (int64_t j = lo; j < hi; ++j) c[j] = q_u8(y[j], st.scale, st.zp, st.qmin, st.qmax, st.shift);
+      if (c != nullptr) quantize_static_any(y + lo, hi - lo, st.scale, st.zp, st.qmin, st.qmax, st.shift, c + lo, isa);
     });
   }
 
@@ -1566,12 +1573,8 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release nogil;
     pool().run(t, [&](int i) {
       int64_t lo, hi;
-      split(n / 64, t, i, &lo, &hi);
-      lo *= 64;
-      hi = (i == t - 1) ? n : hi * 64;
-      if (isa == ISA_AVX512VNNI) quantize_static_avx512(xf + lo, hi - lo, scale, zp, qmin, qmax, shift, o + lo);
-      else if (isa == ISA_AVX2) quantize_static_avx2(xf + lo, hi - lo, scale, zp, qmin, qmax, shift, o + lo);
-      else for (int64_t j = lo; j < hi; ++j) o[j] = q_u8(xf[j], scale, zp, qmin, qmax, shift);
+      split64(n, t, i, &lo, &hi);
+      quantize_static_any(xf + lo, hi - lo, scale, zp, qmin, qmax, shift, o + lo, isa);
     });
   });
 
