@@ -337,8 +337,9 @@ class ConvChain(nn.Sequential):
 
 def chain_convolutions(model: nn.Module) -> nn.Module:
     """Turn every Sequential holding two consecutive QConv2d layers (looking through Identity and nested
-    Sequentials) into a ConvChain, outermost first. Returns the model (a new object only when the model
-    itself is such a Sequential); numerics are unchanged.
+    Sequentials) into a ConvChain, outermost first, then every Sequential of convolution blocks (`x + seq(x)` /
+    `seq(x)` modules over such chains, and QConv2d layers) into a BlockChain. Returns the model (a new object only
+    when the model itself is such a Sequential); numerics are unchanged.
     """
 
     def chain(seq: nn.Sequential) -> nn.Module:

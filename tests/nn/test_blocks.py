@@ -10,8 +10,8 @@ from torch import nn
 
 import octoquant as oq
 from octoquant.kernels import available_isas
-from octoquant.nn import QConv2d
-from octoquant.nn.conv import BlockChain, _block_form
+from octoquant.nn import BlockChain, QConv2d
+from octoquant.nn.conv import _block_form
 from tests.nn.test_chain import _unchained as _plain  # block by block, layer by layer
 
 CPU = "avx2" in available_isas()
