@@ -97,6 +97,23 @@ def test_mobilenetv2_static_w8a8(mobilenet_setup, mnv2_int8):
     assert kl_naive > 3 * kl
 
 
+def test_mobilenetv2_features_run_as_one_program(mobilenet_setup, mnv2_int8):
+    """The real MobileNetV2's features (stem, 17 inverted residuals, last conv) are one BlockChain, bit-identical to
+    running the blocks one by one (forward hooks take that path)."""
+    _, _, evals, _ = mobilenet_setup
+    q = mnv2_int8
+    assert isinstance(q.features, oq.nn.BlockChain)
+    with torch.no_grad():
+        fused = q(evals[:16])
+        hooks = [m.register_forward_hook(lambda *a: None) for m in q.modules() if isinstance(m, oq.nn.QConv2d)]
+        try:
+            plain = q(evals[:16])
+        finally:
+            for h in hooks:
+                h.remove()
+    assert torch.equal(fused, plain)
+
+
 def test_mobilenetv2_with_fallback(mobilenet_setup, mnv2_fallback):
     model, calib, evals, ref = mobilenet_setup
     q = mnv2_fallback
