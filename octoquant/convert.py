@@ -724,16 +724,19 @@ def embedding_output_scale(emb: nn.Module) -> float | None:
     return c
 
 
-def _fuse_activations(work: nn.Module, pairs: list[tuple[str, str]]) -> None:
-    """Move each ReLU/ReLU6/ChannelClamp that follows an int8 conv into the conv's epilogue (exact)."""
+def _fuse_activations(work: nn.Module, pairs: list[tuple[str, str, bool]]) -> None:
+    """Move each ReLU/ReLU6/ChannelClamp that follows an int8 conv into the conv's epilogue (exact). A shared
+    activation module (called elsewhere too, e.g. after a residual add) stays where it is: it then clamps the
+    already clamped conv output again, which changes nothing, and keeps clamping its other inputs."""
     from .transforms import activation_upper
 
-    for conv_name, act_name in pairs:
+    for conv_name, act_name, shared in pairs:
         conv, act = work.get_submodule(conv_name), work.get_submodule(act_name)
         upper = activation_upper(act)
         if isinstance(conv, QConv2d) and upper is not None:
             conv.fuse_activation(upper)
-            _swap(work, act_name, nn.Identity())
+            if not shared:
+                _swap(work, act_name, nn.Identity())
 
 
 FALLBACKS = ("float", "dynamic")

@@ -6,6 +6,8 @@ the activation tensor per layer.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from torch import nn
 
@@ -25,12 +27,15 @@ def activation_upper(m: nn.Module) -> torch.Tensor | None:
     return None
 
 
-def find_conv_activation_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """(conv, activation) module names where the activation is the conv output's only consumer."""
+def find_conv_activation_pairs(model: nn.Module) -> list[tuple[str, str, bool]]:
+    """(conv, activation, shared) where the activation module is the conv output's only consumer; `shared`: the
+    same activation module is also called elsewhere (torchvision's ResNet blocks call one `self.relu` after conv1
+    and after the residual add), so it must stay in the model (clamping twice is exact: these are idempotent)."""
     gm = trace_or_none(model, "activation fusion")  # untraceable models just run unfused
     if gm is None:
         return []
     modules = dict(gm.named_modules())
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     pairs = []
     for node in gm.graph.nodes:
         if node.op != "call_module" or not isinstance(modules.get(node.target), nn.Conv2d) or len(node.users) != 1:
@@ -40,5 +45,5 @@ def find_conv_activation_pairs(model: nn.Module) -> list[tuple[str, str]]:
         while user.op == "call_module" and isinstance(modules[user.target], nn.Identity) and len(user.users) == 1:
             user = next(iter(user.users))
         if user.op == "call_module" and activation_upper(modules[user.target]) is not None:
-            pairs.append((node.target, user.target))
+            pairs.append((node.target, user.target, calls[user.target] > 1))
     return pairs
