@@ -170,18 +170,32 @@ class ChainPlan:
 class BlockPlan:
     """A `ChainProgram` over a sequence of convolution blocks (`CpuBackend.block_program`) and its buffers."""
 
-    def __init__(self, program, isa: int, in_shape, out_shape, codes_bytes: int, cols_bytes: int, float_bytes: int):
+    def __init__(self, program, isa: int, in_shape, out_shape, sizes: tuple[int, int, int], float_input: bool):
         self.program, self.isa, self.in_shape, self.out_shape = program, isa, in_shape, out_shape
+        codes_bytes, cols_bytes, float_bytes = sizes
         self.codes_bytes, self.cols_bytes, self.float_bytes = (
             max(codes_bytes, 1),
             max(cols_bytes, 1),
             max(float_bytes, 4),
         )
+        self.float_input = float_input  # the first unit adds the program's float input (buffer 7)
 
-    def __call__(self, codes: torch.Tensor, slots: tuple[str, str]) -> torch.Tensor:
-        """Run on `codes` (N, H, W, C); the result is a fresh (N, Ho, Wo, O) float tensor."""
+    def __call__(
+        self, codes: torch.Tensor, slots: tuple[str, str], float_in: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Run on `codes` (N, H, W, C) and, where the first unit adds its input, `float_in` (the same values in
+        float32, channels_last memory); the result is a fresh (N, Ho, Wo, O) float tensor."""
         if codes.shape != self.in_shape or codes.dtype != torch.uint8 or not codes.is_contiguous():
             raise ValueError(f"BlockPlan expects contiguous uint8 codes of shape {tuple(self.in_shape)}")
+        if self.float_input:
+            n, h, w, c = self.in_shape
+            if (
+                float_in is None
+                or float_in.dtype != torch.float32
+                or tuple(float_in.shape) != (n, c, h, w)
+                or not float_in.is_contiguous(memory_format=torch.channels_last)
+            ):
+                raise ValueError("BlockPlan: the first block adds its input: give it as float32, channels_last memory")
         out = torch.empty(self.out_shape, dtype=torch.float32)
         floats = self.float_bytes // 4
         buffers = (
@@ -192,6 +206,7 @@ class BlockPlan:
             scratch("im2col", (self.cols_bytes,)).data_ptr(),
             scratch("block-float-0", (floats,), torch.float32).data_ptr(),
             scratch("block-float-1", (floats,), torch.float32).data_ptr(),
+            float_in.data_ptr() if self.float_input else 0,
         )
         self.program.run(buffers, self.isa, torch.get_num_threads())
         return out
@@ -630,21 +645,45 @@ class CpuBackend:
             cols_bytes,
         )
 
-    def block_program(self, units: list[tuple[bool, list[ConvSpec], ActivationQParams | None]]) -> BlockPlan:
-        """A sequence of convolution blocks as one kernel program: per unit (residual, its convolutions' specs,
-        the next unit's input quantization or None for the last). Inside a unit the specs hand codes on; a unit
-        whose last spec requantizes hands its codes to the next unit directly; one whose last spec gives float
-        (a residual block, or one whose output a residual block adds) is followed by an add-and-quantize step:
-        y = v (+ the unit's float input) in float, then the next unit's codes from y (quantize_static's
-        rounding): the arithmetic of running the blocks one by one. Buffers: 0 input codes, 1 / 2 codes,
-        3 the result, 4 im2col columns, 5 / 6 block outputs kept in float."""
+    def block_program(self, units: list[tuple]) -> BlockPlan:
+        """A sequence of convolution blocks as one kernel program. Per unit: (residual, its convolutions' specs,
+        the next unit's input quantization or None for the last, the spec of a branch convolution on the unit's
+        input (a ResNet downsample) or None, ReLU after the residual add). Inside a unit the specs hand codes on;
+        a unit whose last spec requantizes hands its codes to the next unit directly; one whose last spec gives
+        float (a residual block, or one whose output the next block adds) is followed by an add-and-quantize step:
+        y = v + r (the unit's float input, or its branch's float output; then the ReLU), and the next unit's codes
+        from y (quantize_static's rounding): the arithmetic of running the blocks one by one. A first unit that
+        adds its own input reads it from buffer 7 (`BlockPlan.float_input`). Buffers: 0 input codes, 1 / 2 codes,
+        3 the result, 4 im2col columns, 5 / 6 floats kept for an add, 7 the float input."""
+        if not units or not units[0][1]:
+            raise ValueError("block_program: every unit needs specs")
         steps, cols_bytes, codes_bytes, float_bytes = [], 0, 0, 0
-        cur, float_in, float_in_shape = 0, None, None
-        shape = units[0][1][0].in_shape if units and units[0][1] else None
-        for i, (residual, specs, next_q) in enumerate(units):
+        shape = units[0][1][0].in_shape
+        cur, float_in, float_in_shape = 0, 7, shape  # unit 0's float input: the program's (buffer 7)
+        uses_float_input = False
+        for i, (residual, specs, next_q, branch, relu) in enumerate(units):
             final = i == len(units) - 1
-            if not specs or (final != (next_q is None)) or (residual and float_in is None):
-                raise ValueError("block_program: every unit needs specs, a residual unit a float input")
+            if not specs or final != (next_q is None) or (branch is not None and not residual):
+                raise ValueError("block_program: every unit needs specs, a branch only with a residual add")
+            unit_in, out_shape = shape, specs[-1].out_shape
+            vbuf = 3 if final else (6 if float_in == 5 else 5)
+            rbuf = -1
+            if residual and branch is not None:
+                if branch.in_shape != unit_in or branch.q_rest or branch.out_shape != out_shape:
+                    raise ValueError("block_program: a branch reads the unit's input and gives float like its output")
+                rbuf = 5 if vbuf != 5 else 6
+                step, cols = self._conv_step(branch, cur, rbuf)
+                steps.append(step)
+                cols_bytes = max(cols_bytes, cols)
+                float_bytes = max(float_bytes, 4 * math.prod(out_shape))
+            elif residual:
+                if float_in is None:
+                    raise ValueError("block_program: a residual unit needs a float input")
+                if float_in_shape != out_shape:
+                    raise ValueError("block_program: a residual add needs equal shapes")
+                rbuf = float_in
+                uses_float_input = uses_float_input or float_in == 7
+            float_out = None
             for j, spec in enumerate(specs):
                 last = j == len(specs) - 1
                 if spec.in_shape != shape or (not last and not spec.q_rest) or (last and final and spec.q_rest):
@@ -655,36 +694,31 @@ class CpuBackend:
                         raise ValueError("block_program: a residual unit's last convolution must give float")
                     dst = 2 if cur == 1 else 1
                     step, cols = self._conv_step(spec, cur, dst)
-                    steps.append(step)
-                    cur, float_out = dst, None
+                    cur = dst
                     codes_bytes = max(codes_bytes, math.prod(spec.out_shape))
                 else:
-                    dst = 3 if final else (6 if float_in == 5 else 5)
-                    step, cols = self._conv_step(spec, cur, dst)
-                    steps.append(step)
-                    n = math.prod(spec.out_shape)
-                    if residual and float_in_shape != spec.out_shape:
-                        raise ValueError("block_program: a residual add needs equal shapes")
-                    if residual or next_q is not None:
-                        cdst = (2 if cur == 1 else 1) if next_q is not None else -1
-                        rest = _out_q_rest(next_q) if next_q is not None else ()
-                        steps.append(("addq", dst, dst, float_in if residual else -1, cdst, n, rest))
-                        if next_q is not None:
-                            cur = cdst
-                            codes_bytes = max(codes_bytes, n)
-                    float_out = dst
+                    step, cols = self._conv_step(spec, cur, vbuf)
+                    float_out = vbuf
                     if not final:
-                        float_bytes = max(float_bytes, 4 * n)
+                        float_bytes = max(float_bytes, 4 * math.prod(spec.out_shape))
+                steps.append(step)
                 cols_bytes = max(cols_bytes, cols)
-            float_in, float_in_shape = float_out, shape
+            if float_out is not None and (residual or next_q is not None):
+                n = math.prod(out_shape)
+                cdst = (2 if cur == 1 else 1) if next_q is not None else -1
+                rest = _out_q_rest(next_q) if next_q is not None else ()
+                steps.append(("addq", vbuf, vbuf, rbuf, cdst, n, rest, bool(relu and residual)))
+                if next_q is not None:
+                    cur = cdst
+                    codes_bytes = max(codes_bytes, n)
+            float_in, float_in_shape = float_out, out_shape
         return BlockPlan(
             _C.ChainProgram(steps),
             self._isa_id,
             units[0][1][0].in_shape,
             units[-1][1][-1].out_shape,
-            codes_bytes,
-            cols_bytes,
-            float_bytes,
+            (codes_bytes, cols_bytes, float_bytes),
+            uses_float_input,
         )
 
     def conv2d_static(self, x, p: CpuPackedConv, stride, padding, dilation, in_q: ActivationQParams):

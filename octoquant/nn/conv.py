@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import operator
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
@@ -381,15 +383,30 @@ def chain_convolutions(model: nn.Module) -> nn.Module:
 # Blocks: a Sequential of convolution blocks (residual or not) as one kernel program
 
 
-def _block_form(m: nn.Module) -> tuple[bool, str] | None:
-    """(residual, name of the child Sequential) where `m.forward(x)` is exactly `x + m.<name>(x)` (either order) or
-    `m.<name>(x)`, found by symbolic tracing with `m`'s children as leaves; None for anything else (more inputs,
-    other ops, a hook-like forward). MobileNetV2's inverted residuals are the common case."""
+@dataclass(frozen=True)
+class BlockForm:
+    """A module whose forward is `act?(main(x) + branch(x))` or `main(x)`: `main` its children called one after the
+    other on x, `branch` x itself (None) or one child called on x, `relu_after` a ReLU on the sum."""
+
+    main: tuple[str, ...]
+    residual: bool
+    branch: str | None = None
+    relu_after: bool = False
+
+
+_ADDS = (operator.add, operator.iadd, torch.add)
+_RELUS = (torch.relu, F.relu)
+
+
+def _block_form(m: nn.Module) -> BlockForm | None:
+    """The BlockForm of `m`, found by symbolic tracing with `m`'s children as leaves (never traced into); None for
+    any other forward (more inputs, other ops, a child called on something else). MobileNetV2's inverted residuals
+    (`x + conv(x)`) and torchvision's ResNet blocks (`relu(bn2(conv2(relu(bn1(conv1(x))))) + downsample(x))`)."""
     import torch.fx
 
     class _Children(torch.fx.Tracer):
         def is_leaf_module(self, mod: nn.Module, qualname: str) -> bool:
-            return True  # called from m.forward: a child, never traced into
+            return True
 
     try:
         graph = _Children().trace(m)
@@ -397,50 +414,134 @@ def _block_form(m: nn.Module) -> tuple[bool, str] | None:
         return None
     nodes = list(graph.nodes)
     ph = [n for n in nodes if n.op == "placeholder"]
-    calls = [n for n in nodes if n.op == "call_module"]
-    adds = [n for n in nodes if n.op == "call_function"]
     out = [n for n in nodes if n.op == "output"]
-    if len(ph) != 1 or len(calls) != 1 or len(out) != 1 or len(nodes) != 3 + len(adds) or len(adds) > 1:
+    if len(ph) != 1 or len(out) != 1 or any(n.kwargs for n in nodes if n.op != "output"):
         return None
-    x, call = ph[0], calls[0]
-    sub = m.get_submodule(call.target) if "." not in call.target else None
-    if call.args != (x,) or call.kwargs or not isinstance(sub, nn.Sequential):
+    x, end = ph[0], out[0].args[0]
+    used = {x, out[0]}
+    relu_after = False
+    if (
+        isinstance(end, torch.fx.Node)
+        and len(end.args) == 1
+        and (
+            (end.op == "call_function" and end.target in _RELUS)
+            or (end.op == "call_module" and isinstance(m.get_submodule(end.target), nn.ReLU))
+        )
+    ):
+        if isinstance(end.args[0], torch.fx.Node) and end.args[0].target in _ADDS:
+            used.add(end)
+            end, relu_after = end.args[0], True
+
+    def chain(node) -> list[str] | None:  # child names called one after the other from x to `node`
+        names = []
+        while node is not x:
+            if not isinstance(node, torch.fx.Node) or node.op != "call_module" or len(node.args) != 1:
+                return None
+            used.add(node)
+            names.append(node.target)
+            node = node.args[0]
+        return names[::-1]
+
+    if isinstance(end, torch.fx.Node) and end.op == "call_function" and end.target in _ADDS:
+        if len(end.args) != 2:
+            return None
+        used.add(end)
+        a, b = (chain(arg) for arg in end.args)
+        if a is None or b is None:
+            return None
+        main, branch = (a, b) if len(a) >= len(b) else (b, a)
+        if not main or len(branch) > 1:
+            return None
+        form = BlockForm(tuple(main), True, branch[0] if branch else None, relu_after)
+    else:
+        main = chain(end)
+        if not main or relu_after:
+            return None
+        form = BlockForm(tuple(main), False)
+    names = (*form.main, *((form.branch,) if form.branch else ()))
+    if used != set(nodes) or len(set(names)) != len(names) or any("." in n for n in names):
+        return None  # (a child called twice, or a grandchild: not a chain of children)
+    return form
+
+
+def _chain_convs(m: nn.Module, convs: list, inner: list) -> bool:
+    """Append the static QConv2d layers `m` runs (a QConv2d, an Identity, or a Sequential of them) to `convs`."""
+    if isinstance(m, QConv2d):
+        convs.append(m)
+        inner.append(m)
+        return True
+    if isinstance(m, nn.Identity):
+        inner.append(m)
+        return True
+    if isinstance(m, nn.Sequential) and type(m).forward in (nn.Sequential.forward, ConvChain.forward):
+        found = []
+        inner.append(m)
+        _walk(m, found, inner)
+        if all(isinstance(c, QConv2d) for c in found):
+            convs.extend(found)
+            return True
+    return False
+
+
+def _redundant_relu(act: nn.Module, convs: list) -> bool:
+    """A ReLU right after a conv whose fused clamp already keeps its output in [0, upper]: a no-op."""
+    return isinstance(act, nn.ReLU) and bool(convs) and convs[-1].output_clamp is not None
+
+
+def _block_unit(layer: nn.Module, bypassed: list) -> tuple | None:
+    """(residual, convs, branch conv or None, relu_after) of a block (`_oq_block_form`) of static QConv2d layers."""
+    form = layer.__dict__.get("_oq_block_form")
+    if form is None:
         return None
-    if not adds:
-        return (False, call.target) if out[0].args == (call,) else None
-    add = adds[0]
-    if add.target not in (operator.add, torch.add) or add.kwargs or set(add.args) != {x, call} or len(add.args) != 2:
+    convs, inner = [], [layer]
+    for name in form.main:
+        child = getattr(layer, name, None)
+        if isinstance(child, nn.Module) and _redundant_relu(child, convs):
+            inner.append(child)
+            continue
+        if not isinstance(child, nn.Module) or not _chain_convs(child, convs, inner):
+            return None
+    if not convs or not all(_links(convs)):
         return None
-    return (True, call.target) if out[0].args == (add,) else None
+    branch = None
+    if form.branch is not None:
+        found = []
+        child = getattr(layer, form.branch, None)
+        if not isinstance(child, nn.Module) or not _chain_convs(child, found, inner) or len(found) != 1:
+            return None
+        branch = found[0]
+        if branch.mode is not QuantMode.W8A8_STATIC or branch.input_dtype is not convs[0].input_dtype:
+            return None
+        if branch._static_qparams() != convs[0]._static_qparams():  # both read the block input's codes
+            return None
+        convs_all = [*convs, branch]
+    else:
+        convs_all = convs
+    bypassed += inner
+    return form.residual, convs, branch, form.relu_after, convs_all
 
 
 def _block_units(seq: nn.Sequential) -> tuple[list, list] | None:
     """(units, bypassed) of a Sequential every layer of which is a static QConv2d or a block (`_block_form`) of
-    static QConv2d layers that hand each other codes; units: (residual, [QConv2d, ...]). None otherwise."""
+    static QConv2d layers that hand each other codes; units: (residual, convs, branch conv, relu_after). None
+    otherwise."""
     layers, bypassed = [], []
     _walk(seq, layers, bypassed)
-    units, blocks = [], 0
+    units, blocks, convs = [], 0, []
     for layer in layers:
         if isinstance(layer, QConv2d):
-            units.append((False, [layer]))
+            units.append((False, [layer], None, False))
+            convs.append(layer)
             continue
-        form = layer.__dict__.get("_oq_block_form")
-        if form is None:
+        unit = _block_unit(layer, bypassed)
+        if unit is None:
             return None
-        sub = getattr(layer, form[1], None)
-        if not isinstance(sub, nn.Sequential) or type(sub).forward not in (nn.Sequential.forward, ConvChain.forward):
-            return None
-        convs, inner = [], [layer, sub]
-        _walk(sub, convs, inner)
-        if not convs or not all(isinstance(c, QConv2d) for c in convs) or not all(_links(convs)):
-            return None
-        units.append((form[0], convs))
-        bypassed += inner
+        units.append(unit[:4])
+        convs += unit[4]
         blocks += 1
-    convs = [c for _, cs in units for c in cs]
     if not blocks:  # only QConv2d layers: a ConvChain's job
         return None
-    if len(units) < 2 or units[0][0] or not all(c.mode is QuantMode.W8A8_STATIC for c in convs):
+    if len(units) < 2 or not all(c.mode is QuantMode.W8A8_STATIC for c in convs):
         return None
     return units, bypassed + convs
 
@@ -469,14 +570,14 @@ class BlockChain(nn.Sequential):
             snapshot, found, plans = cached
             mods, packed = snapshot
             if [tuple(m._modules.values()) for m in mods] == packed[0] and (
-                found is None or [id(c._packed) for _, cs in found[0] for c in cs] == packed[1]
+                found is None or [id(c._packed) for c in _unit_convs(found[0])] == packed[1]
             ):
                 return found, plans
         found = _block_units(self)
         mods = [self] + ([m for m in found[1] if isinstance(m, nn.Module) and m._modules] if found else [])
         packed = (
             [tuple(m._modules.values()) for m in mods],
-            [id(c._packed) for _, cs in found[0] for c in cs] if found else [],
+            [id(c._packed) for c in _unit_convs(found[0])] if found else [],
         )
         self._block_cache = ((mods, packed), found, {})
         return found, self._block_cache[2]
@@ -498,41 +599,62 @@ class BlockChain(nn.Sequential):
             plans[codes.shape] = plan
         if plan is None:
             return super().forward(x)
-        return plan(codes, CHAIN_SLOTS).permute(0, 3, 1, 2)
+        float_in = None
+        if plan.float_input:  # the first block adds its own input: x's values in NHWC order
+            float_in = (
+                x
+                if x.is_contiguous(memory_format=torch.channels_last)
+                else x.contiguous(memory_format=torch.channels_last)
+            )
+        return plan(codes, CHAIN_SLOTS, float_in).permute(0, 3, 1, 2)
 
     @staticmethod
     def _program(units: list, shape: torch.Size):
-        convs = [c for _, cs in units for c in cs]
+        convs = _unit_convs(units)
         backend = convs[0].packed_with_backend()[0]
         if not hasattr(backend, "block_program") or any(c.packed_with_backend()[0] is not backend for c in convs):
             return None
         described = []
-        for i, (residual, cs) in enumerate(units):
+        for i, (residual, cs, branch, relu_after) in enumerate(units):
             next_q = units[i + 1][1][0].input_q() if i + 1 < len(units) else None
-            # the last convolution gives float where a residual add reads it (this block's or the next one's)
-            float_out = residual or (i + 1 < len(units) and units[i + 1][0]) or next_q is None
+            # the last convolution gives float where a residual add reads it (this block's or the next one's
+            # identity input)
+            next_reads = i + 1 < len(units) and units[i + 1][0] and units[i + 1][2] is None
+            float_out = residual or next_reads or next_q is None
+            branch_spec = None
+            if branch is not None:
+                branch_spec = backend.conv_spec(
+                    shape, branch.packed(), branch.stride, branch.padding, branch.dilation, branch.input_q()
+                )
             specs = []
             for k, c in enumerate(cs):
                 out_q = cs[k + 1].input_q() if k + 1 < len(cs) else (None if float_out else next_q)
                 spec = backend.conv_spec(shape, c.packed(), c.stride, c.padding, c.dilation, c.input_q(), out_q)
                 specs.append(spec)
                 shape = spec.out_shape
-            described.append((residual, specs, next_q))
+            described.append((residual, specs, next_q, branch_spec, relu_after))
         return backend.block_program(described)
 
 
-def _chain_blocks(model: nn.Module) -> nn.Module:
-    """Mark every module of `x + seq(x)` / `seq(x)` form over a Sequential of static QConv2d layers, and turn each
-    Sequential of such blocks and QConv2d layers into a BlockChain (outermost first)."""
+def _unit_convs(units: list) -> list:
+    """Every QConv2d a block program runs (main paths and branches)."""
+    return [c for _, cs, branch, _ in units for c in (*cs, *((branch,) if branch is not None else ()))]
 
-    def holds_convs(m: nn.Module) -> bool:  # a child Sequential of QConv2d layers: worth tracing m
+
+def _chain_blocks(model: nn.Module) -> nn.Module:
+    """Mark every module of `BlockForm` (residual or plain blocks of static QConv2d layers), and turn each Sequential
+    of such blocks and QConv2d layers into a BlockChain (outermost first)."""
+
+    def holds_convs(m: nn.Module) -> bool:  # a QConv2d child, or one in a child Sequential: worth tracing m
         return any(
-            isinstance(c, nn.Sequential) and any(isinstance(d, QConv2d) for d in c.modules()) for c in m.children()
+            isinstance(c, QConv2d)
+            or (isinstance(c, nn.Sequential) and any(isinstance(d, QConv2d) for d in c.modules()))
+            for c in m.children()
         )
 
     candidates = [m for m in model.modules() if not isinstance(m, nn.Sequential | QConv2d) and m._modules]
     for m in candidates:
-        if "_oq_block_form" not in m.__dict__ and len(m._modules) <= 4 and holds_convs(m):
+        if "_oq_block_form" not in m.__dict__ and len(m._modules) <= 8 and holds_convs(m):
             form = _block_form(m)
             if form is not None:
                 m._oq_block_form = form

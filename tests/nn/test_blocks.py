@@ -11,7 +11,7 @@ from torch import nn
 import octoquant as oq
 from octoquant.kernels import available_isas
 from octoquant.nn import BlockChain, QConv2d
-from octoquant.nn.conv import _block_form
+from octoquant.nn.conv import BlockForm, _block_form
 from tests.nn.test_chain import _unchained as _plain  # block by block, layer by layer
 
 CPU = "avx2" in available_isas()
@@ -52,6 +52,47 @@ def block_net() -> nn.Module:
         Inverted(12, 16, 1),  # plain, followed by a plain conv: codes handed over directly
         _cbr(16, 24, 1),
     )
+    for bn in m.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 2.0)
+    return m.eval()
+
+
+class Basic(nn.Module):
+    """torchvision's ResNet BasicBlock: one ReLU module called after conv1 and after the residual add."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class TinyResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _cbr(3, 8, stride=2)
+        self.layers = nn.Sequential(Basic(8, 8, 1), Basic(8, 8, 1), Basic(8, 16, 2), Basic(16, 16, 1))
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.fc(self.layers(self.stem(x)).mean((2, 3)))
+
+
+def resnet() -> nn.Module:
+    torch.manual_seed(0)
+    m = TinyResNet()
     for bn in m.modules():
         if isinstance(bn, nn.BatchNorm2d):
             bn.running_mean.uniform_(-0.2, 0.2)
@@ -120,10 +161,16 @@ def test_block_forms():
         def forward(self, x, y=None):
             return x + self.conv(x)
 
-    assert _block_form(Inverted(4, 4, 1)) == (True, "conv")
-    assert _block_form(Inverted(4, 4, 1, order="f+x")) == (True, "conv")
-    assert _block_form(Inverted(4, 8, 2)) == (False, "conv")
-    for cls in (Relu, Twice, Scaled, Extra):
+    class Sub(Inverted):
+        def forward(self, x):
+            return x - self.conv(x)
+
+    assert _block_form(Inverted(4, 4, 1)) == BlockForm(("conv",), True)
+    assert _block_form(Inverted(4, 4, 1, order="f+x")) == BlockForm(("conv",), True)
+    assert _block_form(Inverted(4, 8, 2)) == BlockForm(("conv",), False)
+    assert _block_form(Relu(4, 4, 1)) == BlockForm(("conv",), True, None, True)
+    assert _block_form(Basic(4, 8, 2)) == BlockForm(("conv1", "bn1", "relu", "conv2", "bn2"), True, "downsample", True)
+    for cls in (Twice, Scaled, Extra, Sub):
         assert _block_form(cls(4, 4, 1)) is None, cls.__name__
 
 
@@ -174,11 +221,19 @@ def test_block_program_refuses_units_that_do_not_fit():
     geometry = ((1, 1), (0, 0), (1, 1), q)
     to_float = be.conv_spec((1, 5, 5, 4), a.packed(), *geometry)
     to_codes = be.conv_spec((1, 5, 5, 4), b.packed(), *geometry, q)
-    be.block_program([(False, [to_float], q), (True, [to_float], None)])  # fits
-    with pytest.raises(ValueError, match="float input"):
-        be.block_program([(True, [to_float], q), (False, [to_float], None)])  # nothing to add to the first
+    assert not be.block_program([(False, [to_float], q, None, False), (True, [to_float], None, None, True)]).float_input
+    # a first block adding its own input reads the program's float input
+    assert be.block_program([(True, [to_float], q, None, False), (False, [to_float], None, None, False)]).float_input
     with pytest.raises(ValueError, match="must give float"):
-        be.block_program([(False, [to_float], q), (True, [to_codes], q), (False, [to_float], None)])
+        be.block_program(
+            [
+                (False, [to_float], q, None, False),
+                (True, [to_codes], q, None, False),
+                (False, [to_float], None, None, False),
+            ]
+        )
+    with pytest.raises(ValueError, match="branch only with a residual"):
+        be.block_program([(False, [to_float], q, to_float, False), (False, [to_float], None, None, False)])
 
 
 def test_empty_batch(calib):
@@ -188,3 +243,32 @@ def test_empty_batch(calib):
     with torch.no_grad():
         y = q(x)
         assert y.shape == _plain(q, x).shape == (0, 24, 8, 8)
+
+
+@pytest.mark.skipif(not CPU, reason="no fast backend on this CPU")
+def test_resnet_blocks_run_as_one_program_bit_identical(calib, monkeypatch):
+    """torchvision-style BasicBlocks (identity and downsample branches, ReLU after the add; the stage starts with a
+    block that adds its own float input) as one program, bit-identical to the block-by-block path."""
+    from octoquant.kernels.cpu import BlockPlan
+
+    float_model = resnet()
+    q = oq.quantize(float_model, oq.W8A8, calib=calib, progress=False)
+    assert isinstance(q.layers, BlockChain)
+    runs = []
+    orig = BlockPlan.__call__
+
+    def spy(self, *a, **k):
+        runs.append(self.float_input)
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(BlockPlan, "__call__", spy)
+    with torch.no_grad():
+        for shape in [(2, 3, 32, 32), (1, 3, 20, 28)]:
+            x = torch.randn(shape)
+            runs.clear()
+            y = q(x)
+            assert runs == [True]  # one program; its first block reads the stage's float input
+            assert torch.equal(y, _plain(q, x))
+            feats = q.layers(q.stem(x))
+            assert float(feats.min()) >= 0.0  # the ReLU after the last add
+        assert oq.sqnr_db(float_model(x), y) > 25

@@ -1317,8 +1317,9 @@ struct ChainStep {
   bool codes_out;
   DwArgs dw;
   std::vector<ChainGroup> groups;
-  // kind 2: y[dst] = x[src] (+ r[res]) over n floats; codes[cdst] = quantize(y) with q (cdst < 0: none)
+  // kind 2: y[dst] = x[src] (+ r[res]) (then ReLU) over n floats; codes[cdst] = quantize(y) with q (cdst < 0: none)
   int res, cdst;
+  bool relu;
   int64_t n;
   float scale;
   int32_t zp, qmin, qmax, shift;
@@ -1345,10 +1346,11 @@ class ChainProgram {
       if (st.src < 0 || st.src >= CHAIN_BUFFERS || st.dst < 0 || st.dst >= CHAIN_BUFFERS || st.src == st.dst &&
           st.kind != 2)
         throw std::invalid_argument("ChainProgram: bad buffer indices in a step");
-      if (st.kind == 2) {  // ("addq", src, dst, res, cdst, n, (scale, zp, qmin, qmax, shift) or ())
+      if (st.kind == 2) {  // ("addq", src, dst, res, cdst, n, (scale, zp, qmin, qmax, shift) or (), relu)
         st.res = sp[3].cast<int>();
         st.cdst = sp[4].cast<int>();
         st.n = sp[5].cast<int64_t>();
+        st.relu = sp.size() > 7 && sp[7].cast<bool>();
         py::tuple q = sp[6].cast<py::tuple>();
         if (st.res >= CHAIN_BUFFERS || st.cdst >= CHAIN_BUFFERS || (st.cdst >= 0) != (q.size() == 5))
           throw std::invalid_argument("ChainProgram: bad add-and-quantize step");
@@ -1453,6 +1455,8 @@ class ChainProgram {
         for (int64_t j = lo; j < hi; ++j) y[j] = x[j] + r[j];
       else if (y != x)
         std::copy(x + lo, x + hi, y + lo);
+      if (st.relu)  // torch.relu: negatives to 0 (NaN stays NaN: a comparison with NaN is false)
+        for (int64_t j = lo; j < hi; ++j) y[j] = y[j] < 0.0f ? 0.0f : y[j];
       if (c != nullptr) quantize_static_any(y + lo, hi - lo, st.scale, st.zp, st.qmin, st.qmax, st.shift, c + lo, isa);
     });
   }
