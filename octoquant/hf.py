@@ -28,16 +28,24 @@ def calibration_batches(tokenizer, texts: str | Iterable[str], n: int, seq_len: 
     return [ids[i * seq_len : (i + 1) * seq_len].unsqueeze(0) for i in range(min(n, windows))]
 
 
+def _registered(name: str, suffix: str, mapping: str) -> bool:
+    """`name` ends with `suffix`, or transformers' auto `mapping` (a dict of model type -> class name(s)) lists it."""
+    if name.endswith(suffix):
+        return True
+    try:
+        from transformers.models.auto import modeling_auto
+    except ImportError:
+        return False
+    names = getattr(modeling_auto, mapping, {}).values()
+    return any(name == v or (isinstance(v, tuple | list) and name in v) for v in names)
+
+
 def is_causal_lm_architecture(name: str) -> bool:
     """A config `architectures` entry that generates text: `*ForCausalLM`, or a class transformers registers as a
     causal LM under another name (GPT2LMHeadModel, OpenAIGPTLMHeadModel, ...)."""
-    if name.endswith("ForCausalLM"):
-        return True
-    try:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    except ImportError:
-        return False
-    for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
-        if name == v or (isinstance(v, tuple | list) and name in v):
-            return True
-    return False
+    return _registered(name, "ForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES")
+
+
+def is_image_classifier_architecture(name: str) -> bool:
+    """A config `architectures` entry that classifies images (`*ForImageClassification` or registered as one)."""
+    return _registered(name, "ForImageClassification", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES")

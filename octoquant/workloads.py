@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .hf import is_causal_lm_architecture
+from .hf import is_causal_lm_architecture, is_image_classifier_architecture
 
 BUILTIN_MODELS = ("smollm2", "minilm", "mobilenetv2")
 PRESETS = {
@@ -62,27 +62,24 @@ class ImageSpec:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
-def _is_image_classifier(arch: str) -> bool:
-    if arch.endswith("ForImageClassification"):
-        return True
-    try:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES as names
-    except ImportError:
-        return False
-    return any(arch == v or (isinstance(v, tuple | list) and arch in v) for v in names.values())
-
-
 def _kind_of(config_json: Path) -> str:
     archs = json.loads(config_json.read_text()).get("architectures") or []
     if any(is_causal_lm_architecture(a) for a in archs):
         return "causal"
-    return "vision" if any(_is_image_classifier(a) for a in archs) else "encoder"
+    return "vision" if any(is_image_classifier_architecture(a) for a in archs) else "encoder"
 
 
 def kind_of_folder(path: str | Path) -> str | None:
     """ "causal", "encoder" or "vision" for a Hugging Face folder (from its config.json), None for anything else."""
     config = Path(path) / "config.json"
     return _kind_of(config) if config.is_file() else None
+
+
+def _side(v) -> int | None:
+    """The square side of a preprocessor size entry: an int, or {"height": ...} / {"shortest_edge": ...}."""
+    if isinstance(v, dict):
+        v = v.get("height") or v.get("shortest_edge")
+    return v if isinstance(v, int) and v > 0 else None
 
 
 def _image_spec(folder: Path, config) -> ImageSpec:
@@ -95,14 +92,9 @@ def _image_spec(folder: Path, config) -> ImageSpec:
     pre = folder / "preprocessor_config.json"
     if pre.is_file():
         p = json.loads(pre.read_text())
-        for key in ("crop_size", "size"):  # the crop the model sees, else the resize
-            v = p.get(key) if p.get("do_center_crop", True) or key == "size" else None
-            if isinstance(v, int):
-                size = v
-                break
-            if isinstance(v, dict) and (v.get("height") or v.get("shortest_edge")):
-                size = v.get("height") or v.get("shortest_edge")
-                break
+        keys = ("crop_size", "size") if p.get("do_center_crop", True) else ("size",)  # the crop the model sees
+        sides = [_side(p.get(k)) for k in keys]
+        size = next((v for v in sides if v is not None), size)
         if isinstance(p.get("image_mean"), list) and len(p["image_mean"]) == 3:
             mean = tuple(float(x) for x in p["image_mean"])
         if isinstance(p.get("image_std"), list) and len(p["image_std"]) == 3:

@@ -514,11 +514,8 @@ def _block_unit(layer: nn.Module, bypassed: list) -> tuple | None:
             return None
         if branch._static_qparams() != convs[0]._static_qparams():  # both read the block input's codes
             return None
-        convs_all = [*convs, branch]
-    else:
-        convs_all = convs
     bypassed += inner
-    return form.residual, convs, branch, form.relu_after, convs_all
+    return form.residual, convs, branch, form.relu_after
 
 
 def _block_units(seq: nn.Sequential) -> tuple[list, list] | None:
@@ -527,18 +524,14 @@ def _block_units(seq: nn.Sequential) -> tuple[list, list] | None:
     otherwise."""
     layers, bypassed = [], []
     _walk(seq, layers, bypassed)
-    units, blocks, convs = [], 0, []
+    units, blocks = [], 0
     for layer in layers:
-        if isinstance(layer, QConv2d):
-            units.append((False, [layer], None, False))
-            convs.append(layer)
-            continue
-        unit = _block_unit(layer, bypassed)
+        unit = (False, [layer], None, False) if isinstance(layer, QConv2d) else _block_unit(layer, bypassed)
         if unit is None:
             return None
-        units.append(unit[:4])
-        convs += unit[4]
-        blocks += 1
+        units.append(unit)
+        blocks += not isinstance(layer, QConv2d)
+    convs = _unit_convs(units)
     if not blocks:  # only QConv2d layers: a ConvChain's job
         return None
     if len(units) < 2 or not all(c.mode is QuantMode.W8A8_STATIC for c in convs):
@@ -567,20 +560,15 @@ class BlockChain(nn.Sequential):
         """`_block_units`, cached on a snapshot of the children and the packed weights (re-derived on a change)."""
         cached = self.__dict__.get("_block_cache")
         if cached is not None:
-            snapshot, found, plans = cached
-            mods, packed = snapshot
-            if [tuple(m._modules.values()) for m in mods] == packed[0] and (
-                found is None or [id(c._packed) for c in _unit_convs(found[0])] == packed[1]
-            ):
+            mods, children, convs, packed, found, plans = cached
+            if [tuple(m._modules.values()) for m in mods] == children and [id(c._packed) for c in convs] == packed:
                 return found, plans
         found = _block_units(self)
         mods = [self] + ([m for m in found[1] if isinstance(m, nn.Module) and m._modules] if found else [])
-        packed = (
-            [tuple(m._modules.values()) for m in mods],
-            [id(c._packed) for c in _unit_convs(found[0])] if found else [],
-        )
-        self._block_cache = ((mods, packed), found, {})
-        return found, self._block_cache[2]
+        convs = _unit_convs(found[0]) if found else []
+        children, packed = [tuple(m._modules.values()) for m in mods], [id(c._packed) for c in convs]
+        self._block_cache = (mods, children, convs, packed, found, {})
+        return found, self._block_cache[5]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32:

@@ -13,6 +13,7 @@ from octoquant.kernels import available_isas
 from octoquant.nn import BlockChain, QConv2d
 from octoquant.nn.conv import BlockForm, _block_form
 from tests.nn.test_chain import _unchained as _plain  # block by block, layer by layer
+from tests.nn.test_chain import with_bn_statistics
 
 CPU = "avx2" in available_isas()
 
@@ -52,11 +53,7 @@ def block_net() -> nn.Module:
         Inverted(12, 16, 1),  # plain, followed by a plain conv: codes handed over directly
         _cbr(16, 24, 1),
     )
-    for bn in m.modules():
-        if isinstance(bn, nn.BatchNorm2d):
-            bn.running_mean.uniform_(-0.2, 0.2)
-            bn.running_var.uniform_(0.5, 2.0)
-    return m.eval()
+    return with_bn_statistics(m)
 
 
 class Basic(nn.Module):
@@ -93,11 +90,7 @@ class TinyResNet(nn.Module):
 def resnet() -> nn.Module:
     torch.manual_seed(0)
     m = TinyResNet()
-    for bn in m.modules():
-        if isinstance(bn, nn.BatchNorm2d):
-            bn.running_mean.uniform_(-0.2, 0.2)
-            bn.running_var.uniform_(0.5, 2.0)
-    return m.eval()
+    return with_bn_statistics(m)
 
 
 @pytest.fixture(scope="module")

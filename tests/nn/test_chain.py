@@ -47,8 +47,13 @@ def small_cnn() -> nn.Module:
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
     )
+    return with_bn_statistics(m)
+
+
+def with_bn_statistics(m: nn.Module) -> nn.Module:
+    """`m` in eval mode with non-trivial BatchNorm statistics (so that folding them changes the weights)."""
     for bn in m.modules():
-        if isinstance(bn, nn.BatchNorm2d):  # non-trivial folded statistics
+        if isinstance(bn, nn.BatchNorm2d):
             bn.running_mean.uniform_(-0.2, 0.2)
             bn.running_var.uniform_(0.5, 2.0)
     return m.eval()
