@@ -58,30 +58,35 @@ def mobilenet(tmp: str, threads: int) -> dict:
             "sqnr_db": oq.sqnr_db(ours, jitter),
         },
     }
+    # exact=True: ORT reproduces octoquant's integers (float Conv of integer values / ConvInteger, no added pairs)
+    exact_path = os.path.join(tmp, "mnv2_int8_exact.onnx")
+    export.onnx(q, calib[:1], exact_path, exact=True)
     batches = [evals[i : i + 32] for i in range(0, 256, 32)]
-    for rt in export.RUNTIMES:
-        v = export.verify(q, path, batches, runtime=rt, threads=threads)
-        sess = ort_session(path, threads) if rt == "onnxruntime" else None
-        if sess is not None:
-            y = torch.from_numpy(np.concatenate([sess.run(None, {"input": b.numpy()})[0] for b in batches]))
-        else:
-            import openvino as ov
+    for tag, file in (("ours", path), ("ours_exact", exact_path)):
+        for rt in export.RUNTIMES:
+            v = export.verify(q, file, batches, runtime=rt, threads=threads)
+            sess = ort_session(file, threads) if rt == "onnxruntime" else None
+            if sess is not None:
+                y = torch.from_numpy(np.concatenate([sess.run(None, {"input": b.numpy()})[0] for b in batches]))
+            else:
+                import openvino as ov
 
-            c = ov.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-            y = torch.cat([torch.from_numpy(c({"input": b.numpy()})[0].copy()) for b in batches])
-        out[f"ours_in_{rt}"] = {
-            "top1_vs_octoquant": v.outputs[0]["top1_agreement"],
-            "sqnr_vs_octoquant_db": v.outputs[0]["sqnr_db"],
-            "top1_vs_fp32": top1_agreement(fp, y),
-            "kl_vs_fp32": mean_kl_divergence(fp, y),
-            "integer_ops": v.integer_ops,
-            "float_ops": v.float_ops,
-            "dequantized_float": v.dequantized_float,
-        }
-        print(f"MobileNetV2 ours in {rt}: {out[f'ours_in_{rt}']}", flush=True)
+                c = ov.Core().compile_model(file, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+                y = torch.cat([torch.from_numpy(c({"input": b.numpy()})[0].copy()) for b in batches])
+            out[f"{tag}_in_{rt}"] = {
+                "top1_vs_octoquant": v.outputs[0]["top1_agreement"],
+                "sqnr_vs_octoquant_db": v.outputs[0]["sqnr_db"],
+                "top1_vs_fp32": top1_agreement(fp, y),
+                "kl_vs_fp32": mean_kl_divergence(fp, y),
+                "integer_ops": v.integer_ops,
+                "float_ops": v.float_ops,
+                "dequantized_float": v.dequantized_float,
+            }
+            print(f"MobileNetV2 {tag} in {rt}: {out[f'{tag}_in_{rt}']}", flush=True)
     fp32_onnx = export_fp32(model)
     theirs = ort_quantize_static(fp32_onnx, calib, "MinMax")
     s_theirs, s_fp32, s_ours = ort_session(theirs, threads), ort_session(fp32_onnx, threads), ort_session(path, threads)
+    s_exact = ort_session(exact_path, threads)
     y = _batched(lambda b: torch.from_numpy(s_theirs.run(None, {"x": b.numpy()})[0]), evals)
     out["ort_quantize_static_minmax"] = {"top1_vs_fp32": top1_agreement(fp, y), "kl_vs_fp32": mean_kl_divergence(fp, y)}
     print(f"MobileNetV2 ORT quantize_static: {out['ort_quantize_static_minmax']}", flush=True)
@@ -92,6 +97,7 @@ def mobilenet(tmp: str, threads: int) -> dict:
             {
                 "ort_fp32": lambda i, x=x: s_fp32.run(None, {"x": x}),
                 "ort_ours_int8": lambda i, x=x: s_ours.run(None, {"input": x}),
+                "ort_ours_exact": lambda i, x=x: s_exact.run(None, {"input": x}),
                 "ort_quantize_static_int8": lambda i, x=x: s_theirs.run(None, {"x": x}),
             },
             reps=40,
@@ -119,11 +125,16 @@ def minilm(tmp: str, threads: int) -> dict:
     with torch.no_grad():
         fp = torch.cat([enc(**b) for b in test])
     out = {}
-    forms = (("static", oq.W8A8, "per-token"), ("dynamic", oq.W8A8_DYNAMIC, "per-token"))
-    for name, cfg, form in forms + (("dynamic_per_tensor_qdq", oq.W8A8_DYNAMIC, "per-tensor"),):
+    forms = (
+        ("static", oq.W8A8, "per-token", False),
+        ("static_exact", oq.W8A8, "per-token", True),
+        ("dynamic", oq.W8A8_DYNAMIC, "per-token", False),
+        ("dynamic_per_tensor_qdq", oq.W8A8_DYNAMIC, "per-tensor", False),
+    )
+    for name, cfg, form, exact in forms:
         q = oq.quantize(enc, cfg, calib=calib if cfg is oq.W8A8 else None, progress=False)
         path = os.path.join(tmp, f"minilm_{name}.onnx")
-        export.onnx(q, calib[0], path, calib=calib[:2], dynamic=form)
+        export.onnx(q, calib[0], path, calib=calib[:2], dynamic=form, exact=exact)
         with torch.no_grad():
             ours = torch.cat([q(**b) for b in test])
         row = {"octoquant_cos_vs_fp32": float(oq.cosine_similarity(fp, ours, dim=1).mean())}

@@ -427,7 +427,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if w.kind == "causal":
             model = export.LogitsOnly(model)
-    rep = export.onnx(model, example, out, overwrite=args.overwrite, dynamic=args.dynamic)
+    rep = export.onnx(model, example, out, overwrite=args.overwrite, dynamic=args.dynamic, exact=args.exact)
     v = export.verify(model, out, example)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, opset {rep.opset}, {len(rep.check.integer)} int8 layers)")
     print(v.summary())
@@ -536,6 +536,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="per-token",
         help="dynamic W8A8 layers: per-token (octoquant's numerics, "
         "MatMulInteger; ORT runs it int8) or per-tensor (QDQ DynamicQuantizeLinear; OpenVINO runs it int8)",
+    )
+    x.add_argument(
+        "--exact",
+        action="store_true",
+        help="static layers as the integer ops octoquant computes (ORT reproduces octoquant's integers; slower)",
     )
     x.set_defaults(func=cmd_export)
     r = sub.add_parser("report", help="quantize + evaluate + benchmark: the FP32-vs-INT8 table, HTML, plots")

@@ -21,6 +21,14 @@ computes them: closer to octoquant, slower in ORT); residual Adds stay float unl
 (QLinearAdd / TensorRT's conv + add fusion). MatMul outputs stay float (ORT runs DQ -> MatMul as
 MatMulIntegerToFloat / DynamicQuantizeMatMul). Modules with no QDQ mapping (layers kept in float) export in
 float, with a warning.
+
+`exact=True` exports static layers as the arithmetic octoquant itself performs instead: octoquant's input
+quantization, the integer product (MatMulInteger / ConvInteger; a conv whose sums provably stay below 2**24 as a
+float Conv of the integers q - zp and w, exact in float32 and on the runtime's fast float kernels), then
+octoquant's rescale float32(acc) * (x_scale * w_scale) + bias, with no Q/DQ pairs added. ONNX Runtime then
+reproduces octoquant's integers bit for bit (MobileNetV2's 52 convolutions: identical feature maps), where the QDQ
+default only agrees to the rounding noise of a different requantization (QLinearConv's int32 bias and single
+multiplier): a file to verify a deployment against, slower than the QDQ default.
 """
 
 from __future__ import annotations
@@ -155,6 +163,21 @@ class _ConvInteger(torch.autograd.Function):
         return out
 
 
+class _CastToFloat(torch.autograd.Function):
+    """An int8 weight as float32 values, cast in the graph: the file keeps the int8 initializer (1 byte per weight)
+    and runtimes fold the Cast at load."""
+
+    @staticmethod
+    def forward(ctx, w):
+        return w.to(torch.float32)
+
+    @staticmethod
+    def symbolic(g, w):
+        out = g.op("Cast", w, to_i=1)  # TensorProto.FLOAT
+        out.setType(w.type().with_dtype(torch.float32))
+        return out
+
+
 class _Mark(torch.autograd.Function):
     """Identity that tags a quantized module's float output with the module's name (for the placement pass)."""
 
@@ -211,9 +234,22 @@ def _per_token_linear(self: QLinear, x: torch.Tensor) -> torch.Tensor:
     return _Mark.apply(y, self._export_name)
 
 
+def _exact_static_linear(self: QLinear, x: torch.Tensor) -> torch.Tensor:
+    """octoquant's static W8A8 linear as integer ops: QuantizeLinear to uint8 codes, MatMulInteger, then
+    float32(acc) * (x_scale * w_scale) + bias, octoquant's rescale in its order."""
+    s, z = _static_qparams_u8(self)
+    acc = _MatMulInteger.apply(_QuantizeLinear.apply(x, s, z), self.weight.t(), z)
+    y = acc.to(torch.float32) * (s * self.weight_scale)
+    if self.bias is not None:
+        y = y + self.bias
+    return _Mark.apply(y, self._export_name)
+
+
 def _qlinear_forward(self: QLinear, x: torch.Tensor) -> torch.Tensor:
     if self.mode is QuantMode.W8A8_DYNAMIC and self._export_dynamic == "per-token":
         return _per_token_linear(self, x)
+    if self.mode is QuantMode.W8A8_STATIC and self._export_exact:
+        return _exact_static_linear(self, x)
     flat = x.dim() == 2 and self.mode is not QuantMode.W8A16
     if flat:  # (M, K) -> (1, M, K): ORT fuses a 2-D MatMul + bias into a float Gemm before its QDQ fusions
         x = x.unsqueeze(0)
@@ -231,19 +267,56 @@ def _qlinear_forward(self: QLinear, x: torch.Tensor) -> torch.Tensor:
     return _Mark.apply(y.squeeze(0) if flat else y, self._export_name)
 
 
-def _dynamic_conv(self: QConv2d, x: torch.Tensor) -> torch.Tensor:
-    """octoquant's dynamic uint8 conv as ONNX ops: DynamicQuantizeLinear (its asymmetric min/max qparams), the
-    exact integer conv (ConvInteger: ORT runs it on u8 x s8 kernels), then float32(acc) * (x_scale * w_scale) + bias
-    in the order octoquant's rescale computes it."""
-    q, s, z = _DynamicQuantizeLinear.apply(x)
+def _integer_conv(self: QConv2d, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """The exact integer conv of uint8 codes q (zero-point z; ConvInteger: ORT runs it on u8 x s8 kernels), then
+    float32(acc) * (x_scale * w_scale) + bias in the order octoquant's rescale computes it."""
     acc = _ConvInteger.apply(q, self.weight, z, self.stride, self.padding, self.dilation, self.groups)
     y = acc.to(torch.float32) * (s * self.weight_scale).reshape(1, -1, 1, 1)
     return y + self.bias.reshape(1, -1, 1, 1) if self.bias is not None else y
 
 
+def _sums_fit_float32(self: QConv2d, zero_point: int) -> bool:
+    """Whether every partial sum of (q - zero_point) * w, for any uint8 codes q, is an integer below 2**24 in
+    magnitude (max |q - zp| x the largest per-channel sum of |w|): float32 then computes the conv exactly, in any
+    summation order, fused multiply-adds included."""
+    l1 = self.weight.to(torch.int64).abs().flatten(1).sum(1).max()
+    return int(l1) * max(zero_point, 255 - zero_point) < 2**24
+
+
+def _float_valued_conv(self: QConv2d, x: torch.Tensor, s: torch.Tensor, zero_point: int) -> torch.Tensor:
+    """The integer conv on integer-valued floats, exact where `_sums_fit_float32` holds, on the runtime's fast float
+    kernels (ORT's ConvInteger ran MobileNetV2 at 40-67 ms per image against 12 ms for this form, measured):
+    - q - zp = round(clamp(x / s, -zp, 255 - zp)): octoquant's quantization without the uint8 round trip (ORT's
+      uint8 -> float conversions cost more than the conv);
+    - the int8 weights cast to float in the graph (the file stays 1 byte per weight);
+    - the rescale's per-channel factor read through an int32 DequantizeLinear, which runtimes leave unfolded:
+      a constant Mul would be folded into the weights (ORT's Conv + Mul fusion), changing the products."""
+    q0 = torch.round(torch.clamp(x / s, float(-zero_point), float(255 - zero_point)))
+    acc = F.conv2d(q0, _CastToFloat.apply(self.weight), None, self.stride, self.padding, self.dilation, self.groups)
+    c = self.out_channels
+    ones, zeros = torch.ones(1, c, 1, 1, dtype=torch.int32), torch.zeros(c, dtype=torch.int32)
+    y = acc * _DequantizeLinear.apply(ones, s * self.weight_scale, zeros, 1)
+    return y + self.bias.reshape(1, -1, 1, 1) if self.bias is not None else y
+
+
+def _static_qparams_u8(self: QuantizedModule) -> tuple[torch.Tensor, torch.Tensor]:
+    """octoquant's static input qparams for uint8 codes: int8 data shifted by 128 (the zero-point too), the same
+    integers q - zp that octoquant's kernels multiply."""
+    scale, zp = self._static_qparams()
+    shift = 128 if self.input_dtype is QDtype.INT8 else 0
+    return torch.tensor(scale, dtype=torch.float32), torch.tensor(zp + shift, dtype=torch.uint8)
+
+
 def _qconv_forward(self: QConv2d, x: torch.Tensor) -> torch.Tensor:
     if self.mode is QuantMode.W8A8_DYNAMIC and self.input_dtype is QDtype.UINT8:
-        y = _dynamic_conv(self, x)
+        q, s, z = _DynamicQuantizeLinear.apply(x)
+        y = _integer_conv(self, q, s, z)
+    elif self.mode is QuantMode.W8A8_STATIC and self._export_exact:
+        s, z = _static_qparams_u8(self)
+        if _sums_fit_float32(self, int(z)):
+            y = _float_valued_conv(self, x, s, int(z))
+        else:
+            y = _integer_conv(self, _QuantizeLinear.apply(x, s, z), s, z)
     else:
         xd = _input_qdq(self, x)
         wd = _dq_weight(self.weight, self.weight_scale, axis=0)
@@ -276,14 +349,14 @@ _EXPORT_FORWARDS = {QLinear: _qlinear_forward, QConv2d: _qconv_forward, QEmbeddi
 
 
 @contextlib.contextmanager
-def _export_forwards(model: nn.Module, dynamic: str = "per-token"):
+def _export_forwards(model: nn.Module, dynamic: str = "per-token", exact: bool = False):
     patched = []
     try:
         for name, m in model.named_modules():
             fwd = _EXPORT_FORWARDS.get(type(m))
             if fwd is not None:
                 m.forward = types.MethodType(fwd, m)
-                m._export_name, m._export_dynamic = name, dynamic
+                m._export_name, m._export_dynamic, m._export_exact = name, dynamic, exact
                 patched.append(m)
         yield
     finally:
@@ -291,6 +364,7 @@ def _export_forwards(model: nn.Module, dynamic: str = "per-token"):
             del m.forward
             del m._export_name
             del m._export_dynamic
+            del m._export_exact
 
 
 class LogitsOnly(nn.Module):
@@ -589,6 +663,27 @@ def _constants_to_initializers(gr: _Graph) -> None:
     gr.refresh()
 
 
+def _int8_conv_weights(gr: _Graph) -> int:
+    """A Conv weight of int8 integers stored as float (the exporter folds an exact export's Cast) goes back to an
+    int8 initializer cast in the graph: 1 byte per weight in the file, lossless. Returns the weights converted."""
+    import numpy as np
+
+    done = 0
+    for n in list(gr.nodes):
+        w = gr.const(n.input[1]) if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in gr.inits else None
+        if w is None or w.dtype != np.float32 or (np.abs(w) > 127).any() or not np.array_equal(w, np.round(w)):
+            continue
+        name = gr.add_const(f"{n.input[1]}_int8", w.astype(np.int8))
+        out = gr.fresh(f"{n.input[1]}_float")
+        gr.nodes.append(
+            gr.onnx.helper.make_node("Cast", [name], [out], to=gr.onnx.TensorProto.FLOAT, name=gr.fresh("Cast"))
+        )
+        n.input[1] = out
+        done += 1
+    gr.refresh()
+    return done
+
+
 def _merge_duplicate_quantize(gr: _Graph) -> None:
     """One QuantizeLinear per tensor and qparams (e.g. Q, K, V projections reading the same hidden state)."""
     drop = []
@@ -673,8 +768,33 @@ def _q_limits(gr: _Graph, q) -> tuple[float, float] | None:
     return (qmin - int(z)) * float(s), (qmax - int(z)) * float(s)
 
 
+def _reader_limits(gr: _Graph, r) -> tuple[float, float] | None:
+    """The float range a quantizing reader keeps distinct: a QuantizeLinear, or an exact export's Div by the scale
+    -> Clip to the integer bounds -> Round (a value clamped within an ulp of an integer bound rounds to it)."""
+    if r.op_type == "QuantizeLinear":
+        return _q_limits(gr, r)
+    s = gr.const(r.input[1]) if r.op_type == "Div" else None
+    if s is None or s.ndim:
+        return None
+    chain, node = [], r
+    for op in ("Clip", "Round"):
+        readers = gr.consumers.get(node.output[0], [])
+        if len(readers) != 1 or readers[0].op_type != op:
+            return None
+        node = readers[0]
+        chain.append(node)
+    clip = chain[0]
+    if len(clip.input) < 3 or not clip.input[1] or not clip.input[2]:
+        return None
+    lo, hi = gr.const(clip.input[1]), gr.const(clip.input[2])
+    if lo is None or hi is None:
+        return None
+    return float(lo) * float(s), float(hi) * float(s)
+
+
 def _drop_redundant_clamps(gr: _Graph) -> int:
-    """Bypass a Relu / Clip / Min (with constant bounds) read only by QuantizeLinear nodes that saturate inside it.
+    """Bypass a Relu / Clip / Min (with constant bounds) read only by quantizing readers that saturate inside it
+    (QuantizeLinear, or an exact export's Div -> Clip -> Round; see `_reader_limits`).
 
     Q(min(y, u)) == Q(y) when every u >= the Q's largest representable value (and likewise for lower bounds):
     exact, and it keeps conv -> Q chains free of float islands (a per-channel ReLU6 bound after depthwise
@@ -685,7 +805,7 @@ def _drop_redundant_clamps(gr: _Graph) -> int:
         if n.op_type not in ("Relu", "Clip", "Min"):
             continue
         readers = gr.consumers.get(n.output[0], [])
-        if not readers or any(r.op_type != "QuantizeLinear" for r in readers):
+        if not readers or any(r.op_type not in ("QuantizeLinear", "Div") for r in readers):
             continue
         if any(o.name == n.output[0] for o in gr.g.output):
             continue
@@ -702,7 +822,7 @@ def _drop_redundant_clamps(gr: _Graph) -> int:
             if len(n.input) != 2 or gr.const(n.input[1]) is None:
                 continue
             hi = float(gr.const(n.input[1]).min())
-        limits = [_q_limits(gr, r) for r in readers]
+        limits = [_reader_limits(gr, r) for r in readers]
         if any(lim is None or lim[0] < lo or lim[1] > hi for lim in limits):
             continue
         for r in readers:
@@ -786,6 +906,13 @@ class QDQCheck:
     problems: tuple[str, ...]
 
 
+def _int8_cast(gr: _Graph, node) -> bool:
+    """A Cast of an int8 constant (an exact export's conv weight)."""
+    import numpy as np
+
+    return node is not None and node.op_type == "Cast" and getattr(gr.const(node.input[0]), "dtype", None) == np.int8
+
+
 def check(model_or_path) -> QDQCheck:
     """onnx.checker (full) plus the QDQ placement rules the runtimes' fusions need.
 
@@ -805,6 +932,8 @@ def check(model_or_path) -> QDQCheck:
         src = gr.producer.get(n.input[0]) if n.input else None
         if n.op_type == "DequantizeLinear" and src is not None and src.op_type == "DynamicQuantizeLinear":
             pass  # run-time qparams
+        elif n.op_type == "DequantizeLinear" and getattr(gr.const(n.input[0]), "dtype", None) == np.int32:
+            pass  # an int32 constant (an exact export's per-channel rescale), not an activation
         elif n.op_type in ("QuantizeLinear", "DequantizeLinear"):
             s, z = gr.qparams_of(n)
             if s is None or s.dtype != np.float32:
@@ -824,9 +953,13 @@ def check(model_or_path) -> QDQCheck:
                 problems.append(f"{n.op_type} {label}: non-positive or non-finite scale")
             if n.op_type == "QuantizeLinear":
                 for c in gr.consumers.get(n.output[0], []):
-                    if c.op_type != "DequantizeLinear" or not gr.same_qparams(n, c):
+                    if c.op_type in ("ConvInteger", "MatMulInteger"):  # the codes' zero-point is the Q's
+                        ok = len(c.input) > 2 and np.array_equal(gr.const(c.input[2]), z)
+                    else:
+                        ok = c.op_type == "DequantizeLinear" and gr.same_qparams(n, c)
+                    if not ok:
                         problems.append(f"QuantizeLinear {label}: read by {c.op_type} {c.name} without matching DQ")
-        if n.op_type == "MatMulInteger":
+        if n.op_type in ("MatMulInteger", "ConvInteger"):
             w = gr.const(n.input[1])
             (integer if w is not None and w.dtype == np.int8 else floats).append(label)
             continue
@@ -834,6 +967,9 @@ def check(model_or_path) -> QDQCheck:
             continue
         wp = gr.producer.get(n.input[_COMPUTE[n.op_type]])
         xp = gr.producer.get(n.input[0])
+        if n.op_type == "Conv" and _int8_cast(gr, wp) and xp is not None and xp.op_type == "Round":
+            integer.append(label)  # an exact export's conv of integers (`_float_valued_conv`): float out by design
+            continue
         w_dq = wp is not None and wp.op_type == "DequantizeLinear" and gr.const(wp.input[0]) is not None
         if not w_dq:
             if wp is None or wp.op_type != "Mul":  # per-group weight-only: Cast * scales
@@ -892,6 +1028,7 @@ def onnx(
     quantize_adds: bool = False,
     quantize_branch_outputs: bool = True,
     dynamic: str = "per-token",
+    exact: bool = False,
     dynamic_axes: dict | None = None,
     output_names: Sequence[str] | None = None,
     overwrite: bool = False,
@@ -917,6 +1054,13 @@ def onnx(
             "per-tensor" (QDQ form: DynamicQuantizeLinear uint8 -> DequantizeLinear -> MatMul, which ORT fuses
             into DynamicQuantizeMatMul and OpenVINO runs as i8 FullyConnected; a coarser quantization than
             octoquant's). OpenVINO runs MatMulInteger in f32: use "per-tensor" for OpenVINO.
+        exact: export static W8A8 layers as the arithmetic octoquant itself performs: octoquant's quantization of
+            the input, the integer product (MatMulInteger; ConvInteger, or a float Conv of the integers where its
+            sums provably stay below 2**24), then float32(acc) * (x_scale * w_scale) + bias, and no added Q/DQ
+            pairs (a conv output stays float where octoquant keeps it float). ORT then reproduces octoquant's
+            integers bit for bit (MobileNetV2's feature maps: identical). Slower in ORT than the QDQ default (~2.5x
+            ORT FP32 on MobileNetV2), whose QLinearConv fusions requantize with their own rounding (one
+            multiplier, an int32 bias) and so agree with octoquant only to that rounding noise.
         dynamic_axes: torch.onnx dynamic axes; default: dim 0 of every input and output is "batch", dim 1 of
             integer inputs (token ids, masks) is "sequence".
         overwrite: replace an existing file (default: refuse).
@@ -958,7 +1102,9 @@ def onnx(
     try:
         with torch.no_grad(), _without_kv_cache(qmodel):
             ref_out = _flat_outputs(qmodel(*args, **kwargs))
-            ranges = _observe_outputs(qmodel, calib if calib is not None else [example_inputs], calibrator)
+            ranges = (
+                {} if exact else _observe_outputs(qmodel, calib if calib is not None else [example_inputs], calibrator)
+            )
         in_names = _input_names(args, kwargs)
         out_names = (
             list(output_names)
@@ -970,7 +1116,7 @@ def onnx(
         with (
             tempfile.TemporaryDirectory() as tmp,
             _without_kv_cache(qmodel),
-            _export_forwards(qmodel, dynamic),
+            _export_forwards(qmodel, dynamic, exact),
             torch.no_grad(),
             warnings.catch_warnings(),
         ):
@@ -1004,9 +1150,12 @@ def onnx(
     finally:
         qmodel.train(was_training)
     # static convolutions get output Q/DQ pairs (ORT then fuses QLinearConv); a dynamic one's output is float in
-    # octoquant, and a pair there would add a rounding (at a range fixed on the example) octoquant does not have
+    # octoquant, and a pair there would add a rounding (at a range fixed on the example) octoquant does not have;
+    # neither does an exact export's ConvInteger
     kinds = {
-        n: ("conv" if m.mode is QuantMode.W8A8_STATIC else "dynamic-conv") if isinstance(m, QConv2d) else "linear"
+        n: ("conv" if m.mode is QuantMode.W8A8_STATIC and not exact else "integer-conv")
+        if isinstance(m, QConv2d)
+        else "linear"
         for n, m in qmods.items()
     }
     gr = _Graph(model)
@@ -1017,7 +1166,10 @@ def onnx(
     pairs = sum(n.op_type == "QuantizeLinear" for n in gr.nodes) - n_before
     residual = _quantize_residual_adds(gr) if quantize_adds else 0
     _merge_duplicate_quantize(gr)
-    _drop_redundant_clamps(gr)
+    while _drop_redundant_clamps(gr):  # a Relu before a dropped Min may be redundant now
+        pass
+    if exact:
+        _int8_conv_weights(gr)
     _collapse_requantize(gr)
     if unquantized:
         log.warning("no output range for %s: their convolutions stay float in ORT", ", ".join(unquantized))

@@ -72,6 +72,66 @@ def test_static_cnn_exports_qdq_and_runs_integer_in_ort(tmp_path):
     assert v.outputs[0]["sqnr_db"] >= 25.0
 
 
+class ExactNet(nn.Module):
+    """TinyNet's trunk with a depthwise conv, a wide conv whose sums exceed float32's integers, a channels-last
+    Linear head on the un-pooled map: every output value passes through the integer pipeline only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.expand = nn.Sequential(nn.Conv2d(8, 16, 1), nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU6())
+        self.project = nn.Conv2d(16, 8, 1)
+        self.wide = nn.Sequential(nn.Conv2d(8, 1200, 1), nn.ReLU())
+        self.narrow = nn.Conv2d(1200, 6, 1)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.project(self.dw(self.expand(x)))
+        return self.fc(self.narrow(self.wide(x)).permute(0, 2, 3, 1))
+
+
+def test_exact_export_reproduces_octoquant_bit_for_bit(tmp_path):
+    import dataclasses
+
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    net = ExactNet().eval()
+    with torch.no_grad():
+        net.narrow.weight.uniform_(-1, 1)  # int8 rows summing to ~76k in |w|: x 255 codes > 2**24
+    calib = [torch.randn(4, 3, 16, 16) for _ in range(4)]
+    cfg = dataclasses.replace(oq.W8A8, equalize_channels=False)  # keep the wide weights as drawn
+    q = oq.quantize(net, cfg, calib=calib, progress=False)
+    path = tmp_path / "exact.onnx"
+    rep = export.onnx(q, calib[0], path, exact=True)
+    assert rep.check.problems == () and len(rep.check.integer) == 7 and rep.output_pairs == 0
+    ops = _ops(path)
+    # sums that float32 holds exactly run as a Conv of integers; the wide one as ConvInteger; the Linear as
+    # MatMulInteger
+    assert ops.get("ConvInteger") == 1 and ops.get("Conv") == 5 and ops.get("MatMulInteger") == 1
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for i in range(3):
+        x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(i)) * 1.5
+        with torch.no_grad():
+            assert torch.equal(torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]), q(x))
+    # the default (QDQ) export of the same model requantizes with ORT's own rounding: not bit-equal
+    export.onnx(q, calib[0], tmp_path / "qdq.onnx", calib=calib)
+    qdq = ort.InferenceSession(str(tmp_path / "qdq.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        assert not torch.equal(torch.from_numpy(qdq.run(None, {"input": x.numpy()})[0]), q(x))
+
+
+@pytest.mark.parametrize(("k", "zero_point", "fits"), [(518, 0, True), (519, 0, False), (1032, 128, True)])
+def test_float32_holds_the_conv_sums_up_to_two_to_the_24(k, zero_point, fits):
+    from types import SimpleNamespace
+
+    # all-127 weights: the largest sum is 127 * k * max(zp, 255 - zp); 2**24 = 16,777,216
+    conv = SimpleNamespace(weight=torch.full((2, k, 1, 1), 127, dtype=torch.int8))
+    assert export._sums_fit_float32(conv, zero_point) is fits
+
+
 def test_dynamic_and_weight_only_linear_in_ort(tmp_path):
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)).eval()

@@ -388,6 +388,27 @@ def test_mobilenetv2_onnx_export_parity(mobilenet_setup, mnv2_int8, tmp_path):
     assert kl_faithful <= ONNX_MNV2_FAITHFUL_KL_RATIO * kl_oq and kl_faithful < kl_ort
 
 
+def test_mobilenetv2_exact_export_reproduces_octoquant(mobilenet_setup, mnv2_int8, tmp_path):
+    """exact=True: ORT computes octoquant's own integers through all 52 convolutions (the issue's 99.5% / 30 dB)."""
+    from octoquant import export
+
+    _, calib, evals, _ = mobilenet_setup
+    q = mnv2_int8
+    export.onnx(q.features, calib[0][:1], tmp_path / "features.onnx", exact=True)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(tmp_path / "features.onnx"), providers=["CPUExecutionProvider"])
+    x = evals[:16]
+    with torch.no_grad():
+        assert torch.equal(torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]), q.features(x))  # bit for bit
+    rep = export.onnx(q, calib[0][:1], tmp_path / "exact.onnx", exact=True)
+    assert rep.check.problems == () and len(rep.check.integer) == 53 and rep.output_pairs == 0
+    v = export.verify(q, tmp_path / "exact.onnx", [evals[i : i + 32] for i in range(0, 128, 32)])
+    print(v.summary())
+    # the head differs only by the float order of the average pool (ORT's sum vs PyTorch's)
+    assert v.outputs[0]["top1_agreement"] == 1.0 and v.outputs[0]["sqnr_db"] >= 60.0
+
+
 def test_minilm_onnx_export_parity(minilm_setup, tmp_path):
     from octoquant import export
     from octoquant.models.minilm import SentenceEncoder
