@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -346,6 +347,10 @@ def test_hf_image_classifier_folder_quantizes_with_the_users_images(hf_vision_fo
     r = run_in_process(capsys, "export", out, "--format", "onnx", "--out", tmp_path / "m.onnx")
     assert r.returncode == 0, r.stderr
     assert "QLinearConv" in r.stdout
+    r = run_in_process(capsys, "export", out, "--exact", "--out", tmp_path / "exact.onnx")
+    assert r.returncode == 0, r.stderr
+    sqnr = float(re.search(r"SQNR (\S+) dB", r.stdout).group(1))  # octoquant's integers: only the pool's order
+    assert sqnr >= 60.0, r.stdout
     wiki = ("quantize", str(root / "resnet"), "--calib", "wiki", "--out", str(tmp_path / "q2"))
     _one_line_error(run_cli(*wiki), "image or a folder of images")  # the real command line: one line, exit 2
     empty = tmp_path / "empty"
