@@ -92,8 +92,11 @@ class ExactNet(nn.Module):
         return self.fc(self.narrow(self.wide(x)).permute(0, 2, 3, 1))
 
 
-def test_exact_export_reproduces_octoquant_bit_for_bit(tmp_path):
-    import dataclasses
+@pytest.mark.parametrize(
+    ("activation_dtype", "weights"),
+    [("uint8", oq.PerChannel(0)), ("int8", oq.PerChannel(0)), ("uint8", oq.PerTensor())],
+)
+def test_exact_export_reproduces_octoquant_bit_for_bit(tmp_path, activation_dtype, weights):
 
     import onnxruntime as ort
 
@@ -102,15 +105,17 @@ def test_exact_export_reproduces_octoquant_bit_for_bit(tmp_path):
     with torch.no_grad():
         net.narrow.weight.uniform_(-1, 1)  # int8 rows summing to ~76k in |w|: x 255 codes > 2**24
     calib = [torch.randn(4, 3, 16, 16) for _ in range(4)]
-    cfg = dataclasses.replace(oq.W8A8, equalize_channels=False)  # keep the wide weights as drawn
+    # equalization off: keep the wide weights as drawn
+    cfg = oq.W8A8.replace(equalize_channels=False, activation_dtype=activation_dtype, weight_granularity=weights)
     q = oq.quantize(net, cfg, calib=calib, progress=False)
     path = tmp_path / "exact.onnx"
     rep = export.onnx(q, calib[0], path, exact=True)
     assert rep.check.problems == () and len(rep.check.integer) == 7 and rep.output_pairs == 0
     ops = _ops(path)
-    # sums that float32 holds exactly run as a Conv of integers; the wide one as ConvInteger; the Linear as
-    # MatMulInteger
-    assert ops.get("ConvInteger") == 1 and ops.get("Conv") == 5 and ops.get("MatMulInteger") == 1
+    # sums that float32 holds exactly run as a Conv of integers; the wide one as ConvInteger (with uint8 codes,
+    # |q - zp| <= 255; symmetric int8 codes have |q| <= 128 and fit); the Linear as MatMulInteger
+    wide = 1 if activation_dtype == "uint8" else 0
+    assert ops.get("ConvInteger", 0) == wide and ops.get("Conv") == 6 - wide and ops.get("MatMulInteger") == 1
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for i in range(3):
         x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(i)) * 1.5
