@@ -128,6 +128,33 @@ def test_exact_export_reproduces_octoquant_bit_for_bit(tmp_path, activation_dtyp
         assert not torch.equal(torch.from_numpy(qdq.run(None, {"input": x.numpy()})[0]), q(x))
 
 
+def test_a_per_channel_clamp_runs_on_the_codes(tmp_path, monkeypatch):
+    """A per-channel ReLU6 bound below the next quantizer's range (left by equalization) is applied to the uint8
+    codes between two QLinearConvs (Q(min(y, u)) == min(Q(y), Q(u))), not as DQ -> float Min -> Q."""
+    import onnxruntime as ort
+
+    q, calib = _static_net()
+    upper = torch.full((16,), float("inf"))
+    upper[::2] = 0.05  # every other channel clamped well inside the next conv's input range
+    q.expand[0].fuse_activation(upper)
+    export.onnx(q, calib[0], tmp_path / "codes.onnx", calib=calib)
+    g = onnx.load(str(tmp_path / "codes.onnx"))
+    inits = {t.name: t for t in g.graph.initializer}
+    mins = [n for n in g.graph.node if n.op_type == "Min"]
+    assert len(mins) == 1 and inits[mins[0].input[1]].data_type == onnx.TensorProto.UINT8
+    monkeypatch.setattr(export, "_integer_clamps", lambda gr: 0)  # the float form, for comparison
+    export.onnx(q, calib[0], tmp_path / "float.onnx", calib=calib)
+    assert any(n.op_type == "Min" for n in onnx.load(str(tmp_path / "float.onnx")).graph.node)
+    x = torch.randn(4, 3, 16, 16).numpy()
+    a, b = (
+        ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"])
+        for f in ("codes.onnx", "float.onnx")
+    )
+    assert (a.run(None, {"input": x})[0] == b.run(None, {"input": x})[0]).all()  # the same integers
+    v = export.verify(q, tmp_path / "codes.onnx", [torch.from_numpy(x)])
+    assert v.integer_ops.get("QLinearConv") == 4 and v.outputs[0]["sqnr_db"] >= 25.0
+
+
 @pytest.mark.parametrize(("k", "zero_point", "fits"), [(518, 0, True), (519, 0, False), (1032, 128, True)])
 def test_float32_holds_the_conv_sums_up_to_two_to_the_24(k, zero_point, fits):
     from types import SimpleNamespace
