@@ -58,6 +58,26 @@ def interleaved(fns: dict[str, Callable[[int], object]], reps: int, budget_s: fl
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def alone(fns: dict[str, Callable[[], object]], reps: int, rounds: int = 6, pause_s: float = 0.05) -> dict[str, float]:
+    """Median seconds per call of each fn run on its own: blocks of `reps` calls (after 3 warm-up calls), the
+    block order alternating over `rounds`, a pause between blocks so that a runtime's spinning thread pool has
+    parked before the next one runs. For runtimes measured in their default thread settings (ORT spins its
+    workers between calls, which call-by-call interleaving turns into stolen CPU for the others)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            f = fns[name]
+            for _ in range(3):
+                f()
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                f()
+                times[name].append(time.perf_counter() - t0)
+            time.sleep(pause_s)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def read_bandwidth_gbs(threads: int) -> float:
     """DRAM read GB/s: sum over a 512 MiB tensor (memory-bound), median of 5."""
     torch.set_num_threads(threads)

@@ -170,8 +170,18 @@ class ChainPlan:
 class BlockPlan:
     """A `ChainProgram` over a sequence of convolution blocks (`CpuBackend.block_program`) and its buffers."""
 
-    def __init__(self, program, isa: int, in_shape, out_shape, sizes: tuple[int, int, int], float_input: bool):
+    def __init__(
+        self,
+        program,
+        isa: int,
+        in_shape,
+        out_shape,
+        sizes: tuple[int, int, int],
+        float_input: bool,
+        step_kinds: tuple[str, ...] = (),
+    ):
         self.program, self.isa, self.in_shape, self.out_shape = program, isa, in_shape, out_shape
+        self.step_kinds = step_kinds  # "gemm" / "dw" / "addq" per program step (for program.step_ns())
         codes_bytes, cols_bytes, float_bytes = sizes
         self.codes_bytes, self.cols_bytes, self.float_bytes = (
             max(codes_bytes, 1),
@@ -719,6 +729,7 @@ class CpuBackend:
             units[-1][1][-1].out_shape,
             (codes_bytes, cols_bytes, float_bytes),
             uses_float_input,
+            tuple(step[0] for step in steps),
         )
 
     def conv2d_static(self, x, p: CpuPackedConv, stride, padding, dilation, in_q: ActivationQParams):

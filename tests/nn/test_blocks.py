@@ -265,3 +265,23 @@ def test_resnet_blocks_run_as_one_program_bit_identical(calib, monkeypatch):
             feats = q.layers(q.stem(x))
             assert float(feats.min()) >= 0.0  # the ReLU after the last add
         assert oq.sqnr_db(float_model(x), y) > 25
+
+
+@pytest.mark.skipif(not CPU, reason="no fast backend on this CPU")
+def test_a_program_times_its_steps_when_asked(calib):
+    """ChainProgram.set_profile / step_ns: per-step wall time for layer-by-layer comparisons with other runtimes;
+    off, nothing is recorded; the outputs are the same either way."""
+    q = oq.quantize(block_net(), oq.W8A8, calib=calib, progress=False)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for _ in range(3):  # the first calls pack the weights and settle the cached program
+            ref = q(x)
+        plan = q._units()[1][x.shape[:1] + x.shape[2:] + x.shape[1:2]]
+        prog = plan.program
+        assert all(t == 0 for t in prog.step_ns())
+        prog.set_profile(True)
+        assert torch.equal(q(x), ref)
+        times = prog.step_ns()
+        prog.set_profile(False)
+        assert torch.equal(q(x), ref) and all(t == 0 for t in prog.step_ns())
+    assert len(times) >= 5 and all(t > 0 for t in times)

@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
@@ -1411,18 +1412,40 @@ class ChainProgram {
       if (missing) throw std::invalid_argument("ChainProgram: a step uses a buffer that was not given");
     }
     isa = check_isa(isa);
-    for (const ChainStep& st : steps_) {  // (each kernel releases the GIL itself)
+    if (profile_) step_ns_.resize(steps_.size(), 0);
+    for (size_t i = 0; i < steps_.size(); ++i) {  // (each kernel releases the GIL itself)
+      auto t0 = profile_ ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
+      run_step(steps_[i], buf, isa, nthreads);
+      if (profile_) step_ns_[i] += (std::chrono::steady_clock::now() - t0).count();
+    }
+  }
+
+  // Per-step wall time, summed over the runs since profiling was switched on (a diagnostic: benchmarks compare
+  // it layer by layer with another runtime's profile).
+  void set_profile(bool on) {
+    profile_ = on;
+    step_ns_.assign(steps_.size(), 0);
+  }
+  py::list step_ns() const {
+    py::list out;
+    for (int64_t v : step_ns_) out.append(v);
+    return out;
+  }
+
+ private:
+  void run_step(const ChainStep& st, const uintptr_t* buf, int isa, int nthreads) {
+    {
       const uint8_t* src = (const uint8_t*)buf[st.src];
       if (st.kind == 2) {
         add_quantize(st, buf, isa, nthreads);
-        continue;
+        return;
       }
       if (st.kind == 1) {
         DwArgs a = st.dw;
         a.x = src;
         set_output(a.out_q, a.y, st, buf);
         depthwise(a, isa, nthreads);
-        continue;
+        return;
       }
       for (const ChainGroup& cg : st.groups) {
         GemmArgs g = cg.g;
@@ -1437,7 +1460,6 @@ class ChainProgram {
     }
   }
 
- private:
   // y = x (+ r), then codes = quantize(y): a residual add fused with the quantization of the next block's input,
   // in the order the unchained layers compute them (float add, then quantize_static's rounding)
   static void add_quantize(const ChainStep& st, const uintptr_t* buf, int isa, int nthreads) {
@@ -1473,6 +1495,8 @@ class ChainProgram {
     }
   }
   std::vector<ChainStep> steps_;
+  bool profile_ = false;
+  std::vector<int64_t> step_ns_;
 };
 
 }  // namespace
@@ -1584,7 +1608,9 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<ChainProgram>(m, "ChainProgram")
       .def(py::init<const py::list&>())
-      .def("run", &ChainProgram::run);
+      .def("run", &ChainProgram::run)
+      .def("set_profile", &ChainProgram::set_profile)
+      .def("step_ns", &ChainProgram::step_ns);
 
   m.def("depthwise_conv_u8", [](uintptr_t x, int64_t N, int64_t H, int64_t W, int64_t C, uintptr_t w, int64_t kh,
                                 int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
