@@ -248,11 +248,13 @@ def test_conv2d_codes_requantized_bit_equal(fast, cfg, out_name, clamp):
     assert len(y.unique()) > 20  # the scales above spread the outputs over many codes (not a saturated test)
 
 
+@pytest.mark.parametrize("channels", [3, 5], ids=["rgb", "5ch"])  # 3: the image input's shuffle interleave
 @pytest.mark.parametrize("q", list(OUT_QS.values()), ids=list(OUT_QS))
-def test_quantize_nhwc_every_layout_bit_equal(fast, q):
+def test_quantize_nhwc_every_layout_bit_equal(fast, q, channels):
     """NCHW-contiguous input (the layout change fused with quantization), channels_last, a strided view and a
     non-float32 input all give the reference's codes, values beyond the range saturating; `out` is filled."""
-    x = torch.randn(3, 5, 13, 17) * 3  # 221 pixels: 64-pixel blocks and a tail; |x| / scale beyond 255
+    # 221 pixels: 64-pixel blocks and a 29-pixel tail (16 shuffled + 13 by bytes); |x| / scale beyond 255
+    x = torch.randn(3, channels, 13, 17) * 3
     for view in (
         x,
         x.contiguous(memory_format=torch.channels_last),
@@ -265,7 +267,7 @@ def test_quantize_nhwc_every_layout_bit_equal(fast, q):
         assert fast.quantize_nhwc(view, q, out) is out and torch.equal(out, ref)
     assert {0, 255} <= set(ref.unique().tolist())  # saturated both ways
     with pytest.raises(ValueError, match="out must be contiguous uint8"):
-        fast.quantize_nhwc(x, q, torch.empty(3, 13, 17, 4, dtype=torch.uint8))
+        fast.quantize_nhwc(x, q, torch.empty(3, 13, 17, channels - 1, dtype=torch.uint8))
 
 
 def test_conv2d_codes_channel_mismatch_is_refused(fast):

@@ -801,6 +801,40 @@ inline void split64(int64_t n, int t, int i, int64_t* lo, int64_t* hi) {
   *hi = (i == t - 1) ? n : *hi * 64;
 }
 
+// The 3-channel interleave of an image input: planes r, g, b (n bytes each) -> dst (3n bytes, r0 g0 b0 r1 ...), 16
+// pixels (48 bytes) per step with byte shuffles (a byte-by-byte loop was 3/4 of the input quantization's time).
+struct Interleave3Masks {
+  alignas(16) int8_t m[3][3][16];  // [output chunk][plane][byte]: the plane's byte for that position, or -1 (zero)
+  Interleave3Masks() {
+    for (int t = 0; t < 3; ++t)
+      for (int c = 0; c < 3; ++c)
+        for (int i = 0; i < 16; ++i) {
+          int j = 16 * t + i;
+          m[t][c][i] = (int8_t)(j % 3 == c ? j / 3 : -1);
+        }
+  }
+};
+
+AVX2_TARGET void interleave3_avx2(const uint8_t* r, const uint8_t* g, const uint8_t* b, uint8_t* dst, int64_t n) {
+  static const Interleave3Masks masks;
+  int64_t p = 0;
+  for (; p + 16 <= n; p += 16) {
+    const __m128i v[3] = {_mm_loadu_si128((const __m128i*)(r + p)), _mm_loadu_si128((const __m128i*)(g + p)),
+                          _mm_loadu_si128((const __m128i*)(b + p))};
+    for (int t = 0; t < 3; ++t) {
+      __m128i o = _mm_shuffle_epi8(v[0], _mm_load_si128((const __m128i*)masks.m[t][0]));
+      o = _mm_or_si128(o, _mm_shuffle_epi8(v[1], _mm_load_si128((const __m128i*)masks.m[t][1])));
+      o = _mm_or_si128(o, _mm_shuffle_epi8(v[2], _mm_load_si128((const __m128i*)masks.m[t][2])));
+      _mm_storeu_si128((__m128i*)(dst + 3 * p + 16 * t), o);
+    }
+  }
+  for (; p < n; ++p) {
+    dst[3 * p] = r[p];
+    dst[3 * p + 1] = g[p];
+    dst[3 * p + 2] = b[p];
+  }
+}
+
 // NCHW float -> NHWC u8 codes in one pass (the layout change of a network's input, fused with its
 // quantization: no float NHWC copy). Per image, blocks of 64 pixels: each channel's 64 contiguous values are
 // quantized as quantize_static does, then interleaved. Pixels [p_lo, p_hi) of image n.
@@ -816,6 +850,10 @@ void quantize_nchw_block(const float* x, int64_t C, int64_t HW, int64_t n, int64
       else for (int64_t j = 0; j < np; ++j) tmp[c * 64 + j] = q_u8(src[j], scale, zp, qmin, qmax, shift);
     }
     uint8_t* dst = out + (n * HW + p0) * C;
+    if (C == 3 && isa != ISA_SCALAR) {
+      interleave3_avx2(tmp, tmp + 64, tmp + 128, dst, np);
+      continue;
+    }
     for (int64_t j = 0; j < np; ++j)
       for (int64_t c = 0; c < C; ++c) dst[j * C + c] = tmp[c * 64 + j];
   }
