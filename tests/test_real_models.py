@@ -403,7 +403,7 @@ def test_mobilenetv2_exact_export_reproduces_octoquant(mobilenet_setup, mnv2_int
         assert torch.equal(torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]), q.features(x))  # bit for bit
     rep = export.onnx(q, calib[0][:1], tmp_path / "exact.onnx", exact=True)
     assert rep.check.problems == () and len(rep.check.integer) == 53 and rep.output_pairs == 0
-    v = export.verify(q, tmp_path / "exact.onnx", [evals[i : i + 32] for i in range(0, 128, 32)])
+    v = export.verify(q, tmp_path / "exact.onnx", [evals[i : i + 32] for i in range(0, 64, 32)])
     print(v.summary())
     # the head differs only by the float order of the average pool (ORT's sum vs PyTorch's)
     assert v.outputs[0]["top1_agreement"] == 1.0 and v.outputs[0]["sqnr_db"] >= 60.0
