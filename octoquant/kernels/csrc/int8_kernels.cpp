@@ -1498,6 +1498,34 @@ class ChainProgram {
     }
   }
 
+  // add_quantize's loop in one pass over memory: the add, torch.relu's max(0, y) (MAXPS returns its second operand
+  // for a NaN or a pair of zeros: NaN and -0.0 stay, as in `y < 0 ? 0 : y`), the float store, and
+  // quantize_static_avx512's operations on the same register (bit-identical to the two passes it replaces)
+  VNNI_TARGET static void add_quantize_avx512(const float* x, const float* r, float* y, uint8_t* c, int64_t n,
+                                              const ChainStep& st) {
+    const __m512 zero = _mm512_setzero_ps(), sv = _mm512_set1_ps(st.scale);
+    const __m512 lo = _mm512_set1_ps((float)(st.qmin - st.zp)), hi = _mm512_set1_ps((float)(st.qmax - st.zp));
+    const __m512i off = _mm512_set1_epi32(st.zp + st.shift);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      __m512 v = _mm512_loadu_ps(x + i);
+      if (r != nullptr) v = _mm512_add_ps(v, _mm512_loadu_ps(r + i));
+      if (st.relu) v = _mm512_max_ps(zero, v);
+      _mm512_storeu_ps(y + i, v);
+      if (c != nullptr) {
+        __m512 q = _mm512_roundscale_ps(_mm512_div_ps(v, sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        q = _mm512_min_ps(_mm512_max_ps(q, lo), hi);
+        _mm_storeu_si128((__m128i*)(c + i), _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(q), off)));
+      }
+    }
+    for (; i < n; ++i) {
+      float v = r != nullptr ? x[i] + r[i] : x[i];
+      if (st.relu) v = v < 0.0f ? 0.0f : v;
+      y[i] = v;
+      if (c != nullptr) c[i] = q_u8(v, st.scale, st.zp, st.qmin, st.qmax, st.shift);
+    }
+  }
+
   // y = x (+ r), then codes = quantize(y): a residual add fused with the quantization of the next block's input,
   // in the order the unchained layers compute them (float add, then quantize_static's rounding)
   static void add_quantize(const ChainStep& st, const uintptr_t* buf, int isa, int nthreads) {
@@ -1511,6 +1539,10 @@ class ChainProgram {
     pool().run(t, [&](int i) {
       int64_t lo, hi;
       split64(n, t, i, &lo, &hi);
+      if (isa == ISA_AVX512VNNI) {
+        add_quantize_avx512(x + lo, r ? r + lo : nullptr, y + lo, c ? c + lo : nullptr, hi - lo, st);
+        return;
+      }
       if (r != nullptr)
         for (int64_t j = lo; j < hi; ++j) y[j] = x[j] + r[j];
       else if (y != x)
