@@ -1120,6 +1120,10 @@ def onnx(
         raise ExportError(f"folder {path.parent} does not exist")
     if dynamic not in DYNAMIC_FORMS:
         raise ExportError(f"unknown dynamic form {dynamic!r}; valid: {', '.join(DYNAMIC_FORMS)}")
+    if exact and quantize_adds:
+        raise ExportError(
+            "exact=True keeps octoquant's float residual adds: it cannot also quantize them (quantize_adds)"
+        )
     if not 13 <= opset <= 20:
         raise ExportError(f"opset {opset} not supported: per-axis QDQ needs >= 13, the exporter supports <= 20")
     user_model = qmodel

@@ -246,6 +246,8 @@ def test_refusals(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.onnx"]  # no temporary file left
     with pytest.raises(export.ExportError, match="opset"):
         export.onnx(q, torch.randn(1, 8), tmp_path / "o.onnx", opset=11)
+    with pytest.raises(export.ExportError, match="cannot also quantize them"):
+        export.onnx(q, torch.randn(1, 8), tmp_path / "e.onnx", exact=True, quantize_adds=True)
     with pytest.raises(ValueError, match="valid: onnxruntime, openvino"):
         export.verify(q, tmp_path / "exists.onnx", torch.randn(1, 8), runtime="tensorrt")
 
