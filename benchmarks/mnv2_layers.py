@@ -40,8 +40,8 @@ def _kind(m: QConv2d) -> str:
     return "pointwise expand" if m.out_channels > m.in_channels else "pointwise project"
 
 
-def ort_node_ms(int8_onnx: bytes, x: torch.Tensor, reps: int, threads: int) -> list[tuple[str, float]]:
-    """(op type, ms per run) of every node of ORT's model, in execution order."""
+def ort_node_ms(int8_onnx: bytes, x: torch.Tensor, reps: int, threads: int, warmup: int = 3) -> list[tuple[str, float]]:
+    """(op type, ms per run) of every node of ORT's model, in execution order (the first `warmup` runs dropped)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -50,24 +50,16 @@ def ort_node_ms(int8_onnx: bytes, x: torch.Tensor, reps: int, threads: int) -> l
     with tempfile.TemporaryDirectory() as d:
         so.profile_file_prefix = os.path.join(d, "prof")
         s = ort.InferenceSession(int8_onnx, so, providers=["CPUExecutionProvider"])
-        for _ in range(3):
-            s.run(None, {"x": x.numpy()})
-        path = s.end_profiling()
-        so.enable_profiling = True
-        s = ort.InferenceSession(int8_onnx, so, providers=["CPUExecutionProvider"])
-        for _ in range(reps):
+        for _ in range(warmup + reps):
             s.run(None, {"x": x.numpy()})
         with open(s.end_profiling()) as f:
             events = json.load(f)
-        os.remove(path)
-    total, kinds, order = collections.defaultdict(float), {}, []
+    runs, kinds = collections.defaultdict(list), {}  # node -> its kernel time per run, in run order
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            if e["name"] not in total:
-                order.append(e["name"])
-                kinds[e["name"]] = e["args"]["op_name"]
-            total[e["name"]] += e["dur"] / 1e3
-    return [(kinds[n], total[n] / reps) for n in order]
+            kinds.setdefault(e["name"], e["args"]["op_name"])
+            runs[e["name"]].append(e["dur"] / 1e3)
+    return [(kinds[n], sum(ts[warmup:]) / reps) for n, ts in runs.items()]
 
 
 def main() -> None:

@@ -566,7 +566,8 @@ class BlockChain(nn.Sequential):
         found = _block_units(self)
         mods = [self] + ([m for m in found[1] if isinstance(m, nn.Module) and m._modules] if found else [])
         convs = _unit_convs(found[0]) if found else []
-        children, packed = [tuple(m._modules.values()) for m in mods], [id(c._packed) for c in convs]
+        # packed before the snapshot: packing them later (the program does) would change it and re-derive everything
+        children, packed = [tuple(m._modules.values()) for m in mods], [id(c.packed()) for c in convs]
         self._block_cache = (mods, children, convs, packed, found, {})
         return found, self._block_cache[5]
 

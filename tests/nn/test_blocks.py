@@ -285,3 +285,16 @@ def test_a_program_times_its_steps_when_asked(calib):
         prog.set_profile(False)
         assert torch.equal(q(x), ref) and all(t == 0 for t in prog.step_ns())
     assert len(times) >= 5 and all(t > 0 for t in times)
+
+
+@pytest.mark.skipif(not CPU, reason="no fast backend on this CPU")
+def test_the_second_call_reuses_the_first_calls_program(calib):
+    """The block structure and its program are derived once: packing the weights (first call) does not count as a
+    change of the model."""
+    q = copy.deepcopy(oq.quantize(block_net(), oq.W8A8, calib=calib, progress=False))  # a copy packs lazily
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        q(x)
+        plans = q._block_cache[5]  # the first call's (reading `_units()` here would already re-check)
+        q(x)
+        assert q._block_cache[5] is plans and len(plans) == 1

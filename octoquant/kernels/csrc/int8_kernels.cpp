@@ -756,17 +756,27 @@ void quantize_row_dynamic_scalar(const float* x, int64_t K, uint8_t* out, float*
 
 // Static: u8 = clamp(round_half_even(x / scale) + zp, qmin, qmax) + shift, the reference's rule
 // (clamping r to [qmin - zp, qmax - zp] before adding zp is the same thing in exact integers).
+// quantize_static's rule on 16 lanes: constants once per loop, the codes of v stored at out
+struct Quant16 {
+  __m512 sv, lo, hi;
+  __m512i off;
+  VNNI_TARGET Quant16(float scale, int32_t zp, int32_t qmin, int32_t qmax, int32_t shift)
+      : sv(_mm512_set1_ps(scale)),
+        lo(_mm512_set1_ps((float)(qmin - zp))),
+        hi(_mm512_set1_ps((float)(qmax - zp))),
+        off(_mm512_set1_epi32(zp + shift)) {}
+  VNNI_TARGET void store(__m512 v, uint8_t* out) const {
+    __m512 r = _mm512_roundscale_ps(_mm512_div_ps(v, sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
+    _mm_storeu_si128((__m128i*)out, _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(r), off)));
+  }
+};
+
 VNNI_TARGET void quantize_static_avx512(const float* x, int64_t n, float scale, int32_t zp, int32_t qmin, int32_t qmax,
                                         int32_t shift, uint8_t* out) {
-  __m512 sv = _mm512_set1_ps(scale);
-  __m512 lo = _mm512_set1_ps((float)(qmin - zp)), hi = _mm512_set1_ps((float)(qmax - zp));
-  __m512i off = _mm512_set1_epi32(zp + shift);
+  const Quant16 q(scale, zp, qmin, qmax, shift);
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    __m512 r = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + i), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
-    _mm_storeu_si128((__m128i*)(out + i), _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(r), off)));
-  }
+  for (; i + 16 <= n; i += 16) q.store(_mm512_loadu_ps(x + i), out + i);
   for (; i < n; ++i) out[i] = q_u8(x[i], scale, zp, qmin, qmax, shift);
 }
 
@@ -1472,51 +1482,44 @@ class ChainProgram {
 
  private:
   void run_step(const ChainStep& st, const uintptr_t* buf, int isa, int nthreads) {
-    {
-      const uint8_t* src = (const uint8_t*)buf[st.src];
-      if (st.kind == 2) {
-        add_quantize(st, buf, isa, nthreads);
-        return;
-      }
-      if (st.kind == 1) {
-        DwArgs a = st.dw;
-        a.x = src;
-        set_output(a.out_q, a.y, st, buf);
-        depthwise(a, isa, nthreads);
-        return;
-      }
-      for (const ChainGroup& cg : st.groups) {
-        GemmArgs g = cg.g;
-        set_output(g.out_q, g.y, st, buf, cg.column);
-        if (cg.cols) {
-          conv_gemm(src, cg.im, g, (uint8_t*)buf[4], isa, nthreads);
-        } else {
-          g.a = src;
-          gemm(g, isa, nthreads);
-        }
+    const uint8_t* src = (const uint8_t*)buf[st.src];
+    if (st.kind == 2) {
+      add_quantize(st, buf, isa, nthreads);
+      return;
+    }
+    if (st.kind == 1) {
+      DwArgs a = st.dw;
+      a.x = src;
+      set_output(a.out_q, a.y, st, buf);
+      depthwise(a, isa, nthreads);
+      return;
+    }
+    for (const ChainGroup& cg : st.groups) {
+      GemmArgs g = cg.g;
+      set_output(g.out_q, g.y, st, buf, cg.column);
+      if (cg.cols) {
+        conv_gemm(src, cg.im, g, (uint8_t*)buf[4], isa, nthreads);
+      } else {
+        g.a = src;
+        gemm(g, isa, nthreads);
       }
     }
   }
 
   // add_quantize's loop in one pass over memory: the add, torch.relu's max(0, y) (MAXPS returns its second operand
   // for a NaN or a pair of zeros: NaN and -0.0 stay, as in `y < 0 ? 0 : y`), the float store, and
-  // quantize_static_avx512's operations on the same register (bit-identical to the two passes it replaces)
+  // quantize_static_avx512's Quant16 on the same register (bit-identical to the two passes it replaces)
   VNNI_TARGET static void add_quantize_avx512(const float* x, const float* r, float* y, uint8_t* c, int64_t n,
                                               const ChainStep& st) {
-    const __m512 zero = _mm512_setzero_ps(), sv = _mm512_set1_ps(st.scale);
-    const __m512 lo = _mm512_set1_ps((float)(st.qmin - st.zp)), hi = _mm512_set1_ps((float)(st.qmax - st.zp));
-    const __m512i off = _mm512_set1_epi32(st.zp + st.shift);
+    const __m512 zero = _mm512_setzero_ps();
+    const Quant16 q(st.scale, st.zp, st.qmin, st.qmax, st.shift);
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
       __m512 v = _mm512_loadu_ps(x + i);
       if (r != nullptr) v = _mm512_add_ps(v, _mm512_loadu_ps(r + i));
       if (st.relu) v = _mm512_max_ps(zero, v);
       _mm512_storeu_ps(y + i, v);
-      if (c != nullptr) {
-        __m512 q = _mm512_roundscale_ps(_mm512_div_ps(v, sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        q = _mm512_min_ps(_mm512_max_ps(q, lo), hi);
-        _mm_storeu_si128((__m128i*)(c + i), _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(q), off)));
-      }
+      if (c != nullptr) q.store(v, c + i);
     }
     for (; i < n; ++i) {
       float v = r != nullptr ? x[i] + r[i] : x[i];
