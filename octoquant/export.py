@@ -22,13 +22,14 @@ computes them: closer to octoquant, slower in ORT); residual Adds stay float unl
 MatMulIntegerToFloat / DynamicQuantizeMatMul). Modules with no QDQ mapping (layers kept in float) export in
 float, with a warning.
 
-`exact=True` exports static layers as the arithmetic octoquant itself performs instead: octoquant's input
-quantization, the integer product (MatMulInteger / ConvInteger; a conv whose sums provably stay below 2**24 as a
-float Conv of the integers q - zp and w, exact in float32 and on the runtime's fast float kernels), then
-octoquant's rescale float32(acc) * (x_scale * w_scale) + bias, with no Q/DQ pairs added. ONNX Runtime then
-reproduces octoquant's integers bit for bit (MobileNetV2's 52 convolutions: identical feature maps), where the QDQ
-default only agrees to the rounding noise of a different requantization (QLinearConv's int32 bias and single
-multiplier): a file to verify a deployment against, slower than the QDQ default.
+`exact=True` exports static layers as the arithmetic octoquant itself performs instead, with no Q/DQ pairs added:
+a convolution that requantizes for the next one (octoquant's integer requantization, which is QLinearConv's: int32
+bias, one float32 multiplier) in the QDQ form ORT fuses into QLinearConv; one whose float output octoquant keeps as
+octoquant's input quantization, the integer product (MatMulInteger / ConvInteger; a conv whose sums provably stay
+below 2**24 as a float Conv of the integers q - zp and w, exact in float32 and on the runtime's fast float kernels),
+then octoquant's rescale float32(acc) * (x_scale * w_scale) + bias. ONNX Runtime then reproduces octoquant's
+integers bit for bit (MobileNetV2's 52 convolutions: identical feature maps), where the QDQ default's branch-output
+pairs add roundings octoquant does not have: a file to verify a deployment against, slower than the QDQ default.
 """
 
 from __future__ import annotations
@@ -292,11 +293,25 @@ def _float_valued_conv(self: QConv2d, x: torch.Tensor, s: torch.Tensor, zero_poi
     - the rescale's per-channel factor read through an int32 DequantizeLinear, which runtimes leave unfolded:
       a constant Mul would be folded into the weights (ORT's Conv + Mul fusion), changing the products."""
     q0 = torch.round(torch.clamp(x / s, float(-zero_point), float(255 - zero_point)))
+    return _conv_of_integers(self, q0, s)
+
+
+def _conv_of_integers(self: QConv2d, q0: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """float Conv of the integer-valued q0 and the int8 weights (cast in the graph), then octoquant's rescale."""
     acc = F.conv2d(q0, _CastToFloat.apply(self.weight), None, self.stride, self.padding, self.dilation, self.groups)
     c = self.out_channels
     ones, zeros = torch.ones(1, c, 1, 1, dtype=torch.int32), torch.zeros(c, dtype=torch.int32)
     y = acc * _DequantizeLinear.apply(ones, s * self.weight_scale, zeros, 1)
     return y + self.bias.reshape(1, -1, 1, 1) if self.bias is not None else y
+
+
+def _codes_conv(self: QConv2d, codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """The exact conv of uint8 codes (a requantizing conv's QLinearConv output): as `_float_valued_conv` on
+    q - zp = DequantizeLinear(codes, 1, zp) (exact integers) where the sums fit float32, else ConvInteger."""
+    if not _sums_fit_float32(self, int(z)):
+        return _integer_conv(self, codes, s, z)
+    q0 = _DequantizeLinear.apply(codes, torch.tensor(1.0, dtype=torch.float32), z, 0)
+    return _conv_of_integers(self, q0, s)
 
 
 def _static_qparams_u8(self: QuantizedModule) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,9 +326,13 @@ def _qconv_forward(self: QConv2d, x: torch.Tensor) -> torch.Tensor:
     if self.mode is QuantMode.W8A8_DYNAMIC and self.input_dtype is QDtype.UINT8:
         q, s, z = _DynamicQuantizeLinear.apply(x)
         y = _integer_conv(self, q, s, z)
-    elif self.mode is QuantMode.W8A8_STATIC and self._export_exact:
+    elif self.mode is QuantMode.W8A8_STATIC and self._export_exact and self.reader is None:
+        # float output in octoquant: its arithmetic as is (a requantizing conv takes the QDQ form below: ORT's
+        # QLinearConv computes octoquant's integer requantization bit for bit)
         s, z = _static_qparams_u8(self)
-        if _sums_fit_float32(self, int(z)):
+        if self._export_reads_codes:  # the input is a requantizing conv's codes: Q fuses into its QLinearConv
+            y = _codes_conv(self, _QuantizeLinear.apply(x, s, z), s, z)
+        elif _sums_fit_float32(self, int(z)):
             y = _float_valued_conv(self, x, s, int(z))
         else:
             y = _integer_conv(self, _QuantizeLinear.apply(x, s, z), s, z)
@@ -351,12 +370,14 @@ _EXPORT_FORWARDS = {QLinear: _qlinear_forward, QConv2d: _qconv_forward, QEmbeddi
 @contextlib.contextmanager
 def _export_forwards(model: nn.Module, dynamic: str = "per-token", exact: bool = False):
     patched = []
+    readers = {id(m.reader) for m in model.modules() if isinstance(m, QConv2d) and m.reader is not None}
     try:
         for name, m in model.named_modules():
             fwd = _EXPORT_FORWARDS.get(type(m))
             if fwd is not None:
                 m.forward = types.MethodType(fwd, m)
                 m._export_name, m._export_dynamic, m._export_exact = name, dynamic, exact
+                m._export_reads_codes = id(m) in readers
                 patched.append(m)
         yield
     finally:
@@ -365,6 +386,7 @@ def _export_forwards(model: nn.Module, dynamic: str = "per-token", exact: bool =
             del m._export_name
             del m._export_dynamic
             del m._export_exact
+            del m._export_reads_codes
 
 
 class LogitsOnly(nn.Module):
@@ -708,11 +730,11 @@ def _quantize_outputs(
     The pair reuses the qparams of a QuantizeLinear that already reads the tensor (calibrated by octoquant for
     exactly this tensor), else the observed output range. With `branches` False, an output read by an Add with
     no Q to reuse (a residual branch, float in octoquant) keeps no pair. Returns the modules left without a pair
-    for want of a range.
+    for want of a range, and the number of pairs given an observed range (a rounding octoquant does not have).
     """
     import numpy as np
 
-    unquantized = []
+    unquantized, observed = [], 0
     for mark in [n for n in gr.nodes if n.op_type == "Mark" and n.domain == _MARK_DOMAIN]:
         name = next(a.s.decode() for a in mark.attribute if a.name == "name")
         y, m = mark.input[0], mark.output[0]
@@ -740,6 +762,7 @@ def _quantize_outputs(
             s, z = choose_qparams(torch.tensor(lo), torch.tensor(hi), QDtype.UINT8, symmetric=False)
             s_name = gr.add_const(f"{name}.output_scale", np.array(float(s), dtype=np.float32))
             z_name = gr.add_const(f"{name}.output_zero_point", np.array(int(z), dtype=np.uint8))
+            observed += 1
         else:
             unquantized.append(name)
             continue
@@ -756,7 +779,7 @@ def _quantize_outputs(
                     gr.rename_input(r, c.output[0], qn)
                 gr.remove([c])
         gr.refresh()
-    return unquantized
+    return unquantized, observed
 
 
 def _q_limits(gr: _Graph, q) -> tuple[float, float] | None:
@@ -949,6 +972,27 @@ def _int8_cast(gr: _Graph, node) -> bool:
     return node is not None and node.op_type == "Cast" and getattr(gr.const(node.input[0]), "dtype", None) == np.int8
 
 
+def _integer_values(gr: _Graph, dq) -> bool:
+    """A DequantizeLinear with scale 1: codes as the integers q - zp (an exact export's `_codes_conv`)."""
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return False
+    s, _ = gr.qparams_of(dq)
+    return s is not None and s.ndim == 0 and float(s) == 1.0
+
+
+def _reads_codes(gr: _Graph, q, reader) -> bool:
+    """`reader` takes the codes of QuantizeLinear `q` as QDQ intends: a DequantizeLinear with q's qparams, or with
+    q's zero-point and scale 1 (the integers q - zp)."""
+    if reader.op_type != "DequantizeLinear":
+        return False
+    import numpy as np
+
+    if gr.same_qparams(q, reader):
+        return True
+    (_, zr), (_, zq) = gr.qparams_of(reader), gr.qparams_of(q)
+    return _integer_values(gr, reader) and zr is not None and zq is not None and np.array_equal(zr, zq)
+
+
 def check(model_or_path) -> QDQCheck:
     """onnx.checker (full) plus the QDQ placement rules the runtimes' fusions need.
 
@@ -993,14 +1037,11 @@ def check(model_or_path) -> QDQCheck:
                         ok = len(c.input) > 2 and np.array_equal(gr.const(c.input[2]), z)
                     elif c.op_type == "Min":  # a clamp on the codes (`_integer_clamps`), then the matching DQ
                         ok = (
-                            all(
-                                d.op_type == "DequantizeLinear" and gr.same_qparams(n, d)
-                                for d in gr.consumers.get(c.output[0], [])
-                            )
+                            all(_reads_codes(gr, n, d) for d in gr.consumers.get(c.output[0], []))
                             and getattr(gr.const(c.input[1]), "dtype", None) == z.dtype
                         )
                     else:
-                        ok = c.op_type == "DequantizeLinear" and gr.same_qparams(n, c)
+                        ok = _reads_codes(gr, n, c)
                     if not ok:
                         problems.append(f"QuantizeLinear {label}: read by {c.op_type} {c.name} without matching DQ")
         if n.op_type in ("MatMulInteger", "ConvInteger"):
@@ -1011,7 +1052,12 @@ def check(model_or_path) -> QDQCheck:
             continue
         wp = gr.producer.get(n.input[_COMPUTE[n.op_type]])
         xp = gr.producer.get(n.input[0])
-        if n.op_type == "Conv" and _int8_cast(gr, wp) and xp is not None and xp.op_type == "Round":
+        if (
+            n.op_type == "Conv"
+            and _int8_cast(gr, wp)
+            and xp is not None
+            and (xp.op_type == "Round" or _integer_values(gr, xp))
+        ):
             integer.append(label)  # an exact export's conv of integers (`_float_valued_conv`): float out by design
             continue
         w_dq = wp is not None and wp.op_type == "DequantizeLinear" and gr.const(wp.input[0]) is not None
@@ -1050,7 +1096,7 @@ class ExportReport:
     opset: int
     quantized_modules: int
     float_modules: tuple[str, ...]
-    output_pairs: int
+    output_pairs: int  # convolution outputs given a Q/DQ pair at an observed range (a rounding octoquant lacks)
     residual_inputs: int
     check: QDQCheck
     input_names: tuple[str, ...] = field(default=())
@@ -1098,13 +1144,16 @@ def onnx(
             "per-tensor" (QDQ form: DynamicQuantizeLinear uint8 -> DequantizeLinear -> MatMul, which ORT fuses
             into DynamicQuantizeMatMul and OpenVINO runs as i8 FullyConnected; a coarser quantization than
             octoquant's). OpenVINO runs MatMulInteger in f32: use "per-tensor" for OpenVINO.
-        exact: export static W8A8 layers as the arithmetic octoquant itself performs: octoquant's quantization of
-            the input, the integer product (MatMulInteger; ConvInteger, or a float Conv of the integers where its
-            sums provably stay below 2**24), then float32(acc) * (x_scale * w_scale) + bias, and no added Q/DQ
-            pairs (a conv output stays float where octoquant keeps it float). ORT then reproduces octoquant's
-            integers bit for bit (MobileNetV2's feature maps: identical). Slower in ORT than the QDQ default (~2.5x
-            ORT FP32 on MobileNetV2), whose QLinearConv fusions requantize with their own rounding (one
-            multiplier, an int32 bias) and so agree with octoquant only to that rounding noise.
+        exact: export static W8A8 layers as the arithmetic octoquant itself performs, with no added Q/DQ pairs. A
+            convolution that requantizes its output for the next one (`QConv2d.requantize_for`: octoquant's
+            integer requantization, the arithmetic of ORT's QLinearConv) takes the QDQ form, which ORT fuses into
+            QLinearConv; one whose float output octoquant keeps (a residual add reads it) is written as
+            octoquant's quantization of the input, the integer product (a float Conv of the integers where its
+            sums provably stay below 2**24, else ConvInteger; MatMulInteger for Linears), then
+            float32(acc) * (x_scale * w_scale) + bias in octoquant's order. ORT then reproduces octoquant's
+            integers bit for bit (MobileNetV2: 36 QLinearConv + 16 float convs of integers, feature maps
+            identical). Slower in ORT than the QDQ default (those 16 convolutions run in float), whose
+            branch-output pairs add a rounding octoquant does not have and so agree with octoquant only to it.
         dynamic_axes: torch.onnx dynamic axes; default: dim 0 of every input and output is "batch", dim 1 of
             integer inputs (token ids, masks) is "sequence".
         overwrite: replace an existing file (default: refuse).
@@ -1201,7 +1250,7 @@ def onnx(
     # octoquant, and a pair there would add a rounding (at a range fixed on the example) octoquant does not have;
     # neither does an exact export's ConvInteger
     kinds = {
-        n: ("conv" if m.mode is QuantMode.W8A8_STATIC and not exact else "integer-conv")
+        n: ("conv" if m.mode is QuantMode.W8A8_STATIC and (not exact or m.reader is not None) else "integer-conv")
         if isinstance(m, QConv2d)
         else "linear"
         for n, m in qmods.items()
@@ -1209,17 +1258,14 @@ def onnx(
     gr = _Graph(model)
     _constants_to_initializers(gr)
     _merge_duplicate_quantize(gr)
-    n_before = sum(n.op_type == "QuantizeLinear" for n in gr.nodes)
-    unquantized = _quantize_outputs(gr, kinds, ranges, quantize_branch_outputs)
-    pairs = sum(n.op_type == "QuantizeLinear" for n in gr.nodes) - n_before
+    unquantized, pairs = _quantize_outputs(gr, kinds, ranges, quantize_branch_outputs)
     residual = _quantize_residual_adds(gr) if quantize_adds else 0
     _merge_duplicate_quantize(gr)
     while _drop_redundant_clamps(gr):  # a Relu before a dropped Min may be redundant now
         pass
     if exact:
         _int8_conv_weights(gr)
-    else:
-        _integer_clamps(gr)
+    _integer_clamps(gr)
     _collapse_requantize(gr)
     if unquantized:
         log.warning("no output range for %s: their convolutions stay float in ORT", ", ".join(unquantized))

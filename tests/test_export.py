@@ -128,6 +128,69 @@ def test_exact_export_reproduces_octoquant_bit_for_bit(tmp_path, activation_dtyp
         assert not torch.equal(torch.from_numpy(qdq.run(None, {"input": x.numpy()})[0]), q(x))
 
 
+class Inverted(nn.Module):
+    """MobileNetV2's inverted residual: 1x1 expand, 3x3 depthwise, 1x1 project (+ the input when shapes allow)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        h = 4 * c_in
+        self.residual = stride == 1 and c_in == c_out
+        self.conv = nn.Sequential(
+            nn.Conv2d(c_in, h, 1),
+            nn.ReLU6(),
+            nn.Conv2d(h, h, 3, stride, 1, groups=h),
+            nn.ReLU6(),
+            nn.Conv2d(h, c_out, 1),
+        )
+
+    def forward(self, x):
+        return x + self.conv(x) if self.residual else self.conv(x)
+
+
+def _mobile_net() -> nn.Module:
+    torch.manual_seed(3)
+    features = nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU6()),
+        Inverted(8, 8, 1),
+        Inverted(8, 12, 2),  # not residual: its projection requantizes for the next block's expand conv
+        Inverted(12, 16, 1),
+        Inverted(16, 16, 1),
+        nn.Sequential(nn.Conv2d(16, 32, 1), nn.ReLU6()),
+    )
+    return nn.Sequential(features, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 7)).eval()
+
+
+def test_exact_export_requantizing_convs_run_as_qlinearconv_bit_for_bit(tmp_path):
+    """Convolutions that hand their output to the next one (inside and across blocks) requantize in integer
+    arithmetic, which ONNX Runtime's QLinearConv computes bit for bit: the exact file runs them as QLinearConv
+    and still equals octoquant; convolutions whose float output an add reads stay octoquant's float arithmetic.
+    (uint8 activations: ORT fuses a ReLU into QLinearConv only where the zero-point is the lowest code.)"""
+    import onnxruntime as ort
+
+    from octoquant.nn import BlockChain, QConv2d
+
+    net = _mobile_net()
+    calib = [torch.randn(4, 3, 32, 32) for _ in range(3)]
+    q = oq.quantize(net, oq.W8A8, calib=calib, progress=False)
+    convs = [m for m in q.modules() if isinstance(m, QConv2d)]
+    linked = [m for m in convs if m.reader is not None]
+    assert isinstance(q[0], BlockChain)
+    # per block expand -> dw -> project; block 2's projection -> block 3's expand (across blocks)
+    assert len(linked) == 2 * 4 + 1 and q[0][2].conv[4].reader is q[0][3].conv[0]
+    # float where an add reads it: a residual block's projection, and the stem (block 1 adds its input)
+    assert q[0][1].conv[4].reader is None and q[0][0][0].reader is None
+    path = tmp_path / "exact.onnx"
+    rep = export.onnx(q, calib[0], path, exact=True)
+    assert rep.check.problems == () and len(rep.check.integer) == len(convs) + 1
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for i in range(3):
+        x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(10 + i)) * 1.5
+        with torch.no_grad():
+            assert torch.equal(torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]), q(x))
+    v = export.verify(q, path, [torch.randn(2, 3, 32, 32)])
+    assert v.integer_ops.get("QLinearConv") == len(linked) and v.dequantized_float == 0
+
+
 def test_a_per_channel_clamp_runs_on_the_codes(tmp_path, monkeypatch):
     """A per-channel ReLU6 bound below the next quantizer's range (left by equalization) is applied to the uint8
     codes between two QLinearConvs (Q(min(y, u)) == min(Q(y), Q(u))), not as DQ -> float Min -> Q."""

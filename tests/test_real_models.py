@@ -389,7 +389,8 @@ def test_mobilenetv2_onnx_export_parity(mobilenet_setup, mnv2_int8, tmp_path):
 
 
 def test_mobilenetv2_exact_export_reproduces_octoquant(mobilenet_setup, mnv2_int8, tmp_path):
-    """exact=True: ORT computes octoquant's own integers through all 52 convolutions (the issue's 99.5% / 30 dB)."""
+    """exact=True: ORT computes octoquant's own integers through all 52 convolutions (the issue's 99.5% / 30 dB),
+    the 36 that requantize for the next one as QLinearConv."""
     from octoquant import export
 
     _, calib, evals, _ = mobilenet_setup
@@ -407,6 +408,8 @@ def test_mobilenetv2_exact_export_reproduces_octoquant(mobilenet_setup, mnv2_int
     print(v.summary())
     # the head differs only by the float order of the average pool (ORT's sum vs PyTorch's)
     assert v.outputs[0]["top1_agreement"] == 1.0 and v.outputs[0]["sqnr_db"] >= 60.0
+    linked = sum(m.reader is not None for m in q.modules() if isinstance(m, oq.nn.QConv2d))
+    assert linked == 36 and v.integer_ops.get("QLinearConv") == linked and v.dequantized_float == 0
 
 
 def test_minilm_onnx_export_parity(minilm_setup, tmp_path):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import QDtype
-from .reference import ActivationQParams, check_int8_operands, check_k
+from .reference import ActivationQParams, check_int8_operands, check_k, requantization
 
 try:
     from .. import _C
@@ -141,13 +141,17 @@ class ConvSpec:
     dw_args: tuple | None  # depthwise: the kernel's geometry and weights
     dw_tail: tuple | None
     groups: tuple  # GEMM: per group (im2col arguments or None, lda, weights, tail, (M, N, Kp), column, ldy)
+    keep: tuple = ()  # tensors whose addresses the calls hold (the requantization's constants)
 
 
 class ChainPlan:
     """A `ChainProgram` and the buffers it needs: float (N, C, H, W) out of (N, H, W, C) input codes."""
 
-    def __init__(self, program, isa: int, in_shape, out_shape, handovers: int, codes_bytes: int, cols_bytes: int):
+    def __init__(
+        self, program, isa: int, in_shape, out_shape, handovers: int, codes_bytes: int, cols_bytes: int, keep=()
+    ):
         self.program, self.isa, self.in_shape, self.out_shape = program, isa, in_shape, out_shape
+        self.keep = keep  # the tensors whose addresses the program holds (besides the packed weights)
         self.handovers = handovers  # layers that hand codes to the next
         self.codes_bytes, self.cols_bytes = max(codes_bytes, 1), max(cols_bytes, 1)
 
@@ -179,8 +183,10 @@ class BlockPlan:
         sizes: tuple[int, int, int],
         float_input: bool,
         step_kinds: tuple[str, ...] = (),
+        keep: tuple = (),
     ):
         self.program, self.isa, self.in_shape, self.out_shape = program, isa, in_shape, out_shape
+        self.keep = keep  # the tensors whose addresses the program holds (besides the packed weights)
         self.step_kinds = step_kinds  # "gemm" / "dw" / "addq" per program step (for program.step_ns())
         codes_bytes, cols_bytes, float_bytes = sizes
         self.codes_bytes, self.cols_bytes, self.float_bytes = (
@@ -320,6 +326,7 @@ class CpuBackend:
             scale,
             bias,
             clamp_hi,
+            0,
             0 if acc_out else out.data_ptr(),
             out.data_ptr() if acc_out else 0,
             out.stride(0),
@@ -532,22 +539,38 @@ class CpuBackend:
         wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         out_shape, m, o = (n, ho, wo, p.out_channels), n * ho * wo, p.out_channels
         q_rest = () if out_q is None else _out_q_rest(out_q)  # the requantization arguments after the address
+        # codes out: the kernels take the requantization's multiplier as column scales (row scale 1) and its int32
+        # bias instead of the float bias (reference.requantize_codes)
+        mult = bias_q = None
+        if out_q is not None:
+            mult, bias_q = requantization(in_q.scale, p.scale, p.bias, out_q.scale)
         if p.depthwise_weight is not None:  # taps outside the image are skipped in the kernel: no padded copy
             dw_args = (n, h, w, c, p.depthwise_weight.data_ptr(), kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, pad_value)
-            dw_tail = (in_q.scale, p.scale.data_ptr(), _ptr(p.bias), _ptr(p.clamp_hi))
-            return ConvSpec(torch.Size(shape), out_shape, q_rest, dw_args, dw_tail, ())
+            if out_q is None:
+                dw_tail = (in_q.scale, p.scale.data_ptr(), _ptr(p.bias), _ptr(p.clamp_hi), 0)
+            else:
+                dw_tail = (1.0, mult.data_ptr(), 0, _ptr(p.clamp_hi), bias_q.data_ptr())
+            return ConvSpec(torch.Size(shape), out_shape, q_rest, dw_args, dw_tail, (), (mult, bias_q))
         cg = c // p.groups
         offset = in_q.zero_point + in_q.shift
         elem = 1 if out_q else 4
         groups = []  # per group: (im2col arguments or None, lda, weights, tail, (M, N, Kp), column byte offset, ldy)
+        keep = []
         for g, gemm in enumerate(p.gemms):
             pointwise = kh == kw == 1 and sh == sw == 1 and p.groups == 1 and gemm.kp == c
             cols = None if pointwise else (n, h, w, c, g * cg, cg, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, pad_value)
-            weights = (gemm.packed.data_ptr(), gemm.colsum.data_ptr(), offset, 0, in_q.scale, gemm.scale.data_ptr())
-            tail = (_ptr(gemm.bias), _ptr(gemm.clamp_hi))
+            if out_q is None:
+                weights = (gemm.packed.data_ptr(), gemm.colsum.data_ptr(), offset, 0, in_q.scale, gemm.scale.data_ptr())
+                tail = (_ptr(gemm.bias), _ptr(gemm.clamp_hi), 0)
+            else:  # this group's columns, padded like the packed column scales
+                span = slice(g * gemm.n, (g + 1) * gemm.n)
+                gm, gb = _pad_to(mult[span], gemm.scale.numel()), _pad_to(bias_q[span], gemm.scale.numel())
+                keep += [gm, gb]
+                weights = (gemm.packed.data_ptr(), gemm.colsum.data_ptr(), offset, 0, 1.0, gm.data_ptr())
+                tail = (0, _ptr(gemm.clamp_hi), gb.data_ptr())
             lda = gemm.kp if cols is not None else c
             groups.append((cols, lda, weights, tail, (m, gemm.n, gemm.kp), g * gemm.n * elem, o))
-        return ConvSpec(torch.Size(shape), out_shape, q_rest, None, None, tuple(groups))
+        return ConvSpec(torch.Size(shape), out_shape, q_rest, None, None, tuple(groups), tuple(keep))
 
     def conv_plan(self, shape, p: CpuPackedConv, stride, padding, dilation, in_q: ActivationQParams, out_q=None):
         """`conv2d_codes` for one input shape (see `conv_spec`): a function of the (N, H, W, C) codes and an
@@ -653,6 +676,7 @@ class CpuBackend:
             len(specs) - 1,
             codes_bytes,
             cols_bytes,
+            tuple(spec.keep for spec in specs),
         )
 
     def block_program(self, units: list[tuple]) -> BlockPlan:
@@ -730,6 +754,7 @@ class CpuBackend:
             (codes_bytes, cols_bytes, float_bytes),
             uses_float_input,
             tuple(step[0] for step in steps),
+            tuple(spec.keep for _, specs, _, branch, _ in units for spec in (*specs, *((branch,) if branch else ()))),
         )
 
     def conv2d_static(self, x, p: CpuPackedConv, stride, padding, dilation, in_q: ActivationQParams):

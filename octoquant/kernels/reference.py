@@ -1,7 +1,8 @@
 """The reference backend: pure torch, exact, the spec every fast backend is tested against.
 
 Integer products are summed in float64, exact for |sum| < 2**53 (far beyond the int32 bound we accept).
-Rescale rule, the same in every backend: y = float32(acc) * (row_scale * col_scale) + bias.
+Rescale rule, the same in every backend: y = float32(acc) * (row_scale * col_scale) + bias; a convolution that
+requantizes its output for the next one (codes out) uses the integer requantization of `requantize_codes` instead.
 """
 
 from __future__ import annotations
@@ -60,13 +61,60 @@ def rescale(
     return y + bias if bias is not None else y
 
 
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
+def requantization(
+    in_scale: float, w_scale: torch.Tensor, bias: torch.Tensor | None, out_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The constants of a static convolution's integer requantization (`requantize_codes`), per output channel:
+    mult = (in_scale * w_scale) / out_scale and bias_q = round_half_even(bias / (in_scale * w_scale)) as int32
+    (saturated), in float32 and in this order: ONNX Runtime's QLinearConv (and its QDQ bias quantization)."""
+    s = torch.tensor(in_scale, dtype=torch.float32) * w_scale.to(torch.float32)
+    mult = s / torch.tensor(out_scale, dtype=torch.float32)
+    if bias is None:
+        return mult, torch.zeros(s.shape, dtype=torch.int32)
+    bq = torch.round(bias.to(torch.float32) / s).to(torch.float64).clamp(INT32_MIN, INT32_MAX)
+    return mult, bq.to(torch.int32)
+
+
+def requantize_codes(
+    acc: torch.Tensor,
+    mult: torch.Tensor,
+    bias_q: torch.Tensor,
+    out_q: ActivationQParams,
+    clamp_hi: torch.Tensor | None = None,
+    dim: int = 1,
+) -> torch.Tensor:
+    """int32 acc (channels along `dim`) -> the uint8 codes of out_q: clamp(round_half_even(float32(acc + bias_q)
+    * mult), lo, hi) + zero_point (+ 128 for int8), the int32 sum wrapping. [lo, hi] = [qmin - zp, qmax - zp],
+    narrowed by a fused clamp y = min(max(y, 0), clamp_hi) to [min(0, c), c] with c = round(clamp_hi / scale).
+
+    The requantization of a convolution whose output its reader quantizes (QConv2d.requantize_for): one multiply
+    in output units, as integer runtimes compute it (ONNX Runtime's QLinearConv, bit for bit), where quantizing
+    the float output would divide float32(acc) * scale + bias by the output scale."""
+    shape = [1] * acc.dim()
+    shape[dim] = -1
+    wide = acc.to(torch.int64) + bias_q.to(torch.int64).reshape(shape)
+    wrapped = ((wide - INT32_MIN) % 2**32 + INT32_MIN).to(torch.int32)  # int32 addition wraps
+    r = torch.round(wrapped.to(torch.float32) * mult.to(torch.float32).reshape(shape))
+    qmin, qmax = out_q.dtype.qrange()
+    lo = torch.full(mult.shape, float(qmin - out_q.zero_point))
+    hi = torch.full(mult.shape, float(qmax - out_q.zero_point))
+    if clamp_hi is not None:
+        c = torch.round(clamp_hi.to(torch.float32) / torch.tensor(out_q.scale, dtype=torch.float32))
+        lo, hi = torch.minimum(torch.maximum(torch.clamp(c, max=0.0), lo), hi), torch.minimum(torch.maximum(c, lo), hi)
+    r = torch.minimum(torch.maximum(r, lo.reshape(shape)), hi.reshape(shape))
+    return (r.to(torch.int32) + out_q.zero_point + out_q.shift).to(torch.uint8)
+
+
 @dataclass(frozen=True)
 class ActivationQParams:
     """Per-tensor activation quantization: q = clamp(round_half_even(x / scale) + zero_point, qmin, qmax).
 
     Convolution kernels take and give activations as "codes": uint8 tensors holding q (uint8 data) or q + 128
-    (int8 data), NHWC. A convolution given `out_q` requantizes its result for the next layer in its epilogue,
-    bit-identical to storing float and quantizing it.
+    (int8 data), NHWC. A convolution given `out_q` requantizes its result for the next layer in its epilogue
+    (`requantize_codes`: integer arithmetic, within one code of storing float and quantizing it).
     """
 
     scale: float
@@ -83,6 +131,13 @@ class ActivationQParams:
     @property
     def shift(self) -> int:
         return 128 if self.dtype is QDtype.INT8 else 0
+
+
+def dequantize_codes(codes: torch.Tensor, q: ActivationQParams) -> torch.Tensor:
+    """uint8 codes of `q` -> float32 (q - zero_point) * scale. Quantizing the result with `q` gives the codes back
+    exactly: round(float32(n * s) / s) = n for |n| <= 255."""
+    n = codes.to(torch.int32) - (q.zero_point + q.shift)
+    return n.to(torch.float32) * torch.tensor(q.scale, dtype=torch.float32)
 
 
 def to_codes(q: torch.Tensor, dtype: QDtype) -> torch.Tensor:
@@ -175,17 +230,18 @@ class ReferenceBackend:
         """Exact integer conv of (q - zp) and w on (N, H, W, C) codes; float64 holds the integers exactly.
 
         Returns (N, Ho, Wo, O): float32 y = float32(acc) * (in_scale * w_scale) + bias (then the fused clamp),
-        or, given `out_q`, that y quantized to codes.
+        or, given `out_q`, the codes of the integer requantization (`requantize_codes`).
         """
         q = a.permute(0, 3, 1, 2).to(torch.float64) - (in_q.zero_point + in_q.shift)
         acc = F.conv2d(q, p.weight.to(torch.float64), None, stride, padding, dilation, p.groups).to(torch.int32)
+        if out_q is not None:
+            mult, bias_q = requantization(in_q.scale, p.scale, p.bias, out_q.scale)
+            return requantize_codes(acc, mult, bias_q, out_q, p.clamp_hi).permute(0, 2, 3, 1).contiguous()
         s = torch.tensor(in_q.scale, dtype=torch.float32)
         y = acc.to(torch.float32) * (s * p.scale).reshape(1, -1, 1, 1)
         y = y + p.bias.reshape(1, -1, 1, 1) if p.bias is not None else y
         if p.clamp_hi is not None:
             y = torch.minimum(y.clamp_min(0.0), p.clamp_hi.reshape(1, -1, 1, 1))
-        if out_q is not None:
-            return self.quantize_nhwc(y, out_q)
         return y.permute(0, 2, 3, 1).contiguous()
 
     def conv2d_static(self, x, p: PackedConv, stride, padding, dilation, in_q: ActivationQParams):

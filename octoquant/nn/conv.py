@@ -15,7 +15,7 @@ from torch.nn.modules.utils import _pair
 
 from ..config import PerChannel, QDtype, QuantMode
 from ..kernels.cpu import scratch
-from ..kernels.reference import ActivationQParams
+from ..kernels.reference import ActivationQParams, dequantize_codes
 from ._base import QuantizedModule, check_float_input, input_qparams, quantize_weight
 
 # the per-thread buffers (kernels.cpu.scratch) a ConvChain's layers write their codes into, alternately
@@ -47,6 +47,11 @@ class QConv2d(QuantizedModule):
     Buffers: weight (O, C/groups, kh, kw) int8; weight_scale (O,) float32; bias (O,) float32 (optional);
     input_scale () float32 and input_zero_point () int32 (static). Output: float, NCHW shape in
     channels_last memory.
+
+    A layer whose output goes straight to another convolution that quantizes it (`requantize_for`, set by
+    `chain_convolutions`) requantizes in integer arithmetic for that reader, as integer runtimes do (ONNX Runtime's
+    QLinearConv, bit for bit): codes = round(float32(acc + bias_q) * mult) + zero-point (kernels.reference.
+    requantize_codes); its float output is then those codes dequantized, which the reader quantizes back exactly.
     """
 
     def __init__(
@@ -83,6 +88,24 @@ class QConv2d(QuantizedModule):
         self._in_q = self._in_q_of = None  # input_q() cache, keyed on the cached (scale, zero-point)
         # A fused ReLU/ReLU6 (see fuse_activation): output clamped to [0, output_clamp[c]] in the epilogue.
         self.register_buffer("output_clamp", None)
+
+    def requantize_for(self, reader: QConv2d | None) -> None:
+        """Hand this layer's output to `reader` (a static QConv2d reading nothing else but it) requantized for the
+        reader's input qparams (see the class docstring); None: float output. A plain attribute, not a child: the
+        state dict is unchanged, and `chain_convolutions` derives it again on a loaded model."""
+        if reader is not None and (not isinstance(reader, QConv2d) or reader.mode is not QuantMode.W8A8_STATIC):
+            raise ValueError("requantize_for: the reader must be a static QConv2d")
+        self.__dict__["_reader"] = reader
+
+    @property
+    def reader(self) -> QConv2d | None:
+        """The convolution this layer requantizes its output for (`requantize_for`), or None."""
+        return self.__dict__.get("_reader")
+
+    def output_q(self) -> ActivationQParams | None:
+        """The qparams this layer's output is requantized to: its reader's input qparams, or None (float)."""
+        reader = self.__dict__.get("_reader")
+        return None if reader is None else reader.input_q()
 
     def fuse_activation(self, upper: torch.Tensor) -> None:
         """Apply y = min(max(y, 0), upper[c]) in the kernel epilogue (upper may be +inf: ReLU)."""
@@ -159,7 +182,10 @@ class QConv2d(QuantizedModule):
         return backend.quantize_nhwc(x, in_q, scratch(scratch_slot, (n, h, w, c))), in_q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.forward_codes(*self.input_codes(x))  # (N, Ho, Wo, O)
+        out_q = self.output_q()
+        y = self.forward_codes(*self.input_codes(x), out_q)  # (N, Ho, Wo, O)
+        if out_q is not None:  # the reader quantizes these values back to the same codes
+            y = dequantize_codes(y, out_q)
         return y.permute(0, 3, 1, 2).to(x.dtype)  # NCHW view of NHWC memory
 
     def forward_codes(
@@ -169,8 +195,8 @@ class QConv2d(QuantizedModule):
         out_q: ActivationQParams | None = None,
         scratch_slot: str | None = None,
     ) -> torch.Tensor:
-        """(N, H, W, C) uint8 codes of `in_q` -> (N, Ho, Wo, O) float32, or codes of `out_q` (requantized in the
-        kernel epilogue: bit-identical to quantizing this layer's float output). With `scratch_slot`, a backend
+        """(N, H, W, C) uint8 codes of `in_q` -> (N, Ho, Wo, O) float32, or codes of `out_q` (the integer
+        requantization, `kernels.reference.requantize_codes`, in the kernel epilogue). With `scratch_slot`, a backend
         that can write into a given tensor puts the result in that per-thread reusable buffer
         (`kernels.cpu.scratch`): for results dead before the slot's next use."""
         key = (a.shape, id(in_q), id(out_q))  # the entry keeps both objects alive: their ids cannot be reused
@@ -267,6 +293,7 @@ class ConvChain(nn.Sequential):
         children = [tuple(q._modules.values()) for q in seqs]
         convs = [m for m in layers if isinstance(m, QConv2d)]
         structure = (layers, bypassed, _links(layers))
+        _set_readers(self, layers, structure[2])
         # the packed weights change with the device or the weights (.to(), load_state_dict): links re-derived
         packed = [m._packed for m in convs]
         self._structure_cache = (seqs, children, convs, (packed, [id(p) for p in packed]), structure)
@@ -321,12 +348,16 @@ class ConvChain(nn.Sequential):
             while j < len(links) and links[j]:
                 j += 1
             codes, in_q = layer.input_codes(x, CHAIN_INPUT_SLOT)
-            plan = self._plan(structure, i, j, codes.shape)
+            last_q = layers[j].output_q()  # j requantizes for a reader after this chain (a BlockChain's link)
+            plan = self._plan(structure, i, j, codes.shape) if last_q is None else None
             if plan is not None:  # the whole run in one kernel call
                 x = plan(codes, CHAIN_SLOTS).permute(0, 3, 1, 2)
             else:
                 for k in range(i, j + 1):
-                    out_q = layers[k + 1].input_q() if k < j else None
+                    out_q = layers[k + 1].input_q() if k < j else last_q
+                    if k == j and out_q is not None:  # codes dequantized: what QConv2d.forward returns
+                        x = dequantize_codes(layers[k].forward_codes(codes, in_q, out_q), out_q).permute(0, 3, 1, 2)
+                        break
                     # codes handed to the next layer are dead once it ran: two per-thread buffers, used in turn
                     y = layers[k].forward_codes(codes, in_q, out_q, None if out_q is None else CHAIN_SLOTS[k % 2])
                     if out_q is None:
@@ -335,6 +366,20 @@ class ConvChain(nn.Sequential):
                         codes, in_q = y, out_q
             i = j + 1
         return x
+
+
+def _set_readers(owner: nn.Module, layers: list, links: list[bool]) -> None:
+    """Link each layer that hands codes on (links[k]) to its reader (`QConv2d.requantize_for`), after unlinking the
+    layers `owner` linked before (its structure may have changed); a last layer keeps a link set by another owner
+    (a BlockChain links a block's last convolution to the next block's first)."""
+    for conv in owner.__dict__.get("_oq_linked", ()):
+        conv.requantize_for(None)
+    linked = []
+    for k, link in enumerate(links):
+        if link:
+            layers[k].requantize_for(layers[k + 1])
+            linked.append(layers[k])
+    owner.__dict__["_oq_linked"] = linked
 
 
 def chain_convolutions(model: nn.Module) -> nn.Module:
@@ -351,6 +396,7 @@ def chain_convolutions(model: nn.Module) -> nn.Module:
             return seq
         new = ConvChain(OrderedDict(seq._modules))
         new.train(seq.training)
+        _set_readers(new, layers, _links(layers))
         return new
 
     def visit(parent: nn.Module) -> None:
@@ -564,6 +610,7 @@ class BlockChain(nn.Sequential):
             if [tuple(m._modules.values()) for m in mods] == children and [id(c._packed) for c in convs] == packed:
                 return found, plans
         found = _block_units(self)
+        _set_block_readers(self, found[0] if found else [])
         mods = [self] + ([m for m in found[1] if isinstance(m, nn.Module) and m._modules] if found else [])
         convs = _unit_convs(found[0]) if found else []
         # packed before the snapshot: packing them later (the program does) would change it and re-derive everything
@@ -625,6 +672,27 @@ class BlockChain(nn.Sequential):
         return backend.block_program(described)
 
 
+def _set_block_readers(owner: nn.Module, units: list) -> None:
+    """Link the convolutions of `units` that hand codes on (`QConv2d.requantize_for`), as `BlockChain._program` runs
+    them: inside a unit, and a unit's last convolution to the next unit's first where no residual add reads its
+    float value. Pairs already linked (by an inner ConvChain) stay that owner's; the ones `owner` linked before are
+    unlinked first."""
+    for conv in owner.__dict__.get("_oq_linked", ()):
+        conv.requantize_for(None)
+    linked = []
+    for i, (residual, cs, _, _) in enumerate(units):
+        pairs = list(zip(cs, cs[1:], strict=False))
+        if i + 1 < len(units):
+            nxt = units[i + 1]
+            if not (residual or (nxt[0] and nxt[2] is None)):  # (see _program's float_out)
+                pairs.append((cs[-1], nxt[1][0]))
+        for producer, reader in pairs:
+            if producer.reader is not reader:
+                producer.requantize_for(reader)
+                linked.append(producer)
+    owner.__dict__["_oq_linked"] = linked
+
+
 def _unit_convs(units: list) -> list:
     """Every QConv2d a block program runs (main paths and branches)."""
     return [c for _, cs, branch, _ in units for c in (*cs, *((branch,) if branch is not None else ()))]
@@ -650,16 +718,22 @@ def _chain_blocks(model: nn.Module) -> nn.Module:
 
     def visit(parent: nn.Module) -> None:
         for name, child in list(parent._modules.items()):
-            if isinstance(child, nn.Sequential) and not isinstance(child, BlockChain) and _block_units(child):
+            found = (
+                _block_units(child) if isinstance(child, nn.Sequential) and not isinstance(child, BlockChain) else None
+            )
+            if found:
                 new = BlockChain(OrderedDict(child._modules))
                 new.train(child.training)
+                _set_block_readers(new, found[0])
                 parent._modules[name] = new
             elif child is not None:
                 visit(child)
 
-    if isinstance(model, nn.Sequential) and not isinstance(model, BlockChain) and _block_units(model):
+    found = _block_units(model) if isinstance(model, nn.Sequential) and not isinstance(model, BlockChain) else None
+    if found:
         new = BlockChain(OrderedDict(model._modules))
         new.train(model.training)
+        _set_block_readers(new, found[0])
         return new
     visit(model)
     return model

@@ -230,8 +230,9 @@ OUT_QS = {"to-u8-zp3": ActivationQParams(0.01, 3, QDtype.UINT8), "to-s8": Activa
 @pytest.mark.parametrize("cfg", list(CONVS.values()), ids=list(CONVS))
 @pytest.mark.parametrize("clamp", [False, True], ids=["linear", "relu6"])
 def test_conv2d_codes_requantized_bit_equal(fast, cfg, out_name, clamp):
-    """Codes in, codes out: equal to the reference and to quantizing the float output (what an unchained
-    next layer would do), so a chain of layers passing codes is bit-identical to one passing float."""
+    """Codes in, codes out (the integer requantization, QLinearConv's arithmetic): equal to the reference, and within
+    one code of quantizing the float output (float32(acc) * scale + bias divided by the output scale rounds
+    differently only near a tie, and where the int32 bias rounded)."""
     c, o, k, s, p, d, g = cfg
     x = torch.randn(2, c, 9, 11)
     w, ws, bias = rand_i8(o, c // g, k, k), torch.rand(o) * 0.01, torch.randn(o)
@@ -244,7 +245,8 @@ def test_conv2d_codes_requantized_bit_equal(fast, cfg, out_name, clamp):
     y = fast.conv2d_codes(a, fast.pack_conv(w, ws, bias, g, hi), *geometry, out_q)
     assert y.dtype == torch.uint8 and y.shape == y_ref.shape and torch.equal(y, y_ref)
     y_float = REF.conv2d_codes(a, REF.pack_conv(w, ws, bias, g, hi), *geometry)
-    assert torch.equal(REF.quantize_nhwc(y_float.permute(0, 3, 1, 2), out_q), y_ref)
+    diff = (REF.quantize_nhwc(y_float.permute(0, 3, 1, 2), out_q).to(torch.int16) - y_ref.to(torch.int16)).abs()
+    assert int(diff.max()) <= 1 and float((diff == 0).float().mean()) > 0.9
     assert len(y.unique()) > 20  # the scales above spread the outputs over many codes (not a saturated test)
 
 

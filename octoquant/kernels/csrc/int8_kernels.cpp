@@ -155,19 +155,41 @@ bool has_avx512vnni() {
 
 enum Isa { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512VNNI = 2 };
 
-// Requantized output: u8 = clamp(round_half_even(y / scale), lo, hi) + add, with lo = qmin - zp,
-// hi = qmax - zp, add = zp + shift: the arithmetic of q_u8 / quantize_static, in the same order.
+// Requantized output, the integer requantization of ONNX Runtime's QLinearConv (octoquant.kernels.reference.
+// requantize_codes): u8 = clamp(round_half_even(float32(acc + bias_q) * mult), lo, hi) + add, with lo = qmin - zp,
+// hi = qmax - zp, add = zp + shift. The caller passes mult = (in_scale * w_scale) / out_scale as the column scales
+// (row scale 1) and the int32 bias bias_q instead of the float bias; `scale` (the output scale) only converts a
+// fused clamp's float bound to its code.
 struct OutQ {
   uint8_t* y;  // (M, ldy) u8, or null: the epilogue stores float
   float scale, lo, hi;
   int32_t add;
 };
 
-inline uint8_t requantize_scalar(float v, const OutQ& q) {
-  float r = std::nearbyint(v / q.scale);  // default rounding mode: to nearest, ties to even
-  r = r < q.lo ? q.lo : (r > q.hi ? q.hi : r);
+// The bounds of round(v) for one column: the quantizer's [q.lo, q.hi], and with a fused clamp y = min(max(y, 0),
+// clamp_hi) its code bounds [min(0, c), c], c = round(clamp_hi / scale), inside them (the clamp commutes with the
+// monotone rounding: round(min(max(v, 0), c)) = min(max(round(v), 0), c) for integer c)
+inline void fold_clamp_one(const OutQ& q, const float* clamp_hi, float* lo, float* hi) {
+  if (!clamp_hi) {
+    *lo = q.lo;
+    *hi = q.hi;
+    return;
+  }
+  float c = std::nearbyint(*clamp_hi / q.scale);
+  float lo_c = std::min(0.0f, c);  // the fused clamp at -inf: min(max(-inf, 0), c)
+  *lo = std::min(std::max(lo_c, q.lo), q.hi);
+  *hi = std::min(std::max(c, q.lo), q.hi);
+}
+
+inline uint8_t requantize_scalar(float v, const OutQ& q, const float* clamp_hi) {
+  float lo, hi;
+  fold_clamp_one(q, clamp_hi, &lo, &hi);
+  float r = std::nearbyint(v);  // default rounding mode: to nearest, ties to even
+  r = r < lo ? lo : (r > hi ? hi : r);
   return (uint8_t)((int32_t)r + q.add);
 }
+
+inline int32_t add_wrap(int32_t a, int32_t b) { return (int32_t)((uint32_t)a + (uint32_t)b); }
 
 struct GemmArgs {
   const uint8_t* a;      // (M, lda) u8, K padded to Kp (multiple of 4) with any value (weights are 0 there)
@@ -191,13 +213,13 @@ struct GemmArgs {
   const float* static_scale = nullptr;
   const float* q_lo = nullptr;
   const float* q_hi = nullptr;
+  const int32_t* bias_q = nullptr;  // (T*64,) int32 bias of the requantization (out_q.y set), or null
 };
 
 // Per-column epilogue constants, worked out once per call instead of once per row (a conv's GEMM has
 // K = 16..32 and 10^5 rows: the epilogue, not the multiply-adds, was its cost). Exact: the same float32
-// products, and round(min(max(v, 0), c) / s) = min(max(round(v / s), 0), round(c / s)) because division by
-// s > 0 and rounding are monotone, so the fused clamp and the quantizer's clamp compose into one clamp to
-// [f(-inf), f(+inf)] of round(v / s).
+// products; the requantization's int32 bias joins offset * colsum (int32 sums wrap alike in either order); the
+// fused clamp and the quantizer's clamp compose into one clamp of round(v) (fold_clamp_one).
 struct EpilogueConsts {
   std::vector<int32_t> off_colsum;
   std::vector<float> static_scale, q_lo, q_hi;
@@ -205,6 +227,8 @@ struct EpilogueConsts {
   // n: padded columns (colsum, col_scale and clamp_hi hold n values)
   EpilogueConsts(GemmArgs& g, int64_t n) : off_colsum((size_t)n) {
     for (int64_t j = 0; j < n; ++j) off_colsum[j] = (int32_t)((uint32_t)g.offset * (uint32_t)g.colsum[j]);
+    if (g.bias_q)  // acc - off_colsum + bias_q = acc - (off_colsum - bias_q)
+      for (int64_t j = 0; j < n; ++j) off_colsum[j] = add_wrap(off_colsum[j], -g.bias_q[j]);
     g.off_colsum = off_colsum.data();
     if (!g.row_scale) {
       static_scale.resize((size_t)n);
@@ -220,19 +244,9 @@ struct EpilogueConsts {
     }
   }
 
-  // bounds of round(v / s) after y = min(max(v, 0), clamp_hi[j]) (if clamp_hi) and the quantizer's clamp
+  // per column: the bounds of round(v) (fold_clamp_one)
   static void fold_clamp(const OutQ& q, const float* clamp_hi, int64_t n, float* lo, float* hi) {
-    for (int64_t j = 0; j < n; ++j) {
-      if (!clamp_hi) {
-        lo[j] = q.lo;
-        hi[j] = q.hi;
-        continue;
-      }
-      float c = std::nearbyint(clamp_hi[j] / q.scale);  // round(f(+inf)) of the fused clamp
-      float lo_c = std::min(0.0f, c);                   // the fused clamp at -inf: min(max(-inf, 0), c)
-      lo[j] = std::min(std::max(lo_c, q.lo), q.hi);
-      hi[j] = std::min(std::max(c, q.lo), q.hi);
-    }
+    for (int64_t j = 0; j < n; ++j) fold_clamp_one(q, clamp_hi ? clamp_hi + j : nullptr, lo + j, hi + j);
   }
 };
 
@@ -251,13 +265,17 @@ inline void epilogue_scalar(const GemmArgs& g, int64_t m, int64_t n0, const int3
     if (g.acc_out) {
       g.acc_out[m * g.ldy + n] = acc;
     } else {
+      if (g.bias_q) acc = add_wrap(acc, g.bias_q[n]);
       float rs = g.row_scale ? g.row_scale[m] : g.row_scale0;
       volatile float cs = rs * g.col_scale[n];  // volatile: keep mul and add separate (no FMA)
       float v = (float)acc * cs;
       if (g.bias) v = v + g.bias[n];
-      if (g.clamp_hi) v = std::min(std::max(v, 0.0f), g.clamp_hi[n]);
-      if (g.out_q.y) g.out_q.y[m * g.ldy + n] = requantize_scalar(v, g.out_q);
-      else g.y[m * g.ldy + n] = v;
+      if (g.out_q.y) {
+        g.out_q.y[m * g.ldy + n] = requantize_scalar(v, g.out_q, g.clamp_hi ? g.clamp_hi + n : nullptr);
+      } else {
+        if (g.clamp_hi) v = std::min(std::max(v, 0.0f), g.clamp_hi[n]);
+        g.y[m * g.ldy + n] = v;
+      }
     }
   }
 }
@@ -284,12 +302,11 @@ void gemm_scalar(const GemmArgs& g, int64_t nb_lo, int64_t nb_hi, int64_t m_lo, 
 // ------------------------------------------------------------------------------------------------ AVX-512 VNNI
 #define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,fma")))
 
-// u8 codes of y: clamp(round_half_even(y / scale), lo[j], hi[j]) + add, with the integer-valued bounds of
-// EpilogueConsts. Clamping before rounding is the same (rounding is monotone and keeps integers), so one
+// u8 codes of v (in output units): clamp(round_half_even(v), lo[j], hi[j]) + add, with the integer-valued bounds
+// of EpilogueConsts. Clamping before rounding is the same (rounding is monotone and keeps integers), so one
 // conversion with embedded round-to-nearest-even does both the rounding and the float -> int step.
-VNNI_TARGET inline __m128i requantize_consts_avx512(__m512 y, const OutQ& q, const float* lo, const float* hi) {
-  __m512 r = _mm512_div_ps(y, _mm512_set1_ps(q.scale));
-  r = _mm512_min_ps(_mm512_max_ps(r, _mm512_loadu_ps(lo)), _mm512_loadu_ps(hi));
+VNNI_TARGET inline __m128i requantize_consts_avx512(__m512 v, const OutQ& q, const float* lo, const float* hi) {
+  __m512 r = _mm512_min_ps(_mm512_max_ps(v, _mm512_loadu_ps(lo)), _mm512_loadu_ps(hi));
   __m512i i = _mm512_cvt_roundps_epi32(r, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   return _mm512_cvtepi32_epi8(_mm512_add_epi32(i, _mm512_set1_epi32(q.add)));
 }
@@ -334,8 +351,7 @@ VNNI_TARGET inline void store_codes_vnni(const GemmArgs& g, int64_t m, int64_t n
     __m512i acc = _mm512_sub_epi32(s[b], _mm512_loadu_si512((const void*)(g.off_colsum + n)));
     __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_loadu_ps(g.static_scale + n));
     if (g.bias) v = _mm512_add_ps(v, _mm512_loadu_ps(g.bias + n));
-    __m512 r = _mm512_div_ps(v, _mm512_set1_ps(g.out_q.scale));
-    r = _mm512_min_ps(_mm512_max_ps(r, _mm512_loadu_ps(g.q_lo + n)), _mm512_loadu_ps(g.q_hi + n));
+    __m512 r = _mm512_min_ps(_mm512_max_ps(v, _mm512_loadu_ps(g.q_lo + n)), _mm512_loadu_ps(g.q_hi + n));
     q[b] = _mm512_add_epi32(_mm512_cvt_roundps_epi32(r, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
                             _mm512_set1_epi32(g.out_q.add));
   }
@@ -545,8 +561,9 @@ VNNI_TARGET void gemm_vnni(const GemmArgs& g, int64_t t_lo, int64_t t_hi, int64_
 // ------------------------------------------------------------------------------------------------ AVX2
 #define AVX2_TARGET __attribute__((target("avx2,fma")))
 
+// codes of v (in output units) without a fused clamp (the callers take the scalar path with one)
 AVX2_TARGET inline void requantize_store_avx2(__m256 v, const OutQ& q, uint8_t* out) {
-  __m256 r = _mm256_round_ps(_mm256_div_ps(v, _mm256_set1_ps(q.scale)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   r = _mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(q.lo)), _mm256_set1_ps(q.hi));
   alignas(32) int32_t qi[8];
   _mm256_store_si256((__m256i*)qi, _mm256_add_epi32(_mm256_cvtps_epi32(r), _mm256_set1_epi32(q.add)));
@@ -561,16 +578,17 @@ AVX2_TARGET inline void finish_block_avx2(const GemmArgs& g, int64_t m, int64_t 
   __m256i hi = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(acc[2], acc[3]), perm);  // columns 8..15
   _mm256_store_si256((__m256i*)s, lo);
   _mm256_store_si256((__m256i*)(s + 8), hi);
-  if (valid == 16 && !g.acc_out) {
+  if (valid == 16 && !g.acc_out && !(g.out_q.y && g.clamp_hi)) {
     float rs = g.row_scale ? g.row_scale[m] : g.row_scale0;
     for (int h = 0; h < 2; ++h) {
       __m256i sv = _mm256_load_si256((const __m256i*)(s + 8 * h));
       __m256i cs = _mm256_loadu_si256((const __m256i*)(g.colsum + n0 + 8 * h));
       __m256i a = _mm256_sub_epi32(sv, _mm256_mullo_epi32(_mm256_set1_epi32(g.offset), cs));
+      if (g.bias_q) a = _mm256_add_epi32(a, _mm256_loadu_si256((const __m256i*)(g.bias_q + n0 + 8 * h)));
       __m256 scale = _mm256_mul_ps(_mm256_set1_ps(rs), _mm256_loadu_ps(g.col_scale + n0 + 8 * h));
       __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(a), scale);
       if (g.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(g.bias + n0 + 8 * h));
-      if (g.clamp_hi)
+      if (g.clamp_hi)  // (float output here: with codes out a fused clamp takes the scalar path)
         v = _mm256_min_ps(_mm256_max_ps(v, _mm256_setzero_ps()), _mm256_loadu_ps(g.clamp_hi + n0 + 8 * h));
       if (g.out_q.y) requantize_store_avx2(v, g.out_q, g.out_q.y + m * g.ldy + n0 + 8 * h);
       else _mm256_storeu_ps(g.y + m * g.ldy + n0 + 8 * h, v);
@@ -988,6 +1006,7 @@ struct DwArgs {
   const float* q_lo = nullptr;
   const float* q_hi = nullptr;
   const int32_t* off_wsum = nullptr;  // offset * sum of the channel's weights over all taps
+  const int32_t* bias_q = nullptr;    // (C,) int32 bias of the requantization (out_q.y set), or null
 };
 
 struct Taps {  // the in-image taps of one output pixel
@@ -1015,17 +1034,22 @@ inline void dw_pixel_scalar(const DwArgs& a, const uint8_t* img, const Taps& t, 
       for (int64_t j = t.j0; j < t.j1; ++j)
         acc += ((int32_t)img[((t.ih0 + i * a.dh) * a.W + t.iw0 + j * a.dw) * a.C + c] - a.offset) *
                (int32_t)(int16_t)a.w[(i * a.kw + j) * a.C + c];
+    if (a.bias_q) acc = add_wrap(acc, a.bias_q[c]);
     volatile float cs = a.in_scale * a.col_scale[c];
     float v = (float)acc * cs;
     if (a.bias) v = v + a.bias[c];
-    if (a.clamp_hi) v = std::min(std::max(v, 0.0f), a.clamp_hi[c]);
-    if (a.out_q.y) a.out_q.y[pix * a.C + c] = requantize_scalar(v, a.out_q);
-    else a.y[pix * a.C + c] = v;
+    if (a.out_q.y) {
+      a.out_q.y[pix * a.C + c] = requantize_scalar(v, a.out_q, a.clamp_hi ? a.clamp_hi + c : nullptr);
+    } else {
+      if (a.clamp_hi) v = std::min(std::max(v, 0.0f), a.clamp_hi[c]);
+      a.y[pix * a.C + c] = v;
+    }
   }
 }
 
 // With the per-channel constants of EpilogueConsts (a.static_scale; a.q_lo / a.q_hi when requantizing).
 VNNI_TARGET inline void dw_store_avx512(const DwArgs& a, __m512i acc, int64_t pix, int64_t c) {
+  if (a.bias_q) acc = _mm512_add_epi32(acc, _mm512_loadu_si512((const void*)(a.bias_q + c)));
   __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_loadu_ps(a.static_scale + c));
   if (a.bias) v = _mm512_add_ps(v, _mm512_loadu_ps(a.bias + c));
   if (a.out_q.y) {
@@ -1098,6 +1122,10 @@ VNNI_TARGET void dw_pixels_avx512(const DwArgs& a, const uint8_t* img, const Tap
 
 AVX2_TARGET void dw_pixel_avx2(const DwArgs& a, const uint8_t* img, const Taps& t, int64_t pix) {
   int64_t c = 0;
+  if (a.out_q.y && a.clamp_hi) {  // codes with a fused clamp: the scalar path's per-channel bounds
+    dw_pixel_scalar(a, img, t, pix, 0, a.C);
+    return;
+  }
   __m256i off = _mm256_set1_epi32(a.offset);
   __m256 rs = _mm256_set1_ps(a.in_scale);
   for (; c + 8 <= a.C; c += 8) {
@@ -1109,6 +1137,7 @@ AVX2_TARGET void dw_pixel_avx2(const DwArgs& a, const uint8_t* img, const Taps& 
         __m256i wv = _mm256_loadu_si256((const __m256i*)(a.w + (i * a.kw + j) * a.C + c));
         acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_sub_epi32(xv, off), wv));
       }
+    if (a.bias_q) acc = _mm256_add_epi32(acc, _mm256_loadu_si256((const __m256i*)(a.bias_q + c)));
     __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_mul_ps(rs, _mm256_loadu_ps(a.col_scale + c)));
     if (a.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(a.bias + c));
     if (a.clamp_hi) v = _mm256_min_ps(_mm256_max_ps(v, _mm256_setzero_ps()), _mm256_loadu_ps(a.clamp_hi + c));
@@ -1340,6 +1369,12 @@ void conv_gemm(const uint8_t* x, const int64_t* c, const GemmArgs& args, uint8_t
   });
 }
 
+// Codes out take the requantization's int32 bias, float out the float bias (see OutQ)
+void check_requantization(bool codes, const float* bias, const int32_t* bias_q) {
+  if (codes ? bias != nullptr : bias_q != nullptr)
+    throw std::invalid_argument("requantized output takes the int32 bias (bias_q), float output the float bias");
+}
+
 // (u8 address, scale, zero-point, qmin, qmax, shift), or () for float output
 OutQ out_q_of(const py::tuple& t) {
   if (t.size() == 0) return OutQ{nullptr, 1.0f, 0.0f, 0.0f, 0};
@@ -1425,6 +1460,8 @@ class ChainProgram {
                        a[14].cast<int64_t>(), a[15].cast<int32_t>(), t[0].cast<float>(),
                        (const float*)t[1].cast<uintptr_t>(), (const float*)t[2].cast<uintptr_t>(),
                        (const float*)t[3].cast<uintptr_t>(), nullptr, oq};
+        st.dw.bias_q = (const int32_t*)t[4].cast<uintptr_t>();
+        check_requantization(st.codes_out, st.dw.bias, st.dw.bias_q);
       } else {
         for (const auto& gi : sp[4].cast<py::list>()) {
           py::tuple gt = gi.cast<py::tuple>();
@@ -1442,6 +1479,8 @@ class ChainProgram {
                           (const float*)w[5].cast<uintptr_t>(), (const float*)tail[0].cast<uintptr_t>(),
                           (const float*)tail[1].cast<uintptr_t>(), nullptr, nullptr, gt[6].cast<int64_t>(),
                           dims[0].cast<int64_t>(), dims[1].cast<int64_t>(), dims[2].cast<int64_t>(), oq};
+          cg.g.bias_q = (const int32_t*)tail[2].cast<uintptr_t>();
+          check_requantization(st.codes_out, cg.g.bias, cg.g.bias_q);
           cg.column = gt[5].cast<int64_t>();
           st.groups.push_back(cg);
         }
@@ -1616,11 +1655,13 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "gemm_u8s8",
       [](uintptr_t a, int64_t lda, uintptr_t w, uintptr_t colsum, int32_t offset, uintptr_t row_scale, float row_scale0,
-         uintptr_t col_scale, uintptr_t bias, uintptr_t clamp_hi, uintptr_t y, uintptr_t acc_out, int64_t ldy, int64_t M,
-         int64_t N, int64_t Kp, int isa, int nthreads, py::tuple out_q) {
+         uintptr_t col_scale, uintptr_t bias, uintptr_t clamp_hi, uintptr_t bias_q, uintptr_t y, uintptr_t acc_out,
+         int64_t ldy, int64_t M, int64_t N, int64_t Kp, int isa, int nthreads, py::tuple out_q) {
         GemmArgs g{(const uint8_t*)a, lda, (const int8_t*)w, (const int32_t*)colsum, offset,
                    (const float*)row_scale, row_scale0, (const float*)col_scale, (const float*)bias,
                    (const float*)clamp_hi, (float*)y, (int32_t*)acc_out, ldy, M, N, Kp, out_q_of(out_q)};
+        g.bias_q = (const int32_t*)bias_q;
+        check_requantization(out_q.size() > 0, g.bias, g.bias_q);
         gemm(g, check_isa(isa), nthreads);
       });
 
@@ -1688,11 +1729,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("depthwise_conv_u8", [](uintptr_t x, int64_t N, int64_t H, int64_t W, int64_t C, uintptr_t w, int64_t kh,
                                 int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
                                 int64_t Ho, int64_t Wo, int32_t offset, float in_scale, uintptr_t col_scale,
-                                uintptr_t bias, uintptr_t clamp_hi, uintptr_t y, int isa, int nthreads,
-                                py::tuple out_q) {
+                                uintptr_t bias, uintptr_t clamp_hi, uintptr_t bias_q, uintptr_t y, int isa,
+                                int nthreads, py::tuple out_q) {
     DwArgs a{(const uint8_t*)x, N, H, W, C, (const int32_t*)w, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo, offset,
              in_scale, (const float*)col_scale, (const float*)bias, (const float*)clamp_hi, (float*)y,
              out_q_of(out_q)};
+    a.bias_q = (const int32_t*)bias_q;
+    check_requantization(out_q.size() > 0, a.bias, a.bias_q);
     depthwise(a, check_isa(isa), nthreads);
   });
 
@@ -1706,14 +1749,17 @@ PYBIND11_MODULE(_C, m) {
   // conv_gemm: x the (N, H, W, C) input codes, im (the 17 im2col arguments), cols an im2col buffer of (M, Kp) bytes
   // (used when threads split columns), then gemm_u8s8's arguments from w on
   m.def("conv_gemm_u8s8", [](uintptr_t x, py::tuple im, uintptr_t cols, uintptr_t w, uintptr_t colsum, int32_t offset,
-                             float row_scale0, uintptr_t col_scale, uintptr_t bias, uintptr_t clamp_hi, uintptr_t y,
-                             int64_t ldy, int64_t M, int64_t N, int64_t Kp, int isa, int nthreads, py::tuple out_q) {
+                             float row_scale0, uintptr_t col_scale, uintptr_t bias, uintptr_t clamp_hi,
+                             uintptr_t bias_q, uintptr_t y, int64_t ldy, int64_t M, int64_t N, int64_t Kp, int isa,
+                             int nthreads, py::tuple out_q) {
     if (im.size() != 17) throw std::invalid_argument("conv_gemm_u8s8: expected 17 im2col arguments");
     int64_t c[17];
     for (int k = 0; k < 17; ++k) c[k] = im[k].cast<int64_t>();
     GemmArgs g{nullptr, Kp, (const int8_t*)w, (const int32_t*)colsum, offset, nullptr, row_scale0,
                (const float*)col_scale, (const float*)bias, (const float*)clamp_hi, (float*)y, nullptr, ldy, M, N, Kp,
                out_q_of(out_q)};
+    g.bias_q = (const int32_t*)bias_q;
+    check_requantization(out_q.size() > 0, g.bias, g.bias_q);
     conv_gemm((const uint8_t*)x, c, g, (uint8_t*)cols, check_isa(isa), nthreads);
   });
 
