@@ -73,7 +73,7 @@ def requantization(
     s = torch.tensor(in_scale, dtype=torch.float32) * w_scale.to(torch.float32)
     mult = s / torch.tensor(out_scale, dtype=torch.float32)
     if bias is None:
-        return mult, torch.zeros(s.shape, dtype=torch.int32)
+        return mult, torch.zeros(s.shape, dtype=torch.int32, device=s.device)
     bq = torch.round(bias.to(torch.float32) / s).to(torch.float64).clamp(INT32_MIN, INT32_MAX)
     return mult, bq.to(torch.int32)
 
@@ -99,8 +99,8 @@ def requantize_codes(
     wrapped = ((wide - INT32_MIN) % 2**32 + INT32_MIN).to(torch.int32)  # int32 addition wraps
     r = torch.round(wrapped.to(torch.float32) * mult.to(torch.float32).reshape(shape))
     qmin, qmax = out_q.dtype.qrange()
-    lo = torch.full(mult.shape, float(qmin - out_q.zero_point))
-    hi = torch.full(mult.shape, float(qmax - out_q.zero_point))
+    lo = torch.full(mult.shape, float(qmin - out_q.zero_point), device=acc.device)
+    hi = torch.full(mult.shape, float(qmax - out_q.zero_point), device=acc.device)
     if clamp_hi is not None:
         c = torch.round(clamp_hi.to(torch.float32) / torch.tensor(out_q.scale, dtype=torch.float32))
         lo, hi = torch.minimum(torch.maximum(torch.clamp(c, max=0.0), lo), hi), torch.minimum(torch.maximum(c, lo), hi)
