@@ -540,7 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument(
         "--exact",
         action="store_true",
-        help="static layers as the integer ops octoquant computes (ORT reproduces octoquant's integers; slower)",
+        help="static layers as the integer ops octoquant computes (ORT reproduces octoquant's integers, running "
+        "requantizing convs as QLinearConv; slower than the default)",
     )
     x.set_defaults(func=cmd_export)
     r = sub.add_parser("report", help="quantize + evaluate + benchmark: the FP32-vs-INT8 table, HTML, plots")
