@@ -308,10 +308,19 @@ def _conv_of_integers(self: QConv2d, q0: torch.Tensor, s: torch.Tensor) -> torch
 def _codes_conv(self: QConv2d, codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """The exact conv of uint8 codes (a requantizing conv's QLinearConv output): as `_float_valued_conv` on
     q - zp = DequantizeLinear(codes, 1, zp) (exact integers) where the sums fit float32, else ConvInteger."""
+    if _pointwise(self):  # a 1x1 conv is a MatMul over channels: MatMulInteger on the codes in NHWC order
+        acc = _MatMulInteger.apply(codes.permute(0, 2, 3, 1), self.weight.reshape(self.out_channels, -1).t(), z)
+        y = acc.to(torch.float32) * (s * self.weight_scale)
+        y = y + self.bias if self.bias is not None else y
+        return y.permute(0, 3, 1, 2)
     if not _sums_fit_float32(self, int(z)):
         return _integer_conv(self, codes, s, z)
     q0 = _DequantizeLinear.apply(codes, torch.tensor(1.0, dtype=torch.float32), z, 0)
     return _conv_of_integers(self, q0, s)
+
+
+def _pointwise(self: QConv2d) -> bool:
+    return self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0) and self.groups == 1
 
 
 def _static_qparams_u8(self: QuantizedModule) -> tuple[torch.Tensor, torch.Tensor]:
@@ -993,6 +1002,24 @@ def _reads_codes(gr: _Graph, q, reader) -> bool:
     return _integer_values(gr, reader) and zr is not None and zq is not None and np.array_equal(zr, zq)
 
 
+def _codes_read_right(gr: _Graph, q, c, z) -> bool:
+    """Whether node `c` reads the codes of QuantizeLinear `q` (zero-point z) as an integer pipeline does: a DQ with
+    q's qparams (or scale 1: the integers), an integer op with q's zero-point, or a clamp on the codes
+    (`_integer_clamps`) / a layout Transpose passing them on to such readers."""
+    import numpy as np
+
+    if c.op_type in ("ConvInteger", "MatMulInteger"):  # the codes' zero-point is the Q's
+        return len(c.input) > 2 and np.array_equal(gr.const(c.input[2]), z)
+    readers = gr.consumers.get(c.output[0], [])
+    if c.op_type == "Min":
+        if getattr(gr.const(c.input[1]), "dtype", None) != z.dtype:
+            return False
+        return bool(readers) and all(_codes_read_right(gr, q, d, z) for d in readers)
+    if c.op_type == "Transpose":
+        return bool(readers) and all(_codes_read_right(gr, q, d, z) for d in readers)
+    return _reads_codes(gr, q, c)
+
+
 def check(model_or_path) -> QDQCheck:
     """onnx.checker (full) plus the QDQ placement rules the runtimes' fusions need.
 
@@ -1033,16 +1060,7 @@ def check(model_or_path) -> QDQCheck:
                 problems.append(f"{n.op_type} {label}: non-positive or non-finite scale")
             if n.op_type == "QuantizeLinear":
                 for c in gr.consumers.get(n.output[0], []):
-                    if c.op_type in ("ConvInteger", "MatMulInteger"):  # the codes' zero-point is the Q's
-                        ok = len(c.input) > 2 and np.array_equal(gr.const(c.input[2]), z)
-                    elif c.op_type == "Min":  # a clamp on the codes (`_integer_clamps`), then the matching DQ
-                        ok = (
-                            all(_reads_codes(gr, n, d) for d in gr.consumers.get(c.output[0], []))
-                            and getattr(gr.const(c.input[1]), "dtype", None) == z.dtype
-                        )
-                    else:
-                        ok = _reads_codes(gr, n, c)
-                    if not ok:
+                    if not _codes_read_right(gr, n, c, z):
                         problems.append(f"QuantizeLinear {label}: read by {c.op_type} {c.name} without matching DQ")
         if n.op_type in ("MatMulInteger", "ConvInteger"):
             w = gr.const(n.input[1])

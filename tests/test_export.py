@@ -189,6 +189,9 @@ def test_exact_export_requantizing_convs_run_as_qlinearconv_bit_for_bit(tmp_path
             assert torch.equal(torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]), q(x))
     v = export.verify(q, path, [torch.randn(2, 3, 32, 32)])
     assert v.integer_ops.get("QLinearConv") == len(linked) and v.dequantized_float == 0
+    # the 1x1 projections that read codes and give float (blocks 1, 3, 4) run as MatMulInteger, like the Linear;
+    # the stem and the last conv read float: Conv of integers
+    assert v.integer_ops.get("MatMulInteger") == 4 and sum(v.float_ops.values()) == 2, (v.integer_ops, v.float_ops)
 
 
 def test_a_per_channel_clamp_runs_on_the_codes(tmp_path, monkeypatch):
