@@ -128,6 +128,65 @@ def test_exact_export_reproduces_octoquant_bit_for_bit(tmp_path, activation_dtyp
         assert not torch.equal(torch.from_numpy(qdq.run(None, {"input": x.numpy()})[0]), q(x))
 
 
+def test_requantization_is_qlinearconv_bit_for_bit():
+    """octoquant's integer requantization (reference.requantize_codes) is ONNX Runtime's QLinearConv arithmetic: the
+    op itself (not a QDQ fusion), given octoquant's int32 bias, returns the reference's codes on pointwise, strided,
+    depthwise and 5x5 convolutions with random zero-points, with and without a ReLU bound at the zero-point."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from octoquant.kernels.reference import ActivationQParams, ReferenceBackend, requantization
+
+    ref, gen = ReferenceBackend(), torch.Generator().manual_seed(0)
+    for c, o, k, stride, groups, relu, ties in [
+        (32, 48, 1, 1, 1, False, False),
+        (3, 16, 3, 2, 1, True, False),
+        (24, 24, 3, 1, 24, True, False),
+        (40, 40, 3, 2, 40, False, False),
+        (8, 12, 5, 1, 1, False, False),
+        (16, 16, 3, 1, 16, False, True),  # multiplier 2**-9: many exact halves (round half to even)
+    ]:
+        w = torch.randint(-127, 128, (o, c // groups, k, k), dtype=torch.int8, generator=gen)
+        ws = torch.full((o,), 2.0**-6) if ties else torch.rand(o, generator=gen) * 0.02 + 1e-3
+        bias = torch.randn(o, generator=gen)
+        in_s = 2.0**-3 if ties else float(torch.rand(1, generator=gen)) * 0.1 + 0.01
+        out_s = 1.0 if ties else float(torch.rand(1, generator=gen)) * 0.5 + 0.05
+        in_q = ActivationQParams(in_s, 37, oq.QDtype.UINT8)
+        out_q = ActivationQParams(out_s, 0 if relu else 140, oq.QDtype.UINT8)
+        hi = torch.full((o,), float("inf")) if relu else None
+        a = torch.randint(0, 256, (2, 11, 13, c), dtype=torch.uint8, generator=gen)  # NHWC codes
+        geometry = ((stride, stride), (k // 2, k // 2), (1, 1), in_q)
+        codes = ref.conv2d_codes(a, ref.pack_conv(w, ws, bias, groups, hi), *geometry, out_q)
+        _, bias_q = requantization(in_q.scale, ws, bias, out_q.scale)
+        consts = {
+            "xs": np.float32(in_q.scale), "xz": np.uint8(in_q.zero_point), "w": w.numpy(), "ws": ws.numpy(),
+            "wz": np.zeros(o, np.int8), "ys": np.float32(out_q.scale), "yz": np.uint8(out_q.zero_point),
+            "b": bias_q.numpy(),
+        }  # fmt: skip
+        node = helper.make_node(
+            "QLinearConv",
+            ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz", "b"],
+            ["y"],
+            group=groups,
+            strides=[stride, stride],
+            pads=[k // 2] * 4,
+        )
+        graph = helper.make_graph(
+            [node],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.UINT8, None)],
+            [helper.make_tensor_value_info("y", TensorProto.UINT8, None)],
+            [numpy_helper.from_array(np.asarray(v), n) for n, v in consts.items()],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        y = torch.from_numpy(sess.run(None, {"x": a.permute(0, 3, 1, 2).numpy()})[0]).permute(0, 2, 3, 1)
+        assert torch.equal(y, codes), (c, o, k, stride, groups)
+        assert len(codes.unique()) > 20  # spread over many codes, not saturated
+
+
 class Inverted(nn.Module):
     """MobileNetV2's inverted residual: 1x1 expand, 3x3 depthwise, 1x1 project (+ the input when shapes allow)."""
 
