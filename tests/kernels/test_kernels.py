@@ -171,6 +171,8 @@ CONVS = {
     "depthwise-s2": (24, 24, 3, 2, 1, 1, 24),
     "depthwise-5x5": (20, 20, 5, 1, 2, 1, 20),
     "depthwise-wide": (100, 100, 3, 2, 1, 1, 100),  # 64-channel blocks + a 16 block + 4 scalar channels
+    # stride 1, 3 wide: 4 interior pixels share each kernel row's input columns; 32 + 16 + 8 scalar channels
+    "depthwise-s1-56": (56, 56, 3, 1, 1, 1, 56),
     "grouped-dilated": (8, 12, 3, 1, 2, 2, 2),
     "k-not-mult-4": (5, 7, 3, 1, 1, 1, 1),
     "expand-16-to-200": (16, 200, 1, 1, 0, 1, 1),  # small K: 13 column blocks in groups, the last partial
