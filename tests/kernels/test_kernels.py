@@ -224,6 +224,27 @@ def test_conv2d_im2col_fused_in_row_blocks_bit_equal(fast, cfg, threads, codes_o
     assert torch.equal(y, y_ref)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("codes_out", [False, True], ids=["float", "codes"])
+def test_depthwise_split_between_threads_bit_equal(fast, threads, codes_out):
+    """Two threads take halves of the output pixels, the boundary inside a row and inside a 4-pixel block (273
+    pixels: 137 / 136, row 10 at column 7; blocks from column 1 + 4k): the result equals the reference's."""
+    x = torch.randn(1, 64, 21, 13)
+    w, ws, bias = rand_i8(64, 1, 3, 3), torch.rand(64) * 0.01, torch.randn(64)
+    in_q = ActivationQParams(0.03, 100, QDtype.UINT8)
+    out_q = ActivationQParams(0.01, 3, QDtype.UINT8) if codes_out else None
+    a = REF.quantize_nhwc(x, in_q)
+    geometry = ((1, 1), (1, 1), (1, 1), in_q)
+    y_ref = REF.conv2d_codes(a, REF.pack_conv(w, ws, bias, 64), *geometry, out_q)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = fast.conv2d_codes(a, fast.pack_conv(w, ws, bias, 64), *geometry, out_q)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(y, y_ref)
+
+
 # The next layer's input quantization, written by the epilogue: uint8 asymmetric and int8 symmetric.
 OUT_QS = {"to-u8-zp3": ActivationQParams(0.01, 3, QDtype.UINT8), "to-s8": ActivationQParams(0.015, 0, QDtype.INT8)}
 

@@ -1218,34 +1218,33 @@ void depthwise(const DwArgs& args, int isa, int nthreads) {
   for (int64_t c = 0; c < a.C; ++c) off_wsum[c] *= a.offset;
   a.off_wsum = off_wsum.data();
   int64_t rows = a.N * a.Ho;
-  int t = threads_for(rows * a.Wo * a.C * a.kh * a.kw * 8, rows, nthreads);
+  int t = threads_for(rows * a.Wo * a.C * a.kh * a.kw * 8, rows * a.Wo, nthreads);
   const bool row_sharing = a.kw == 3 && a.sw == 1 && a.dw == 1;  // dw_blocks_s1k3_avx512's case
   py::gil_scoped_release nogil;
+  // threads take equal ranges of output pixels (not of rows: a 7-row map split 4 / 3 left a thread idle 1/8)
+  const int64_t pixels = rows * a.Wo;
   pool().run(t, [&](int ti) {
     int64_t lo, hi;
-    split(rows, t, ti, &lo, &hi);
-    for (int64_t r = lo; r < hi; ++r) {
-      int64_t n = r / a.Ho, ho = r % a.Ho;
+    split(pixels, t, ti, &lo, &hi);
+    for (int64_t pix = lo; pix < hi; ++pix) {
+      const int64_t r = pix / a.Wo, wo = pix % a.Wo, n = r / a.Ho, ho = r % a.Ho;
       const uint8_t* img = a.x + n * a.H * a.W * a.C;
-      for (int64_t wo = 0; wo < a.Wo; ++wo) {
-        Taps tp = taps_of(a, ho, wo);
-        int64_t pix = (n * a.Ho + ho) * a.Wo + wo;
-        if (isa == ISA_AVX512VNNI) {
-          // 4 interior pixels at once (all taps in the image for the first and so for every one of them)
-          bool full = tp.i0 == 0 && tp.i1 == a.kh && tp.j0 == 0 && tp.j1 == a.kw;
-          if (full && wo + 3 < a.Wo && taps_of(a, ho, wo + 3).j1 == a.kw) {
-            if (row_sharing) dw_pixels_s1k3_avx512(a, img, tp, pix);
-            else dw_pixels_avx512<4, true>(a, img, tp, pix);
-            wo += 3;
-          } else if (full) {
-            dw_pixels_avx512<1, true>(a, img, tp, pix);
-          } else {
-            dw_pixels_avx512<1, false>(a, img, tp, pix);
-          }
+      Taps tp = taps_of(a, ho, wo);
+      if (isa == ISA_AVX512VNNI) {
+        // 4 interior pixels of this row and range at once (all taps in the image for the first and the last)
+        bool full = tp.i0 == 0 && tp.i1 == a.kh && tp.j0 == 0 && tp.j1 == a.kw;
+        if (full && wo + 3 < a.Wo && pix + 3 < hi && taps_of(a, ho, wo + 3).j1 == a.kw) {
+          if (row_sharing) dw_pixels_s1k3_avx512(a, img, tp, pix);
+          else dw_pixels_avx512<4, true>(a, img, tp, pix);
+          pix += 3;
+        } else if (full) {
+          dw_pixels_avx512<1, true>(a, img, tp, pix);
+        } else {
+          dw_pixels_avx512<1, false>(a, img, tp, pix);
         }
-        else if (isa == ISA_AVX2) dw_pixel_avx2(a, img, tp, pix);
-        else dw_pixel_scalar(a, img, tp, pix, 0, a.C);
       }
+      else if (isa == ISA_AVX2) dw_pixel_avx2(a, img, tp, pix);
+      else dw_pixel_scalar(a, img, tp, pix, 0, a.C);
     }
   });
 }
