@@ -25,9 +25,10 @@ float, with a warning.
 `exact=True` exports static layers as the arithmetic octoquant itself performs instead, with no Q/DQ pairs added:
 a convolution that requantizes for the next one (octoquant's integer requantization, which is QLinearConv's: int32
 bias, one float32 multiplier) in the QDQ form ORT fuses into QLinearConv; one whose float output octoquant keeps as
-octoquant's input quantization, the integer product (MatMulInteger / ConvInteger; a conv whose sums provably stay
-below 2**24 as a float Conv of the integers q - zp and w, exact in float32 and on the runtime's fast float kernels),
-then octoquant's rescale float32(acc) * (x_scale * w_scale) + bias. ONNX Runtime then reproduces octoquant's
+octoquant's input quantization, the integer product (MatMulInteger for Linears and for 1x1 convs reading codes, in
+NHWC order; a conv whose sums provably stay below 2**24 as a float Conv of the integers q - zp and w, exact in
+float32 and on the runtime's fast float kernels; else ConvInteger), then octoquant's rescale
+float32(acc) * (x_scale * w_scale) + bias. ONNX Runtime then reproduces octoquant's
 integers bit for bit (MobileNetV2's 52 convolutions: identical feature maps), where the QDQ default's branch-output
 pairs add roundings octoquant does not have: a file to verify a deployment against, slower than the QDQ default.
 """
