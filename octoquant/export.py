@@ -240,11 +240,14 @@ def _exact_static_linear(self: QLinear, x: torch.Tensor) -> torch.Tensor:
     """octoquant's static W8A8 linear as integer ops: QuantizeLinear to uint8 codes, MatMulInteger, then
     float32(acc) * (x_scale * w_scale) + bias, octoquant's rescale in its order."""
     s, z = _static_qparams_u8(self)
-    acc = _MatMulInteger.apply(_QuantizeLinear.apply(x, s, z), self.weight.t(), z)
-    y = acc.to(torch.float32) * (s * self.weight_scale)
-    if self.bias is not None:
-        y = y + self.bias
-    return _Mark.apply(y, self._export_name)
+    return _Mark.apply(_integer_matmul(self, _QuantizeLinear.apply(x, s, z), self.weight.t(), s, z), self._export_name)
+
+
+def _integer_matmul(self: QuantizedModule, codes, w_t: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """MatMulInteger of uint8 codes (zero-point z) and int8 weights (K, N), then octoquant's rescale
+    float32(acc) * (x_scale * w_scale) + bias in its order."""
+    y = _MatMulInteger.apply(codes, w_t, z).to(torch.float32) * (s * self.weight_scale)
+    return y + self.bias if self.bias is not None else y
 
 
 def _qlinear_forward(self: QLinear, x: torch.Tensor) -> torch.Tensor:
@@ -313,10 +316,8 @@ def _codes_conv(self: QConv2d, codes: torch.Tensor, s: torch.Tensor, z: torch.Te
     `_float_valued_conv` on q - zp = DequantizeLinear(codes, 1, zp) (exact integers) where the sums fit float32,
     else ConvInteger."""
     if _pointwise(self):  # a 1x1 conv is a MatMul over channels: MatMulInteger on the codes in NHWC order
-        acc = _MatMulInteger.apply(codes.permute(0, 2, 3, 1), self.weight.reshape(self.out_channels, -1).t(), z)
-        y = acc.to(torch.float32) * (s * self.weight_scale)
-        y = y + self.bias if self.bias is not None else y
-        return y.permute(0, 3, 1, 2)
+        w_t = self.weight.reshape(self.out_channels, -1).t()
+        return _integer_matmul(self, codes.permute(0, 2, 3, 1), w_t, s, z).permute(0, 3, 1, 2)
     if not _sums_fit_float32(self, int(z)):
         return _integer_conv(self, codes, s, z)
     q0 = _DequantizeLinear.apply(codes, torch.tensor(1.0, dtype=torch.float32), z, 0)

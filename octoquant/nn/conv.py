@@ -368,18 +368,23 @@ class ConvChain(nn.Sequential):
         return x
 
 
-def _set_readers(owner: nn.Module, layers: list, links: list[bool]) -> None:
-    """Link each layer that hands codes on (links[k]) to its reader (`QConv2d.requantize_for`), after unlinking the
-    layers `owner` linked before (its structure may have changed); a last layer keeps a link set by another owner
-    (a BlockChain links a block's last convolution to the next block's first)."""
+def _link_readers(owner: nn.Module, pairs: list[tuple[QConv2d, QConv2d]]) -> None:
+    """Link each (producer, reader) pair (`QConv2d.requantize_for`) after unlinking the producers `owner` linked
+    before (its structure may have changed). A pair already linked (by an inner ConvChain) stays that owner's, and
+    links set by another owner stay (a BlockChain links a block's last convolution to the next block's first)."""
     for conv in owner.__dict__.get("_oq_linked", ()):
         conv.requantize_for(None)
     linked = []
-    for k, link in enumerate(links):
-        if link:
-            layers[k].requantize_for(layers[k + 1])
-            linked.append(layers[k])
+    for producer, reader in pairs:
+        if producer.reader is not reader:
+            producer.requantize_for(reader)
+            linked.append(producer)
     owner.__dict__["_oq_linked"] = linked
+
+
+def _set_readers(owner: nn.Module, layers: list, links: list[bool]) -> None:
+    """Link each layer that hands codes on (links[k]) to the next (`_link_readers`)."""
+    _link_readers(owner, [(layers[k], layers[k + 1]) for k, link in enumerate(links) if link])
 
 
 def chain_convolutions(model: nn.Module) -> nn.Module:
@@ -673,24 +678,17 @@ class BlockChain(nn.Sequential):
 
 
 def _set_block_readers(owner: nn.Module, units: list) -> None:
-    """Link the convolutions of `units` that hand codes on (`QConv2d.requantize_for`), as `BlockChain._program` runs
-    them: inside a unit, and a unit's last convolution to the next unit's first where no residual add reads its
-    float value. Pairs already linked (by an inner ConvChain) stay that owner's; the ones `owner` linked before are
-    unlinked first."""
-    for conv in owner.__dict__.get("_oq_linked", ()):
-        conv.requantize_for(None)
-    linked = []
+    """Link the convolutions of `units` that hand codes on (`_link_readers`), as `BlockChain._program` runs them:
+    inside a unit, and a unit's last convolution to the next unit's first where no residual add reads its float
+    value."""
+    pairs = []
     for i, (residual, cs, _, _) in enumerate(units):
-        pairs = list(zip(cs, cs[1:], strict=False))
+        pairs += zip(cs, cs[1:], strict=False)
         if i + 1 < len(units):
             nxt = units[i + 1]
             if not (residual or (nxt[0] and nxt[2] is None)):  # (see _program's float_out)
                 pairs.append((cs[-1], nxt[1][0]))
-        for producer, reader in pairs:
-            if producer.reader is not reader:
-                producer.requantize_for(reader)
-                linked.append(producer)
-    owner.__dict__["_oq_linked"] = linked
+    _link_readers(owner, pairs)
 
 
 def _unit_convs(units: list) -> list:

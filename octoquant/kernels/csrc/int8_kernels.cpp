@@ -1135,36 +1135,30 @@ __attribute__((noinline)) VNNI_TARGET void dw_blocks_s1k3_avx512(const DwArgs& a
                       pix + p, c + 16 * b);
 }
 
-// 4 interior pixels (see dw_blocks_s1k3_avx512) with the row-sharing kernel: whole 16-channel blocks, then the
-// scalar tail.
-VNNI_TARGET void dw_pixels_s1k3_avx512(const DwArgs& a, const uint8_t* img, const Taps& t, int64_t pix) {
-  int64_t c = 0;
-  for (; c + 32 <= a.C; c += 32) dw_blocks_s1k3_avx512<2>(a, img, t, pix, c);
-  if (c + 16 <= a.C) {
-    dw_blocks_s1k3_avx512<1>(a, img, t, pix, c);
-    c += 16;
-  }
-  if (c < a.C) {
-    Taps tp = t;
-    for (int p = 0; p < 4; ++p, tp.iw0 += a.sw) dw_pixel_scalar(a, img, tp, pix + p, c, a.C);
-  }
+// NB blocks of 16 channels of P pixels: the row-sharing kernel where SHARED (4 interior pixels, 3 wide, stride 1)
+template <int NB, int P, bool FULL, bool SHARED>
+VNNI_TARGET inline void dw_block_avx512(const DwArgs& a, const uint8_t* img, const Taps& t, int64_t pix, int64_t c) {
+  if constexpr (SHARED) dw_blocks_s1k3_avx512<NB>(a, img, t, pix, c);
+  else dw_blocks_avx512<NB, P, FULL>(a, img, t, pix, c);
 }
 
-// P pixels (P = 1, or 4 interior pixels sharing the full tap set): whole 16-channel blocks, then the scalar tail.
-template <int P, bool FULL>
+// P pixels (P = 1, or 4 interior pixels sharing the full tap set, SHARED: also the input columns of each kernel
+// row): whole 16-channel blocks, then the scalar tail.
+template <int P, bool FULL, bool SHARED = false>
 VNNI_TARGET void dw_pixels_avx512(const DwArgs& a, const uint8_t* img, const Taps& t, int64_t pix) {
+  static_assert(!SHARED || (P == 4 && FULL), "row sharing: 4 interior pixels");
   int64_t c = 0;
   if (P == 1) {
     for (; c + 64 <= a.C; c += 64) dw_blocks_avx512<4, 1, FULL>(a, img, t, pix, c);
   } else {
-    for (; c + 32 <= a.C; c += 32) dw_blocks_avx512<2, P, FULL>(a, img, t, pix, c);
+    for (; c + 32 <= a.C; c += 32) dw_block_avx512<2, P, FULL, SHARED>(a, img, t, pix, c);
   }
   if (c + 32 <= a.C) {
-    dw_blocks_avx512<2, P, FULL>(a, img, t, pix, c);
+    dw_block_avx512<2, P, FULL, SHARED>(a, img, t, pix, c);
     c += 32;
   }
   if (c + 16 <= a.C) {
-    dw_blocks_avx512<1, P, FULL>(a, img, t, pix, c);
+    dw_block_avx512<1, P, FULL, SHARED>(a, img, t, pix, c);
     c += 16;
   }
   if (c < a.C) {
@@ -1234,7 +1228,7 @@ void depthwise(const DwArgs& args, int isa, int nthreads) {
         // 4 interior pixels of this row and range at once (all taps in the image for the first and the last)
         bool full = tp.i0 == 0 && tp.i1 == a.kh && tp.j0 == 0 && tp.j1 == a.kw;
         if (full && wo + 3 < a.Wo && pix + 3 < hi && taps_of(a, ho, wo + 3).j1 == a.kw) {
-          if (row_sharing) dw_pixels_s1k3_avx512(a, img, tp, pix);
+          if (row_sharing) dw_pixels_avx512<4, true, true>(a, img, tp, pix);
           else dw_pixels_avx512<4, true>(a, img, tp, pix);
           pix += 3;
         } else if (full) {
