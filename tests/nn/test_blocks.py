@@ -295,6 +295,72 @@ def test_the_second_call_reuses_the_first_calls_program(calib):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         q(x)
-        plans = q._block_cache[5]  # the first call's (reading `_units()` here would already re-check)
+        plans = q._block_cache[2]  # the first call's (reading `_units()` here would already re-check)
         q(x)
-        assert q._block_cache[5] is plans and len(plans) == 1
+        assert q._block_cache[2] is plans and len(plans) == 1
+
+
+@pytest.mark.skipif(not CPU, reason="no fast backend on this CPU")
+@pytest.mark.parametrize("how", ["forward hook", "pre-hook", "patched forward"])
+def test_observing_any_bypassed_module_runs_it(calib, how):
+    """A hook, or a forward patched on the instance, of a module the program bypasses (here the BatchNorm-folded
+    Identity inside a block, not a convolution) is honoured: that module is called, by the plain path."""
+    q = oq.quantize(block_net(), oq.W8A8, calib=calib, progress=False)
+    x = torch.randn(2, 3, 32, 32)
+    inner = q[3].conv[3]
+    assert isinstance(inner, nn.Identity)
+    seen = []
+    with torch.no_grad():
+        y = q(x)
+        if how == "forward hook":
+            handle = inner.register_forward_hook(lambda m, i, o: seen.append(m))
+        elif how == "pre-hook":
+            handle = inner.register_forward_pre_hook(lambda m, i: seen.append(m))
+        else:
+            inner.forward = lambda t: seen.append(inner) or t
+        assert torch.equal(q(x), y) and seen == [inner]
+        if how == "patched forward":
+            del inner.forward
+        else:
+            handle.remove()
+        seen.clear()
+        assert torch.equal(q(x), y) and not seen  # unobserved: the program again
+
+
+@pytest.mark.skipif(not CPU, reason="no fast backend on this CPU")
+def test_program_threads_do_not_change_the_result(calib):
+    """A program's steps run on a team of threads that stays in one parallel region (torch's OpenMP pool or
+    octoquant's own), or fork and join per kernel where the team's size cannot be known (an OpenMP runtime given
+    without omp_get_num_threads): the same bits with 1, 2 or 3 threads (more threads than this machine's cores
+    too: the team's barrier then has to give way to its descheduled members) and with either pool."""
+    from octoquant.kernels import cpu
+
+    x = torch.randn(3, 3, 40, 40)
+    quantized = oq.quantize(block_net(), oq.W8A8, calib=calib, progress=False)
+    threads = torch.get_num_threads()
+    results = []
+    lib = next(iter({line.split()[-1] for line in open("/proc/self/maps") if "/libgomp" in line}), None)
+    pools = ["omp", "own"] + (["omp-without-size"] if lib else [])
+    try:
+        for pool in pools:
+            if pool == "own":
+                cpu._C.use_openmp(0, 0)
+            elif pool == "omp-without-size":
+                import ctypes
+
+                gomp = ctypes.CDLL(lib, mode=ctypes.RTLD_LOCAL)
+                cpu._C.use_openmp(
+                    *(ctypes.cast(f, ctypes.c_void_p).value for f in (gomp.GOMP_parallel, gomp.omp_get_thread_num))
+                )
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                q = copy.deepcopy(quantized)  # its programs built in this setting
+                with torch.no_grad():
+                    results.append((pool, n, q(x), q(x)))
+    finally:
+        torch.set_num_threads(threads)
+        cpu._share_torch_openmp()
+    assert cpu._C.threading() == cpu.THREADING
+    ref = results[0][2]
+    for pool, n, y, again in results:
+        assert torch.equal(y, ref) and torch.equal(again, ref), (pool, n)

@@ -28,6 +28,7 @@
 #include <memory>
 #include <immintrin.h>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -116,6 +117,7 @@ using GompParallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
 using OmpThreadNum = int (*)();
 GompParallel g_gomp_parallel = nullptr;
 OmpThreadNum g_omp_thread_num = nullptr;
+OmpThreadNum g_omp_num_threads = nullptr;  // the size of the calling thread's team (may be below the request)
 
 struct OmpTask {
   const std::function<void(int)>* f;
@@ -123,8 +125,39 @@ struct OmpTask {
 
 void omp_trampoline(void* data) { (*static_cast<OmpTask*>(data)->f)(g_omp_thread_num()); }
 
+// A team: the threads of one parallel region that run a whole kernel program (ChainProgram::run). They stay in
+// the region from its first step to its last and meet at a spinning barrier where each kernel forked and joined
+// threads (GOMP_parallel: 67 times per MobileNetV2 forward). Inside a team, pool().run(n, f) runs
+// f(id), f(id + size), ... (ids < n) on team thread id, then waits for the others: every team thread executes the
+// same steps, so all reach the same pool().run calls, in the same order.
+struct Team {
+  std::atomic<int> arrived{0};
+  std::atomic<uint32_t> phase{0};
+
+  void wait(int size) {
+    const uint32_t ph = phase.load(std::memory_order_acquire);
+    if (arrived.fetch_add(1, std::memory_order_acq_rel) == size - 1) {
+      arrived.store(0, std::memory_order_relaxed);
+      phase.store(ph + 1, std::memory_order_release);
+      return;
+    }
+    // spin (a step takes microseconds), then give the core away: a descheduled team mate must get to run
+    for (int spins = 0; phase.load(std::memory_order_acquire) == ph; ++spins) {
+      if (spins < (1 << 14)) _mm_pause();
+      else std::this_thread::yield();
+    }
+  }
+};
+thread_local Team* t_team = nullptr;
+thread_local int t_team_id = 0, t_team_size = 1;
+
 struct Pool {
   void run(int n, const std::function<void(int)>& f) {
+    if (Team* team = t_team) {
+      for (int id = t_team_id; id < n; id += t_team_size) f(id);
+      team->wait(t_team_size);
+      return;
+    }
     if (n > 1 && g_gomp_parallel != nullptr) {
       OmpTask task{&f};
       g_gomp_parallel(omp_trampoline, &task, (unsigned)n, 0);
@@ -138,6 +171,35 @@ Pool& pool() {
   static Pool p;
   return p;
 }
+
+// Runs body(size) on every thread of a team of up to n (see Team), or returns false where the team's size cannot
+// be known (an OpenMP runtime without omp_get_num_threads given). The size is what the pool gives: an OpenMP region
+// nested in another one gets 1 thread.
+bool run_team(int n, const std::function<void(int)>& body) {
+  if (n <= 1 || t_team != nullptr || (g_gomp_parallel != nullptr && g_omp_num_threads == nullptr)) return false;
+  Team team;
+  pool().run(n, [&](int id) {
+    const int size = g_gomp_parallel != nullptr ? g_omp_num_threads() : n;
+    t_team = &team;
+    t_team_id = id;
+    t_team_size = size;
+    body(size);
+    t_team = nullptr;
+  });
+  return true;
+}
+
+// The GIL, released for a kernel's duration when the calling thread holds it (not inside a team: the program
+// released it once for all its steps).
+class NoGil {
+ public:
+  NoGil() {
+    if (PyGILState_Check()) release_.emplace();
+  }
+
+ private:
+  std::optional<py::gil_scoped_release> release_;
+};
 
 // Split [0, total) into n nearly equal contiguous ranges.
 inline void split(int64_t total, int n, int i, int64_t* lo, int64_t* hi) {
@@ -224,8 +286,10 @@ struct EpilogueConsts {
   std::vector<int32_t> off_colsum;
   std::vector<float> static_scale, q_lo, q_hi;
 
-  // n: padded columns (colsum, col_scale and clamp_hi hold n values)
-  EpilogueConsts(GemmArgs& g, int64_t n) : off_colsum((size_t)n) {
+  // n: padded columns (colsum, col_scale and clamp_hi hold n values); codes: g's output will be requantized codes
+  // (out_q.y set at run time: a kernel program knows it beforehand)
+  EpilogueConsts(GemmArgs& g, int64_t n) : EpilogueConsts(g, n, g.out_q.y != nullptr) {}
+  EpilogueConsts(GemmArgs& g, int64_t n, bool codes) : off_colsum((size_t)n) {
     for (int64_t j = 0; j < n; ++j) off_colsum[j] = (int32_t)((uint32_t)g.offset * (uint32_t)g.colsum[j]);
     if (g.bias_q)  // acc - off_colsum + bias_q = acc - (off_colsum - bias_q)
       for (int64_t j = 0; j < n; ++j) off_colsum[j] = add_wrap(off_colsum[j], -g.bias_q[j]);
@@ -235,7 +299,7 @@ struct EpilogueConsts {
       for (int64_t j = 0; j < n; ++j) static_scale[j] = g.row_scale0 * g.col_scale[j];
       g.static_scale = static_scale.data();
     }
-    if (g.out_q.y) {
+    if (codes) {
       q_lo.resize((size_t)n);
       q_hi.resize((size_t)n);
       fold_clamp(g.out_q, g.clamp_hi, n, q_lo.data(), q_hi.data());
@@ -251,6 +315,7 @@ struct EpilogueConsts {
 };
 
 constexpr int64_t TILE_BLOCKS = 4;  // 16-column blocks per packed tile
+inline int64_t padded_columns(int64_t n) { return (n + 16 * TILE_BLOCKS - 1) / (16 * TILE_BLOCKS) * 16 * TILE_BLOCKS; }
 
 // Address of the 64 bytes of 16-column block `nb` at step k4.
 inline const int8_t* wblock(const GemmArgs& g, int64_t nb, int64_t k4) {
@@ -680,15 +745,15 @@ inline bool split_by_rows(int64_t tiles, int64_t row_units, int nthreads) {
 void gemm(const GemmArgs& args, int isa, int nthreads) {
   GemmArgs g = args;
   int64_t NB = (g.N + 15) / 16;
-  std::unique_ptr<EpilogueConsts> consts;
-  if (isa == ISA_AVX512VNNI) consts = std::make_unique<EpilogueConsts>(g, (NB + TILE_BLOCKS - 1) / TILE_BLOCKS * 64);
+  std::unique_ptr<EpilogueConsts> consts;  // (a kernel program gives them: worked out once, when it was built)
+  if (isa == ISA_AVX512VNNI && !g.off_colsum) consts = std::make_unique<EpilogueConsts>(g, padded_columns(g.N));
   const int64_t unit = TILE_BLOCKS;
   int64_t units = (NB + unit - 1) / unit;  // 64-column tiles
   constexpr int64_t ROW_UNIT = 4;          // rows per share when threads split M (one register tile)
   int64_t row_units = (g.M + ROW_UNIT - 1) / ROW_UNIT;
   bool by_rows = split_by_rows(units, row_units, nthreads);
   int t = threads_for(g.M * g.N * g.Kp, by_rows ? row_units : units, nthreads);
-  py::gil_scoped_release nogil;
+  NoGil nogil;
   pool().run(t, [&](int i) {
     int64_t lo, hi;
     if (by_rows) {
@@ -1194,27 +1259,36 @@ AVX2_TARGET void dw_pixel_avx2(const DwArgs& a, const uint8_t* img, const Taps& 
   dw_pixel_scalar(a, img, t, pix, c, a.C);
 }
 
+// depthwise()'s per-channel constants (see DwArgs), worked out once per call, or once by a kernel program
+struct DwConsts {
+  std::vector<float> static_scale, q_lo, q_hi;
+  std::vector<int32_t> off_wsum;
+
+  DwConsts(DwArgs& a, bool codes) : static_scale((size_t)a.C), off_wsum((size_t)a.C, 0) {
+    for (int64_t c = 0; c < a.C; ++c) static_scale[c] = a.in_scale * a.col_scale[c];
+    a.static_scale = static_scale.data();
+    if (codes) {
+      q_lo.resize((size_t)a.C);
+      q_hi.resize((size_t)a.C);
+      EpilogueConsts::fold_clamp(a.out_q, a.clamp_hi, a.C, q_lo.data(), q_hi.data());
+      a.q_lo = q_lo.data();
+      a.q_hi = q_hi.data();
+    }
+    for (int64_t k = 0; k < a.kh * a.kw; ++k)
+      for (int64_t c = 0; c < a.C; ++c) off_wsum[c] += (int32_t)(int16_t)a.w[k * a.C + c];
+    for (int64_t c = 0; c < a.C; ++c) off_wsum[c] *= a.offset;
+    a.off_wsum = off_wsum.data();
+  }
+};
+
 void depthwise(const DwArgs& args, int isa, int nthreads) {
   DwArgs a = args;
-  std::vector<float> static_scale((size_t)a.C), q_lo, q_hi;
-  for (int64_t c = 0; c < a.C; ++c) static_scale[c] = a.in_scale * a.col_scale[c];
-  a.static_scale = static_scale.data();
-  if (a.out_q.y) {
-    q_lo.resize((size_t)a.C);
-    q_hi.resize((size_t)a.C);
-    EpilogueConsts::fold_clamp(a.out_q, a.clamp_hi, a.C, q_lo.data(), q_hi.data());
-    a.q_lo = q_lo.data();
-    a.q_hi = q_hi.data();
-  }
-  std::vector<int32_t> off_wsum((size_t)a.C, 0);
-  for (int64_t k = 0; k < a.kh * a.kw; ++k)
-    for (int64_t c = 0; c < a.C; ++c) off_wsum[c] += (int32_t)(int16_t)a.w[k * a.C + c];
-  for (int64_t c = 0; c < a.C; ++c) off_wsum[c] *= a.offset;
-  a.off_wsum = off_wsum.data();
+  std::unique_ptr<DwConsts> consts;  // (a kernel program gives them)
+  if (!a.static_scale) consts = std::make_unique<DwConsts>(a, a.out_q.y != nullptr);
   int64_t rows = a.N * a.Ho;
   int t = threads_for(rows * a.Wo * a.C * a.kh * a.kw * 8, rows * a.Wo, nthreads);
   const bool row_sharing = a.kw == 3 && a.sw == 1 && a.dw == 1;  // dw_blocks_s1k3_avx512's case
-  py::gil_scoped_release nogil;
+  NoGil nogil;
   // threads take equal ranges of output pixels (not of rows: a 7-row map split 4 / 3 left a thread idle 1/8)
   const int64_t pixels = rows * a.Wo;
   pool().run(t, [&](int ti) {
@@ -1364,7 +1438,7 @@ void im2col(const uint8_t* x, int64_t N, int64_t H, int64_t W, int64_t C, int64_
             uint8_t pad, uint8_t* cols, int64_t ldc, int nthreads) {
   int64_t rows = N * Ho * Wo;
   int t = rows * ldc < (1 << 16) ? 1 : (int)std::min<int64_t>(nthreads, rows);
-  py::gil_scoped_release nogil;
+  NoGil nogil;
   pool().run(t, [&](int ti) {
     int64_t lo, hi;
     split(rows, t, ti, &lo, &hi);
@@ -1390,10 +1464,10 @@ void conv_gemm(const uint8_t* x, const int64_t* c, const GemmArgs& args, uint8_t
     return;
   }
   std::unique_ptr<EpilogueConsts> consts;
-  if (isa == ISA_AVX512VNNI) consts = std::make_unique<EpilogueConsts>(g, units * 64);
+  if (isa == ISA_AVX512VNNI && !g.off_colsum) consts = std::make_unique<EpilogueConsts>(g, padded_columns(g.N));
   const int64_t mc = std::min<int64_t>(256, std::max<int64_t>(ROW_UNIT, (256 * 1024 / g.Kp) / ROW_UNIT * ROW_UNIT));
   int t = threads_for(g.M * g.N * g.Kp, row_units, nthreads);
-  py::gil_scoped_release nogil;
+  NoGil nogil;
   pool().run(t, [&](int i) {
     int64_t lo, hi;
     split(row_units, t, i, &lo, &hi);
@@ -1510,6 +1584,7 @@ class ChainProgram {
                        (const float*)t[3].cast<uintptr_t>(), nullptr, oq};
         st.dw.bias_q = (const int32_t*)t[4].cast<uintptr_t>();
         check_requantization(st.codes_out, st.dw.bias, st.dw.bias_q);
+        dw_consts_.push_back(std::make_unique<DwConsts>(st.dw, st.codes_out));
       } else {
         for (const auto& gi : sp[4].cast<py::list>()) {
           py::tuple gt = gi.cast<py::tuple>();
@@ -1529,6 +1604,7 @@ class ChainProgram {
                           dims[0].cast<int64_t>(), dims[1].cast<int64_t>(), dims[2].cast<int64_t>(), oq};
           cg.g.bias_q = (const int32_t*)tail[2].cast<uintptr_t>();
           check_requantization(st.codes_out, cg.g.bias, cg.g.bias_q);
+          gemm_consts_.push_back(std::make_unique<EpilogueConsts>(cg.g, padded_columns(cg.g.N), st.codes_out));
           cg.column = gt[5].cast<int64_t>();
           st.groups.push_back(cg);
         }
@@ -1548,11 +1624,16 @@ class ChainProgram {
     }
     isa = check_isa(isa);
     if (profile_) step_ns_.resize(steps_.size(), 0);
-    for (size_t i = 0; i < steps_.size(); ++i) {  // (each kernel releases the GIL itself)
-      auto t0 = profile_ ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
-      run_step(steps_[i], buf, isa, nthreads);
-      if (profile_) step_ns_[i] += (std::chrono::steady_clock::now() - t0).count();
-    }
+    py::gil_scoped_release nogil;
+    auto steps = [&](int size) {  // (in a team: on each of its threads, the first one keeping the profile)
+      const bool timed = profile_ && (t_team == nullptr || t_team_id == 0);
+      for (size_t i = 0; i < steps_.size(); ++i) {
+        auto t0 = timed ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
+        run_step(steps_[i], buf, isa, size);
+        if (timed) step_ns_[i] += (std::chrono::steady_clock::now() - t0).count();
+      }
+    };
+    if (!run_team(nthreads, steps)) steps(nthreads);
   }
 
   // Per-step wall time, summed over the runs since profiling was switched on (a diagnostic: benchmarks compare
@@ -1625,7 +1706,7 @@ class ChainProgram {
     uint8_t* c = st.cdst >= 0 ? (uint8_t*)buf[st.cdst] : nullptr;
     const int64_t n = st.n;
     int t = n < (1 << 16) ? 1 : nthreads;
-    py::gil_scoped_release nogil;
+    NoGil nogil;
     pool().run(t, [&](int i) {
       int64_t lo, hi;
       split64(n, t, i, &lo, &hi);
@@ -1655,6 +1736,9 @@ class ChainProgram {
     }
   }
   std::vector<ChainStep> steps_;
+  // the epilogues' per-channel constants, worked out once here (the steps' arguments point into them)
+  std::vector<std::unique_ptr<EpilogueConsts>> gemm_consts_;
+  std::vector<std::unique_ptr<DwConsts>> dw_consts_;
   bool profile_ = false;
   std::vector<int64_t> step_ns_;
 };
@@ -1672,11 +1756,16 @@ PYBIND11_MODULE(_C, m) {
     return d;
   });
   m.def("best_isa", &best_isa);
-  m.def("use_openmp", [](uintptr_t gomp_parallel, uintptr_t omp_get_thread_num) {
-    // 0, 0 returns to octoquant's own thread pool
-    g_gomp_parallel = (GompParallel)gomp_parallel;
-    g_omp_thread_num = (OmpThreadNum)omp_get_thread_num;
-  });
+  m.def(
+      "use_openmp",
+      [](uintptr_t gomp_parallel, uintptr_t omp_get_thread_num, uintptr_t omp_get_num_threads) {
+        // 0, 0 returns to octoquant's own thread pool; without omp_get_num_threads, kernel programs fork and join
+        // per kernel (no teams)
+        g_gomp_parallel = (GompParallel)gomp_parallel;
+        g_omp_thread_num = (OmpThreadNum)omp_get_thread_num;
+        g_omp_num_threads = (OmpThreadNum)omp_get_num_threads;
+      },
+      py::arg("gomp_parallel"), py::arg("omp_get_thread_num"), py::arg("omp_get_num_threads") = 0);
   m.def("threading", [] { return std::string(g_gomp_parallel ? "openmp" : "own-pool"); });
 
   m.def("pack_weight_u8s8", [](uintptr_t w_ptr, int64_t N, int64_t K, uintptr_t out_ptr, int64_t Kp) {
