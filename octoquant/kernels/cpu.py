@@ -45,10 +45,9 @@ def _share_torch_openmp() -> str:
             lib = ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)  # already loaded: returns the same instance
             fn = ctypes.cast(lib.GOMP_parallel, ctypes.c_void_p).value
             tid = ctypes.cast(lib.omp_get_thread_num, ctypes.c_void_p).value
-            size = ctypes.cast(lib.omp_get_num_threads, ctypes.c_void_p).value
         except (OSError, AttributeError):
             continue
-        _C.use_openmp(fn, tid, size)
+        _C.use_openmp(fn, tid)
         return _C.threading()
     log.info("octoquant: no OpenMP runtime found in this process; using octoquant's own thread pool")
     return _C.threading()

@@ -117,7 +117,6 @@ using GompParallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
 using OmpThreadNum = int (*)();
 GompParallel g_gomp_parallel = nullptr;
 OmpThreadNum g_omp_thread_num = nullptr;
-OmpThreadNum g_omp_num_threads = nullptr;  // the size of the calling thread's team (may be below the request)
 
 struct OmpTask {
   const std::function<void(int)>* f;
@@ -125,39 +124,8 @@ struct OmpTask {
 
 void omp_trampoline(void* data) { (*static_cast<OmpTask*>(data)->f)(g_omp_thread_num()); }
 
-// A team: the threads of one parallel region that run a whole kernel program (ChainProgram::run). They stay in
-// the region from its first step to its last and meet at a spinning barrier where each kernel forked and joined
-// threads (GOMP_parallel: 67 times per MobileNetV2 forward). Inside a team, pool().run(n, f) runs
-// f(id), f(id + size), ... (ids < n) on team thread id, then waits for the others: every team thread executes the
-// same steps, so all reach the same pool().run calls, in the same order.
-struct Team {
-  std::atomic<int> arrived{0};
-  std::atomic<uint32_t> phase{0};
-
-  void wait(int size) {
-    const uint32_t ph = phase.load(std::memory_order_acquire);
-    if (arrived.fetch_add(1, std::memory_order_acq_rel) == size - 1) {
-      arrived.store(0, std::memory_order_relaxed);
-      phase.store(ph + 1, std::memory_order_release);
-      return;
-    }
-    // spin (a step takes microseconds), then give the core away: a descheduled team mate must get to run
-    for (int spins = 0; phase.load(std::memory_order_acquire) == ph; ++spins) {
-      if (spins < (1 << 14)) _mm_pause();
-      else std::this_thread::yield();
-    }
-  }
-};
-thread_local Team* t_team = nullptr;
-thread_local int t_team_id = 0, t_team_size = 1;
-
 struct Pool {
   void run(int n, const std::function<void(int)>& f) {
-    if (Team* team = t_team) {
-      for (int id = t_team_id; id < n; id += t_team_size) f(id);
-      team->wait(t_team_size);
-      return;
-    }
     if (n > 1 && g_gomp_parallel != nullptr) {
       OmpTask task{&f};
       g_gomp_parallel(omp_trampoline, &task, (unsigned)n, 0);
@@ -172,25 +140,8 @@ Pool& pool() {
   return p;
 }
 
-// Runs body(size) on every thread of a team of up to n (see Team), or returns false where the team's size cannot
-// be known (an OpenMP runtime without omp_get_num_threads given). The size is what the pool gives: an OpenMP region
-// nested in another one gets 1 thread.
-bool run_team(int n, const std::function<void(int)>& body) {
-  if (n <= 1 || t_team != nullptr || (g_gomp_parallel != nullptr && g_omp_num_threads == nullptr)) return false;
-  Team team;
-  pool().run(n, [&](int id) {
-    const int size = g_gomp_parallel != nullptr ? g_omp_num_threads() : n;
-    t_team = &team;
-    t_team_id = id;
-    t_team_size = size;
-    body(size);
-    t_team = nullptr;
-  });
-  return true;
-}
-
-// The GIL, released for a kernel's duration when the calling thread holds it (not inside a team: the program
-// released it once for all its steps).
+// The GIL, released for a kernel's duration when the calling thread holds it (a kernel program releases it once
+// for all its steps).
 class NoGil {
  public:
   NoGil() {
@@ -1625,15 +1576,11 @@ class ChainProgram {
     isa = check_isa(isa);
     if (profile_) step_ns_.resize(steps_.size(), 0);
     py::gil_scoped_release nogil;
-    auto steps = [&](int size) {  // (in a team: on each of its threads, the first one keeping the profile)
-      const bool timed = profile_ && (t_team == nullptr || t_team_id == 0);
-      for (size_t i = 0; i < steps_.size(); ++i) {
-        auto t0 = timed ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
-        run_step(steps_[i], buf, isa, size);
-        if (timed) step_ns_[i] += (std::chrono::steady_clock::now() - t0).count();
-      }
-    };
-    if (!run_team(nthreads, steps)) steps(nthreads);
+    for (size_t i = 0; i < steps_.size(); ++i) {
+      auto t0 = profile_ ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
+      run_step(steps_[i], buf, isa, nthreads);
+      if (profile_) step_ns_[i] += (std::chrono::steady_clock::now() - t0).count();
+    }
   }
 
   // Per-step wall time, summed over the runs since profiling was switched on (a diagnostic: benchmarks compare
@@ -1756,16 +1703,11 @@ PYBIND11_MODULE(_C, m) {
     return d;
   });
   m.def("best_isa", &best_isa);
-  m.def(
-      "use_openmp",
-      [](uintptr_t gomp_parallel, uintptr_t omp_get_thread_num, uintptr_t omp_get_num_threads) {
-        // 0, 0 returns to octoquant's own thread pool; without omp_get_num_threads, kernel programs fork and join
-        // per kernel (no teams)
-        g_gomp_parallel = (GompParallel)gomp_parallel;
-        g_omp_thread_num = (OmpThreadNum)omp_get_thread_num;
-        g_omp_num_threads = (OmpThreadNum)omp_get_num_threads;
-      },
-      py::arg("gomp_parallel"), py::arg("omp_get_thread_num"), py::arg("omp_get_num_threads") = 0);
+  m.def("use_openmp", [](uintptr_t gomp_parallel, uintptr_t omp_get_thread_num) {
+    // 0, 0 returns to octoquant's own thread pool
+    g_gomp_parallel = (GompParallel)gomp_parallel;
+    g_omp_thread_num = (OmpThreadNum)omp_get_thread_num;
+  });
   m.def("threading", [] { return std::string(g_gomp_parallel ? "openmp" : "own-pool"); });
 
   m.def("pack_weight_u8s8", [](uintptr_t w_ptr, int64_t N, int64_t K, uintptr_t out_ptr, int64_t Kp) {
