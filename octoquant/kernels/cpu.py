@@ -433,25 +433,11 @@ class CpuBackend:
 
             return run_wo
         w, colsum, scale, bias, _ = p.addresses
-        quant = _row_quant(in_q)
-        fn, tail = _C.linear_u8s8, (w, colsum, scale, bias)
+        plan = _C.LinearPlan(k, n, p.kp, *_row_quant(in_q), w, colsum, scale, bias, isa).run
 
         def run(x: torch.Tensor) -> torch.Tensor:
             out = torch.empty(x.shape[:-1] + shape_n, dtype=torch.float32)
-            fn(
-                x.data_ptr(),
-                k,
-                x.numel() // k,
-                k,
-                *quant,
-                *tail,
-                out.data_ptr(),
-                n,
-                n,
-                p.kp,
-                isa,
-                torch.get_num_threads(),
-            )
+            plan(x.data_ptr(), x.numel() // k, out.data_ptr(), torch.get_num_threads())
             return out
 
         return run

@@ -150,6 +150,7 @@ def test_qlinear_call_plan_matches_the_general_path(mode, kwargs):
         assert torch.allclose(q(x3[1]), first[1], rtol=1e-5, atol=1e-6)
     else:  # integer arithmetic: row results do not depend on the other rows
         assert torch.equal(q(x3[1]), first[1])  # 2-D through the plan: the same rows
+        assert torch.equal(q(x3[1, 2:3]), first[1, 2:3])  # one row (decode): a single row tile
     transposed = x3.transpose(0, 1).contiguous().transpose(0, 1)  # same values, not contiguous
     assert torch.equal(q(transposed), first)
     sd = q.state_dict()

@@ -237,15 +237,16 @@ struct EpilogueConsts {
   std::vector<int32_t> off_colsum;
   std::vector<float> static_scale, q_lo, q_hi;
 
-  // n: padded columns (colsum, col_scale and clamp_hi hold n values); codes: g's output will be requantized codes
-  // (out_q.y set at run time: a kernel program knows it beforehand)
-  EpilogueConsts(GemmArgs& g, int64_t n) : EpilogueConsts(g, n, g.out_q.y != nullptr) {}
-  EpilogueConsts(GemmArgs& g, int64_t n, bool codes) : off_colsum((size_t)n) {
+  // n: padded columns (colsum, col_scale and clamp_hi hold n values); codes: g's output will be requantized codes;
+  // static_rows: one row scale (row_scale0) for all rows. Both as the call's g says, or as a plan knows beforehand
+  // (a kernel program's or a linear layer's: out_q.y and row_scale are set per run).
+  EpilogueConsts(GemmArgs& g, int64_t n) : EpilogueConsts(g, n, g.out_q.y != nullptr, !g.row_scale) {}
+  EpilogueConsts(GemmArgs& g, int64_t n, bool codes, bool static_rows) : off_colsum((size_t)n) {
     for (int64_t j = 0; j < n; ++j) off_colsum[j] = (int32_t)((uint32_t)g.offset * (uint32_t)g.colsum[j]);
     if (g.bias_q)  // acc - off_colsum + bias_q = acc - (off_colsum - bias_q)
       for (int64_t j = 0; j < n; ++j) off_colsum[j] = add_wrap(off_colsum[j], -g.bias_q[j]);
     g.off_colsum = off_colsum.data();
-    if (!g.row_scale) {
+    if (static_rows) {
       static_scale.resize((size_t)n);
       for (int64_t j = 0; j < n; ++j) static_scale[j] = g.row_scale0 * g.col_scale[j];
       g.static_scale = static_scale.data();
@@ -401,8 +402,10 @@ __attribute__((noinline)) VNNI_TARGET void tile_vnni(const GemmArgs& g, int64_t 
   for (int64_t k4 = k4_lo; k4 < k4_hi; ++k4) {
     const int8_t* wk = w + k4 * 256;
     // pf bytes ahead (see gemm_vnni); prefetching past the end of the weights is harmless (no fault)
+    if (pf) {
 #pragma GCC unroll 4
-    for (int l = 0; l < NB; ++l) _mm_prefetch((const char*)(wk + pf + 64 * l), _MM_HINT_T1);
+      for (int l = 0; l < NB; ++l) _mm_prefetch((const char*)(wk + pf + 64 * l), _MM_HINT_T1);
+    }
     __m512i wv[NB];
 #pragma GCC unroll 4
     for (int b = 0; b < NB; ++b) wv[b] = _mm512_loadu_si512((const void*)(wk + 64 * b));
@@ -546,18 +549,22 @@ VNNI_TARGET void gemm_vnni(const GemmArgs& g, int64_t t_lo, int64_t t_hi, int64_
   const int64_t K4 = g.Kp / 4;
   int64_t mc = std::max<int64_t>(MR, ((256 * 1024) / std::max<int64_t>(g.Kp, 1)) / MR * MR);
   mc = std::min<int64_t>(mc, 256);
-  std::vector<int32_t> part((size_t)(mc * 64));
+  // partial sums of the row tiles between K chunks: a per-thread buffer (allocating and zero-filling 64 KiB per
+  // call was a third of a small decode layer's kernel time)
+  thread_local std::vector<int32_t> part;
+  if (part.size() < (size_t)(mc * 64)) part.resize((size_t)(mc * 64));
   for (int64_t mb = m_lo; mb < m_hi; mb += mc) {
     int64_t me = std::min(m_hi, mb + mc);
     int64_t rows = me - mb;
     int64_t ntiles = (rows + MR - 1) / MR;
     int64_t kc = ntiles == 1 ? K4 : KC4;  // a single row tile needs no chunking
-    // Prefetch distance: one row tile streams its weights once (8 KiB ahead; 2 KiB and no software prefetch
-    // measured the same, 522-528 us cold M=1 4096x4096 on 2 threads: the hardware prefetcher carries the
-    // stream); several row tiles prefetch the next chunk (tiles are contiguous, so past a tile's end comes the
-    // next tile) while computing on this one, so DRAM traffic overlaps the compute of all row tiles instead of
-    // adding to it.
-    int64_t pf = ntiles == 1 ? 8192 : kc * 256;
+    // Software prefetch (pf bytes ahead, 0: none): several row tiles prefetch the next chunk (tiles are contiguous,
+    // so past a tile's end comes the next tile) while computing on this one, so DRAM traffic overlaps the compute
+    // of all row tiles instead of adding to it. A single row tile (M <= 4: decode) streams its weights once and
+    // leaves that to the hardware prefetcher: its prefetch instructions (one per 64 bytes, 8 KiB ahead) cost
+    // more than they brought (in-process A/B, M = 1: 384 x 1536 hot 8.3 -> 6.8 us, 4096 x 4096 cold on 2 threads
+    // 351 -> 314 us).
+    int64_t pf = ntiles == 1 ? 0 : kc * 256;
     for (int64_t t = t_lo; t < t_hi; ++t) {
       for (int64_t k4 = 0; k4 < K4; k4 += kc) {
         int64_t k4e = std::min(K4, k4 + kc);
@@ -1322,6 +1329,37 @@ void linear_u8s8(const float* x, int64_t ldx, int64_t M, int64_t K, const RowQua
   gemm(g, isa, nthreads);
 }
 
+// linear_u8s8 of one layer with every argument but the data worked out once, the epilogue's constants included:
+// a call passes 4 values instead of 19 (a decode step calls ~200 small layers; at 384 x 1536 the arguments and the
+// constants were a third of the kernel call's time).
+class LinearPlan {
+ public:
+  LinearPlan(int64_t K, int64_t N, int64_t Kp, float row_scale0, int32_t zp, int32_t qmin, int32_t qmax,
+             int32_t shift, uintptr_t w, uintptr_t colsum, uintptr_t col_scale, uintptr_t bias, int isa)
+      : isa_(check_isa(isa)), K_(K), rq_{row_scale0 < 0.0f, row_scale0, zp, qmin, qmax, shift} {
+    if (K <= 0 || N <= 0 || Kp < K || Kp % 4) throw std::invalid_argument("LinearPlan: bad shape");
+    g_ = GemmArgs{nullptr, Kp, (const int8_t*)w, (const int32_t*)colsum, rq_.dynamic ? 128 : zp + shift, nullptr,
+                  rq_.dynamic ? 1.0f : row_scale0, (const float*)col_scale, (const float*)bias, nullptr, nullptr,
+                  nullptr, N, 0, N, Kp, OutQ{nullptr, 1.0f, 0.0f, 0.0f, 0}};
+    if (isa_ == ISA_AVX512VNNI) consts_ = std::make_unique<EpilogueConsts>(g_, padded_columns(N), false, !rq_.dynamic);
+  }
+  // x (M, K) float32 rows, y (M, N) float32
+  void run(uintptr_t x, int64_t M, uintptr_t y, int nthreads) const {
+    if (M < 0) throw std::invalid_argument("LinearPlan: negative row count");
+    GemmArgs g = g_;
+    g.M = M;
+    g.y = (float*)y;
+    linear_u8s8((const float*)x, K_, M, K_, rq_, g, isa_, nthreads);
+  }
+
+ private:
+  int isa_;
+  int64_t K_;
+  RowQuant rq_;
+  GemmArgs g_;
+  std::unique_ptr<EpilogueConsts> consts_;
+};
+
 // ------------------------------------------------------------------------------------------------ im2col
 // NHWC u8 (N, H, W, C) -> cols (N*Ho*Wo, ldc): row = output pixel, columns (i, j, c) for the channels
 // [c0, c0 + cg) of tap (i, j); taps outside the image and the columns [kh*kw*cg, ldc) hold `pad` (the
@@ -1555,7 +1593,7 @@ class ChainProgram {
                           dims[0].cast<int64_t>(), dims[1].cast<int64_t>(), dims[2].cast<int64_t>(), oq};
           cg.g.bias_q = (const int32_t*)tail[2].cast<uintptr_t>();
           check_requantization(st.codes_out, cg.g.bias, cg.g.bias_q);
-          gemm_consts_.push_back(std::make_unique<EpilogueConsts>(cg.g, padded_columns(cg.g.N), st.codes_out));
+          gemm_consts_.push_back(std::make_unique<EpilogueConsts>(cg.g, padded_columns(cg.g.N), st.codes_out, true));
           cg.column = gt[5].cast<int64_t>();
           st.groups.push_back(cg);
         }
@@ -1798,6 +1836,11 @@ PYBIND11_MODULE(_C, m) {
       quantize_static_any(xf + lo, hi - lo, scale, zp, qmin, qmax, shift, o + lo, isa);
     });
   });
+
+  py::class_<LinearPlan>(m, "LinearPlan")
+      .def(py::init<int64_t, int64_t, int64_t, float, int32_t, int32_t, int32_t, int32_t, uintptr_t, uintptr_t,
+                    uintptr_t, uintptr_t, int>())
+      .def("run", &LinearPlan::run);
 
   py::class_<ChainProgram>(m, "ChainProgram")
       .def(py::init<const py::list&>())
