@@ -261,8 +261,8 @@ class _Snapshot:
     """What a chain's cached structure was derived from, checked on every call: `changed()` (a Sequential it
     looked through holds other children, or a convolution was repacked: moved, reloaded) and `observed()` (hooks,
     or a forward patched on the instance, e.g. by ONNX export, on a module the chained run bypasses: each layer
-    must then run on its own). Both are C-level loops over the modules' __dict__s: ~25 us for MobileNetV2's
-    260 modules, where Python loops took ~90 us of a 1.9 ms batch-1 forward."""
+    must then run on its own). Both are C-level loops over the modules' __dict__s: 32 us per MobileNetV2 forward
+    (260 modules, hot loop), where Python loops took 46 us."""
 
     __slots__ = ("_seqs", "_children", "_convs", "_packed", "_packed_ids", "_bypassed")
 
