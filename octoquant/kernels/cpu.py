@@ -577,60 +577,19 @@ class CpuBackend:
         def output(slot: str | None) -> torch.Tensor:
             return torch.empty(out_shape, dtype=out_dtype) if slot is None else scratch(slot, out_shape, out_dtype)
 
-        if spec.dw_args is not None:
-            dw_args, dw_tail = spec.dw_args, spec.dw_tail
+        # a one-step kernel program: the step's arguments and epilogue constants worked out once, here (per call they
+        # were ~20 arguments and a few vectors of the output channels)
+        step, cols_bytes = self._conv_step(spec, 0, 3)
+        program, cols_bytes = _C.ChainProgram([step]).run, max(cols_bytes, 1)
 
-            def run_depthwise(a: torch.Tensor, slot: str | None = None) -> torch.Tensor:
-                y = output(slot)
-                ptr = y.data_ptr()
-                _C.depthwise_conv_u8(
-                    checked(a).data_ptr(),
-                    *dw_args,
-                    *dw_tail,
-                    0 if q_rest else ptr,
-                    isa,
-                    torch.get_num_threads(),
-                    (ptr, *q_rest) if q_rest else (),
-                )
-                return y
-
-            return run_depthwise
-        groups = spec.groups
-
-        def run_gemm(a: torch.Tensor, slot: str | None = None) -> torch.Tensor:
+        def run(a: torch.Tensor, slot: str | None = None) -> torch.Tensor:
             a = checked(a)
-            y = output(slot)  # (M, O) rows; groups write their column ranges
-            threads = torch.get_num_threads()
-            for cols, lda, weights, tail, dims, column, ldy in groups:
-                ptr = y.data_ptr() + column
-                out = (ptr, *q_rest) if q_rest else ()
-                if cols is None:
-                    _C.gemm_u8s8(
-                        a.data_ptr(), lda, *weights, *tail, 0 if q_rest else ptr, 0, ldy, *dims, isa, threads, out
-                    )
-                else:  # im2col fused with the GEMM (row blocks in cache); `buffer` when threads split columns
-                    buffer = scratch("im2col", (dims[0], dims[2]))
-                    w_ptr, colsum, offset, _, scale0, col_scale = weights
-                    _C.conv_gemm_u8s8(
-                        a.data_ptr(),
-                        cols,
-                        buffer.data_ptr(),
-                        w_ptr,
-                        colsum,
-                        offset,
-                        scale0,
-                        col_scale,
-                        *tail,
-                        0 if q_rest else ptr,
-                        ldy,
-                        *dims,
-                        isa,
-                        threads,
-                        out,
-                    )
+            y = output(slot)
+            cols = scratch("im2col", (cols_bytes,))  # the slot of a chain program's columns
+            program((a.data_ptr(), 0, 0, y.data_ptr(), cols.data_ptr()), isa, torch.get_num_threads())
             return y
 
-        return run_gemm
+        return run
 
     @staticmethod
     def _conv_step(spec: ConvSpec, src: int, dst: int) -> tuple[tuple, int]:

@@ -88,18 +88,34 @@ def test_w8a8_forward_runs_integer_gemm_not_float_matmul(monkeypatch):
     def no_float(*args, **kwargs):
         raise AssertionError("float matmul called in a W8A8 forward")
 
-    spy("conv_gemm_u8s8")  # the convolution's im2col + GEMM
-    spy("linear_u8s8")  # the linear's quantization + GEMM
+    def spy_plans(name):  # a plan class (its calls: "name:<what it runs>")
+        real = getattr(cpu_kernels._C, name)
+
+        class Spy:
+            def __init__(self, *args):
+                self._plan = real(*args)
+                self._what = "+".join(s[0] for s in args[0]) if name == "ChainProgram" else "u8s8"
+
+            def run(self, *args):
+                calls.append(f"{name}:{self._what}")
+                return self._plan.run(*args)
+
+        monkeypatch.setattr(cpu_kernels._C, name, Spy)
+
+    spy("linear_u8s8")  # the linear's quantization + GEMM (the general path: a layer's first call)
+    spy_plans("LinearPlan")  # the same from the second call on
+    spy_plans("ChainProgram")  # a convolution's im2col + GEMM (a one-step kernel program)
     monkeypatch.setattr(torch.nn.functional, "linear", no_float)
     monkeypatch.setattr(torch, "matmul", no_float)
     monkeypatch.setattr(torch.nn.functional, "conv2d", no_float)
     lin = nn.Linear(32, 16)
     conv = nn.Conv2d(8, 8, 3, padding=1)
     x = torch.randn(3, 32)
-    QLinear.from_float(lin, "w8a8_dynamic", backend="cpu")(x)
+    dynamic = QLinear.from_float(lin, "w8a8_dynamic", backend="cpu")
+    dynamic(x), dynamic(x)
     QLinear.from_float(lin, "w8a8_static", input_range=(-3.0, 3.0), backend="cpu")(x)
     QConv2d.from_float(conv, input_range=(0.0, 3.0), backend="cpu")(torch.rand(1, 8, 6, 6))
-    assert calls == ["linear_u8s8", "linear_u8s8", "conv_gemm_u8s8"]
+    assert calls == ["linear_u8s8", "LinearPlan:u8s8", "linear_u8s8", "ChainProgram:gemm"]
 
 
 def test_gpt2_conv1d_is_covered():
