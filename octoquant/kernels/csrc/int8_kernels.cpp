@@ -1848,43 +1848,6 @@ PYBIND11_MODULE(_C, m) {
       .def("set_profile", &ChainProgram::set_profile)
       .def("step_ns", &ChainProgram::step_ns);
 
-  m.def("depthwise_conv_u8", [](uintptr_t x, int64_t N, int64_t H, int64_t W, int64_t C, uintptr_t w, int64_t kh,
-                                int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
-                                int64_t Ho, int64_t Wo, int32_t offset, float in_scale, uintptr_t col_scale,
-                                uintptr_t bias, uintptr_t clamp_hi, uintptr_t bias_q, uintptr_t y, int isa,
-                                int nthreads, py::tuple out_q) {
-    DwArgs a{(const uint8_t*)x, N, H, W, C, (const int32_t*)w, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo, offset,
-             in_scale, (const float*)col_scale, (const float*)bias, (const float*)clamp_hi, (float*)y,
-             out_q_of(out_q)};
-    a.bias_q = (const int32_t*)bias_q;
-    check_requantization(out_q.size() > 0, a.bias, a.bias_q);
-    depthwise(a, check_isa(isa), nthreads);
-  });
-
-  m.def("im2col_u8", [](uintptr_t x, int64_t N, int64_t H, int64_t W, int64_t C, int64_t c0, int64_t cg, int64_t kh,
-                        int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t Ho,
-                        int64_t Wo, int pad, uintptr_t cols, int64_t ldc, int nthreads) {
-    im2col((const uint8_t*)x, N, H, W, C, c0, cg, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo, (uint8_t)pad, (uint8_t*)cols,
-           ldc, nthreads);
-  });
-
-  // conv_gemm: x the (N, H, W, C) input codes, im (the 17 im2col arguments), cols an im2col buffer of (M, Kp) bytes
-  // (used when threads split columns), then gemm_u8s8's arguments from w on
-  m.def("conv_gemm_u8s8", [](uintptr_t x, py::tuple im, uintptr_t cols, uintptr_t w, uintptr_t colsum, int32_t offset,
-                             float row_scale0, uintptr_t col_scale, uintptr_t bias, uintptr_t clamp_hi,
-                             uintptr_t bias_q, uintptr_t y, int64_t ldy, int64_t M, int64_t N, int64_t Kp, int isa,
-                             int nthreads, py::tuple out_q) {
-    if (im.size() != 17) throw std::invalid_argument("conv_gemm_u8s8: expected 17 im2col arguments");
-    int64_t c[17];
-    for (int k = 0; k < 17; ++k) c[k] = im[k].cast<int64_t>();
-    GemmArgs g{nullptr, Kp, (const int8_t*)w, (const int32_t*)colsum, offset, nullptr, row_scale0,
-               (const float*)col_scale, (const float*)bias, (const float*)clamp_hi, (float*)y, nullptr, ldy, M, N, Kp,
-               out_q_of(out_q)};
-    g.bias_q = (const int32_t*)bias_q;
-    check_requantization(out_q.size() > 0, g.bias, g.bias_q);
-    conv_gemm((const uint8_t*)x, c, g, (uint8_t*)cols, check_isa(isa), nthreads);
-  });
-
   m.def("linear_wo", [](uintptr_t x, int64_t ldx, int64_t M, int64_t K, uintptr_t w, uintptr_t scales,
                         int64_t group_size, uintptr_t bias, uintptr_t y, int64_t ldy, int64_t N, int isa,
                         int nthreads) {
