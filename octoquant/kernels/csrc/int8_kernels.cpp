@@ -1313,6 +1313,7 @@ void quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, uint8_t* o
 // decode layer spent more time in Python between two kernel calls than in the kernels).
 void linear_u8s8(const float* x, int64_t ldx, int64_t M, int64_t K, const RowQuant& rq, GemmArgs g, int isa,
                  int nthreads) {
+  NoGil nogil;  // once for both kernels (gemm's own then finds it released)
   thread_local std::vector<uint8_t> codes;
   thread_local std::vector<float> scales;
   codes.resize((size_t)(M * g.Kp));
@@ -1320,10 +1321,7 @@ void linear_u8s8(const float* x, int64_t ldx, int64_t M, int64_t K, const RowQua
     scales.resize((size_t)M);
     g.row_scale = scales.data();
   }
-  {
-    py::gil_scoped_release nogil;
-    quantize_rows(x, ldx, M, K, codes.data(), g.Kp, (uint8_t)g.offset, rq, scales.data(), isa, nthreads);
-  }
+  quantize_rows(x, ldx, M, K, codes.data(), g.Kp, (uint8_t)g.offset, rq, scales.data(), isa, nthreads);
   g.a = codes.data();
   g.lda = g.Kp;
   gemm(g, isa, nthreads);
