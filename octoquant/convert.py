@@ -199,7 +199,21 @@ def _materialize(calib: Iterable | None) -> list | None:
     batches = list(calib)
     if not batches:
         raise CalibrationError("calib is empty: give at least one batch of representative inputs")
+    for i, b in enumerate(batches):
+        for t in _tensors(b):
+            try:
+                check_finite(t, f"calibration batch {i}")
+            except ValueError as e:
+                raise CalibrationError(str(e)) from None
     return batches
+
+
+def _tensors(batch) -> list[torch.Tensor]:
+    """The tensors of one calibration batch (a tensor, a tuple/list of arguments, or a mapping)."""
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, tuple | list) else ()
+    return [t for t in items if isinstance(t, torch.Tensor)]
 
 
 def _input_observer(cal: Calibrator, cfg: Config, name: str) -> Observer:
@@ -516,7 +530,15 @@ def _prepare(model, config, calib, exclude, inplace, backend, progress):
             f"static W8A8 needs calibration data (calib=...) for {len(static)} layers, "
             "e.g. a few batches of representative inputs; or use oq.W8A8_DYNAMIC"
         )
-    recorders = _calibrate(work, targets, batches, progress) if batches is not None else {}
+    recorders = {}
+    if batches is not None:
+        # without a static or GPTQ layer the pass only measures each layer's error for the summary (and the
+        # ranking of a fallback): on the first batch, a fraction of an LLM conversion's time (SmolLM2 W8A8
+        # dynamic + SmoothQuant, 8 windows: 31.6 -> 22 s)
+        needs_all = any(
+            c.mode is QuantMode.W8A8_STATIC or c.weight_rounding is Rounding.GPTQ for _, c in targets.values()
+        )
+        recorders = _calibrate(work, targets, batches if needs_all else batches[:1], progress)
     built = {}
     for name, (m, cfg) in tqdm(targets.items(), desc="quantizing", disable=not progress, leave=False):
         built[name] = _build(name, m, cfg, recorders.get(name), backend)

@@ -363,7 +363,13 @@ def test_bad_inputs():
         oq.quantize(m, oq.W8A8, progress=False)
     bad = calib_batches()
     bad[2][1, 0, 3, 3] = float("nan")
-    with pytest.raises(ValueError, match=r"layer 'features.0' contains NaN"):
+    for cfg in (oq.W8A8, oq.W8A8_DYNAMIC):  # (dynamic layers' error is measured on the first batch only)
+        with pytest.raises(oq.CalibrationError, match=r"calibration batch 2 contains NaN at index \[1, 0, 3, 3\]"):
+            oq.quantize(m, cfg, calib=bad, progress=False)
+    bad[2][1, 0, 3, 3] = 1.0
+    bad[1] = {"x": bad[1].clone()}
+    bad[1]["x"][0, 1, 2, 2] = float("-inf")
+    with pytest.raises(oq.CalibrationError, match=r"calibration batch 1 contains Inf"):
         oq.quantize(m, oq.W8A8, calib=bad, progress=False)
     with pytest.raises(ValueError, match="no quantizable layer"):
         oq.quantize(nn.Sequential(nn.ReLU()), oq.W8A8_DYNAMIC, progress=False)
