@@ -534,7 +534,7 @@ def _prepare(model, config, calib, exclude, inplace, backend, progress):
     if batches is not None:
         # without a static or GPTQ layer the pass only measures each layer's error for the summary (and the
         # ranking of a fallback): on the first batch, a fraction of an LLM conversion's time (SmolLM2 W8A8
-        # dynamic + SmoothQuant, 8 windows: 31.6 -> 22 s)
+        # dynamic + SmoothQuant, 8 windows: 33.8 -> 21.5 s)
         needs_all = any(
             c.mode is QuantMode.W8A8_STATIC or c.weight_rounding is Rounding.GPTQ for _, c in targets.values()
         )
