@@ -355,6 +355,37 @@ def test_summary_sensitivity_and_fallback(capsys):
     assert all(r.status == "float" for r in oq.summary(q_all, print_table=False))
 
 
+def test_layer_statistics_see_every_batch_only_where_ranges_or_gptq_need_them(monkeypatch):
+    """Static ranges and GPTQ's Hessian come from every calibration batch; a dynamic or weight-only model's
+    per-layer statistics (the summary's error column) from the first; its int8 weights do not depend on it."""
+    from octoquant import convert
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    calib = [torch.randn(8, 16) for _ in range(4)]
+    real, seen, every_batch = convert._calibrate, [], [False]
+
+    def spy(model, targets, batches, progress):
+        seen.append(len(batches))
+        return real(model, targets, calib if every_batch[0] else batches, progress)
+
+    monkeypatch.setattr(convert, "_calibrate", spy)
+    configs = [
+        oq.W8A8,
+        oq.W8A8_DYNAMIC,
+        oq.W8A16,
+        oq.W8A16.replace(weight_rounding="gptq", weight_granularity=oq.PerChannel(0)),
+    ]
+    models = [oq.quantize(m, cfg, calib=calib, progress=False) for cfg in configs]
+    assert seen == [4, 1, 1, 4]
+    rows = oq.summary(models[1], print_table=False)
+    assert all(r.sqnr_db is not None and r.sqnr_db > 20 for r in rows if r.status == "int8")
+    every_batch[0] = True  # the dynamic model with statistics over every batch: the same int8 codes
+    again = oq.quantize(m, oq.W8A8_DYNAMIC, calib=calib, progress=False)
+    for a, b in zip(models[1].state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_bad_inputs():
     m = tiny_cnn()
     with pytest.raises(oq.CalibrationError, match="calib is empty"):
