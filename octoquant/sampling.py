@@ -32,11 +32,10 @@ class SampleSketch:
             n = flat.shape[1]
             self.k = int(max(2, min(SAMPLE_UNITS_MAX, self.budget // max(n, 1))))
             step = max(1, n // 1024)
-            self._idx = torch.arange(0, n, step)[:1024]
-            self._probe = torch.randn(
-                len(self._idx), generator=torch.Generator().manual_seed(1234), dtype=torch.float64
-            )
-        proj = flat[:, self._idx].to(torch.float64) @ self._probe + 1e-9 * flat.to(torch.float64).sum(dim=1)
+            count = len(range(0, n, step)[:1024])
+            self._cols = slice(0, step * count, step)  # up to 1024 evenly spaced columns (a view: no gather)
+            self._probe = torch.randn(count, generator=torch.Generator().manual_seed(1234), dtype=torch.float64)
+        proj = flat[:, self._cols].to(torch.float64) @ self._probe + 1e-9 * flat.sum(dim=1, dtype=torch.float64)
         # The kept units must be an unbiased sample (bias correction averages over them): the projection
         # itself would select units lying in one direction. Its fractional part at a fine scale is a
         # deterministic, content-derived key that behaves like a uniform random draw.
