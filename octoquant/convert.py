@@ -12,7 +12,7 @@ import dataclasses
 import fnmatch
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -165,18 +165,7 @@ def _probe_sample(batch):
 def _first_sample(batch):
     """The batch's first sample: index 0 of every tensor whose first dimension is the batch size (that of the first
     tensor found); anything else as given."""
-
-    def tensors(b):
-        if isinstance(b, torch.Tensor):
-            yield b
-        elif isinstance(b, Mapping):
-            for v in b.values():
-                yield from tensors(v)
-        elif isinstance(b, tuple | list):
-            for v in b:
-                yield from tensors(v)
-
-    first = next((t for t in tensors(batch) if t.dim()), None)
+    first = next((t for t in _tensors(batch) if t.dim()), None)
     size = None if first is None else first.shape[0]
 
     def cut(b):
@@ -208,12 +197,16 @@ def _materialize(calib: Iterable | None) -> list | None:
     return batches
 
 
-def _tensors(batch) -> list[torch.Tensor]:
-    """The tensors of one calibration batch (a tensor, a tuple/list of arguments, or a mapping)."""
+def _tensors(batch) -> Iterator[torch.Tensor]:
+    """The tensors of one calibration batch (a tensor, tuples / lists of arguments, mappings, nested)."""
     if isinstance(batch, torch.Tensor):
-        return [batch]
-    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, tuple | list) else ()
-    return [t for t in items if isinstance(t, torch.Tensor)]
+        yield batch
+    elif isinstance(batch, Mapping):
+        for v in batch.values():
+            yield from _tensors(v)
+    elif isinstance(batch, tuple | list):
+        for v in batch:
+            yield from _tensors(v)
 
 
 def _input_observer(cal: Calibrator, cfg: Config, name: str) -> Observer:
