@@ -245,6 +245,52 @@ def test_depthwise_split_between_threads_bit_equal(fast, threads, codes_out):
     assert torch.equal(y, y_ref)
 
 
+# 3x3 depthwise geometries of the column-quad kernel (AVX-512 VBMI2; the per-tap kernels elsewhere): strides 1 and
+# 2 in either direction, paddings 0..2, widths that leave 1..3 pixels in the last group of 4, images narrower than
+# a group, channels in 64-blocks (the rearrangement's wide path), 32 / 16-blocks and a scalar tail.
+DW_QUADS = [
+    # (C, H, W, stride (h, w), pad (h, w))
+    (16, 5, 4, (1, 1), (1, 1)),
+    (24, 6, 7, (1, 1), (1, 1)),
+    (64, 9, 13, (1, 1), (1, 1)),
+    (96, 8, 8, (2, 2), (1, 1)),
+    (136, 7, 9, (2, 2), (1, 1)),
+    (48, 3, 1, (1, 1), (1, 1)),
+    (32, 2, 3, (2, 2), (1, 1)),
+    (80, 10, 11, (1, 1), (0, 0)),
+    (40, 9, 10, (2, 2), (0, 0)),
+    (32, 6, 6, (1, 1), (2, 2)),
+    (32, 7, 9, (1, 2), (1, 0)),
+    (200, 6, 5, (2, 1), (0, 2)),
+]
+
+
+@pytest.mark.parametrize("geometry", DW_QUADS, ids=[f"c{g[0]}-{g[1]}x{g[2]}-s{g[3]}-p{g[4]}" for g in DW_QUADS])
+@pytest.mark.parametrize("codes_out", [False, True], ids=["float", "codes"])
+def test_depthwise_3x3_bit_equal(fast, geometry, codes_out):
+    """Every output pixel of a 3x3 depthwise conv, borders and batch included, with 1, 2 and 3 threads (their
+    ranges split rows and 4-pixel groups), u8 and s8 inputs, a fused ReLU6: equal to the reference."""
+    c, h, w_, stride, pad = geometry
+    torch.manual_seed(c + h + w_)
+    x = torch.randn(3, c, h, w_) * 2
+    w, ws, bias = rand_i8(c, 1, 3, 3), torch.rand(c) * 0.01, torch.randn(c)
+    out_q = ActivationQParams(0.01, 3, QDtype.UINT8) if codes_out else None
+    before = torch.get_num_threads()
+    for in_q in (ActivationQParams(0.03, 100, QDtype.UINT8), ActivationQParams(0.02, 0, QDtype.INT8)):
+        a = REF.quantize_nhwc(x, in_q)
+        geo = (stride, pad, (1, 1), in_q)
+        ref = REF.pack_conv(w, ws, bias, c, clamp_hi=torch.full((c,), 0.5))
+        packed = fast.pack_conv(w, ws, bias, c, clamp_hi=torch.full((c,), 0.5))
+        y_ref = REF.conv2d_codes(a, ref, *geo, out_q)
+        try:
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                y = fast.conv2d_codes(a, packed, *geo, out_q)
+                assert y.shape == y_ref.shape and torch.equal(y, y_ref), (in_q.dtype, threads)
+        finally:
+            torch.set_num_threads(before)
+
+
 # The next layer's input quantization, written by the epilogue: uint8 asymmetric and int8 symmetric.
 OUT_QS = {"to-u8-zp3": ActivationQParams(0.01, 3, QDtype.UINT8), "to-s8": ActivationQParams(0.015, 0, QDtype.INT8)}
 

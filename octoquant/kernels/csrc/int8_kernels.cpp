@@ -166,6 +166,11 @@ bool has_avx512vnni() {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 }
 
+bool has_avx512vbmi2() {  // the funnel shifts of the 3x3 depthwise kernel on column quads
+  static const bool yes = has_avx512vnni() && __builtin_cpu_supports("avx512vbmi2");
+  return yes;
+}
+
 enum Isa { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512VNNI = 2 };
 
 // Requantized output, the integer requantization of ONNX Runtime's QLinearConv (octoquant.kernels.reference.
@@ -1030,6 +1035,10 @@ struct DwArgs {
   const float* q_hi = nullptr;
   const int32_t* off_wsum = nullptr;  // offset * sum of the channel's weights over all taps
   const int32_t* bias_q = nullptr;    // (C,) int32 bias of the requantization (out_q.y set), or null
+  // 3x3, stride 1, dilation 1 on a CPU with AVX-512 VBMI2 (dw_quads): per kernel row i and channel c the int8
+  // weights (w[i][0], w[i][1], w[i][2], 0) as 4 bytes at wq[(i * C + c) * 4]; null: the other kernels
+  const int8_t* wq = nullptr;
+  const int32_t* off_bias = nullptr;  // with wq: off_wsum - bias_q
 };
 
 struct Taps {  // the in-image taps of one output pixel
@@ -1217,10 +1226,245 @@ AVX2_TARGET void dw_pixel_avx2(const DwArgs& a, const uint8_t* img, const Taps& 
   dw_pixel_scalar(a, img, t, pix, c, a.C);
 }
 
+// ------------------------------------------------------------------ 3x3 stride-1 depthwise on column quads
+// vpdpbusd multiplies 4 u8 by 4 s8 and adds the 4 products into one int32 lane: with a lane holding 3 adjacent
+// input columns of one channel (and a 4th byte whose weight is 0) one instruction does a kernel row's 3 taps of
+// 16 channels, a third of the vpdpwssd of the per-tap kernels. Input rows are first rearranged into column quads
+// (dw_quad_row: the 4 bytes of columns o + 4g .. o + 4g + 3 of each channel in one dword); the windows of 4
+// adjacent output pixels are then quad g itself and its funnel shifts with the neighbouring quads. Columns and
+// rows outside the image hold the zero-point code, so every pixel, border or not, is sum(x * w) - offset * sum(w):
+// the same int32 as the other kernels' sum over the in-image taps of (x - offset) * w.
+#define VBMI2_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,avx512vbmi2,fma")))
+
+inline bool dw_quads_case(const DwArgs& a) {
+  return a.kh == 3 && a.kw == 3 && (a.sh == 1 || a.sh == 2) && (a.sw == 1 || a.sw == 2) && a.dh == 1 &&
+         a.dw == 1 && a.C >= 16;
+}
+
+// Input row ih of image img as quads g = -1 .. G (at dst + (g + 1) * 4C): quad g holds columns o + 4g .. + 3.
+// Stride 1, o = 1 - pw: the windows of output pixels 4g .. 4g + 3 come from quad g and its neighbours; stride 2,
+// o = -pw: those of pixels 2g and 2g + 1.
+VBMI2_TARGET void dw_quad_row(const DwArgs& a, const uint8_t* img, int64_t ih, int64_t G, uint8_t* dst) {
+  const int64_t C = a.C, o = a.sw == 1 ? 1 - a.pw : -a.pw;
+  const uint8_t zp = (uint8_t)a.offset;
+  if (ih < 0 || ih >= a.H) {
+    std::memset(dst, zp, (size_t)((G + 2) * C * 4));
+    return;
+  }
+  const uint8_t* row = img + ih * a.W * C;
+  const __m128i zv = _mm_set1_epi8((char)zp);
+  const __m512i zw = _mm512_set1_epi8((char)zp);
+  const int64_t C16 = C / 16 * 16;
+  for (int64_t g = -1; g <= G; ++g) {
+    uint8_t* d = dst + (g + 1) * C * 4;
+    const uint8_t* src[4];
+    for (int k = 0; k < 4; ++k) {
+      const int64_t col = o + 4 * g + k;
+      src[k] = col >= 0 && col < a.W ? row + col * C : nullptr;
+    }
+    int64_t c = 0;
+    for (; c + 64 <= C; c += 64) {  // the same transpose per 128-bit lane, then the lanes put in channel order
+      __m512i p[4];
+      for (int k = 0; k < 4; ++k) p[k] = src[k] ? _mm512_loadu_si512((const void*)(src[k] + c)) : zw;
+      const __m512i t0 = _mm512_unpacklo_epi8(p[0], p[1]), t1 = _mm512_unpackhi_epi8(p[0], p[1]);
+      const __m512i t2 = _mm512_unpacklo_epi8(p[2], p[3]), t3 = _mm512_unpackhi_epi8(p[2], p[3]);
+      // z[j] lane L: channels 16 L + 4 j .. + 3
+      const __m512i z0 = _mm512_unpacklo_epi16(t0, t2), z1 = _mm512_unpackhi_epi16(t0, t2);
+      const __m512i z2 = _mm512_unpacklo_epi16(t1, t3), z3 = _mm512_unpackhi_epi16(t1, t3);
+      const __m512i u0 = _mm512_shuffle_i64x2(z0, z1, 0x44), u1 = _mm512_shuffle_i64x2(z2, z3, 0x44);
+      const __m512i u2 = _mm512_shuffle_i64x2(z0, z1, 0xEE), u3 = _mm512_shuffle_i64x2(z2, z3, 0xEE);
+      _mm512_storeu_si512((void*)(d + c * 4), _mm512_shuffle_i64x2(u0, u1, 0x88));
+      _mm512_storeu_si512((void*)(d + c * 4 + 64), _mm512_shuffle_i64x2(u0, u1, 0xDD));
+      _mm512_storeu_si512((void*)(d + c * 4 + 128), _mm512_shuffle_i64x2(u2, u3, 0x88));
+      _mm512_storeu_si512((void*)(d + c * 4 + 192), _mm512_shuffle_i64x2(u2, u3, 0xDD));
+    }
+    for (; c < C16; c += 16) {
+      __m128i p[4];
+      for (int k = 0; k < 4; ++k) p[k] = src[k] ? _mm_loadu_si128((const __m128i*)(src[k] + c)) : zv;
+      // a 4 x 16 byte transpose: bytes of columns 0..3 of channel c + j at 4 j
+      const __m128i t0 = _mm_unpacklo_epi8(p[0], p[1]), t1 = _mm_unpackhi_epi8(p[0], p[1]);
+      const __m128i t2 = _mm_unpacklo_epi8(p[2], p[3]), t3 = _mm_unpackhi_epi8(p[2], p[3]);
+      _mm_storeu_si128((__m128i*)(d + c * 4), _mm_unpacklo_epi16(t0, t2));
+      _mm_storeu_si128((__m128i*)(d + c * 4 + 16), _mm_unpackhi_epi16(t0, t2));
+      _mm_storeu_si128((__m128i*)(d + c * 4 + 32), _mm_unpacklo_epi16(t1, t3));
+      _mm_storeu_si128((__m128i*)(d + c * 4 + 48), _mm_unpackhi_epi16(t1, t3));
+    }
+    for (; c < C; ++c)
+      for (int k = 0; k < 4; ++k) d[c * 4 + k] = src[k] ? src[k][c] : zp;
+  }
+}
+
+// dw_quad_blocks' epilogue arguments as values of their own: a byte store may alias any memory, so fields read
+// through a DwArgs reference were reloaded after every output store (measured: most of the kernel's time).
+struct QuadEpilogue {
+  const int32_t* ofs;  // offset * sum(w) - bias_q (DwConsts::off_bias)
+  const float* scale;  // in_scale * col_scale
+  const float* lo;     // codes: the bounds of round(v)
+  const float* hi;
+  const float* bias;   // float output: bias, fused clamp (or null)
+  const float* clamp;
+  uint8_t* codes;      // codes (N, Ho, Wo, C), or null: float y
+  float* y;
+  int32_t add;
+  int64_t C;
+};
+
+// dw_store_avx512's operations for 4 pixels' accumulators of dw_quad_blocks (bias_q joined to offset * sum(w):
+// int32 sums wrap alike in either order), the pixels [0, np) stored
+template <int NB, bool CODES>
+VBMI2_TARGET inline void dw_quad_store(const QuadEpilogue& e, __m512i (&acc)[4][NB], int64_t pix, int np, int64_t c) {
+  __m512i ofs[NB];
+  __m512 sc[NB], lo[NB], hi[NB];
+#pragma GCC unroll 2
+  for (int b = 0; b < NB; ++b) {
+    ofs[b] = _mm512_loadu_si512((const void*)(e.ofs + c + 16 * b));
+    sc[b] = _mm512_loadu_ps(e.scale + c + 16 * b);
+    if (CODES) {
+      lo[b] = _mm512_loadu_ps(e.lo + c + 16 * b);
+      hi[b] = _mm512_loadu_ps(e.hi + c + 16 * b);
+    } else {
+      lo[b] = e.bias ? _mm512_loadu_ps(e.bias + c + 16 * b) : _mm512_setzero_ps();
+      hi[b] = e.clamp ? _mm512_loadu_ps(e.clamp + c + 16 * b) : _mm512_setzero_ps();
+    }
+  }
+  const __m512i add = _mm512_set1_epi32(e.add);
+#pragma GCC unroll 4
+  for (int p = 0; p < 4; ++p) {
+    if (p >= np) break;
+#pragma GCC unroll 2
+    for (int b = 0; b < NB; ++b) {
+      __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[p][b], ofs[b])), sc[b]);
+      const int64_t at = (pix + p) * e.C + c + 16 * b;
+      if (CODES) {
+        __m512 r = _mm512_min_ps(_mm512_max_ps(v, lo[b]), hi[b]);
+        __m512i iv = _mm512_cvt_roundps_epi32(r, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_storeu_si128((__m128i*)(e.codes + at), _mm512_cvtepi32_epi8(_mm512_add_epi32(iv, add)));
+      } else {
+        if (e.bias) v = _mm512_add_ps(v, lo[b]);
+        if (e.clamp) v = _mm512_min_ps(_mm512_max_ps(v, _mm512_setzero_ps()), hi[b]);
+        _mm512_storeu_ps(e.y + at, v);
+      }
+    }
+  }
+}
+
+// Output pixels 4q .. 4q + np - 1 of one output row (the first at index pix), channels [c, c + 16 NB); rows[i]:
+// the quads of input row ho * sh - ph + i.
+template <int NB, bool CODES>
+VBMI2_TARGET inline void dw_quad_blocks(const QuadEpilogue e, const int8_t* wq, uint8_t* const* rows, int64_t q,
+                                        int64_t pix, int np, int64_t c) {
+  const int64_t C4 = e.C * 4;
+  __m512i acc[4][NB];
+#pragma GCC unroll 4
+  for (int p = 0; p < 4; ++p)
+#pragma GCC unroll 2
+    for (int b = 0; b < NB; ++b) acc[p][b] = _mm512_setzero_si512();
+#pragma GCC unroll 3
+  for (int i = 0; i < 3; ++i) {
+    const uint8_t* r = rows[i] + (q + 1) * C4 + c * 4;
+#pragma GCC unroll 2
+    for (int b = 0; b < NB; ++b) {
+      const __m512i A = _mm512_loadu_si512((const void*)(r + 64 * b));
+      const __m512i B = _mm512_loadu_si512((const void*)(r - C4 + 64 * b));
+      const __m512i D = _mm512_loadu_si512((const void*)(r + C4 + 64 * b));
+      const __m512i w = _mm512_loadu_si512((const void*)(wq + (i * e.C + c + 16 * b) * 4));
+      acc[0][b] = _mm512_dpbusd_epi32(acc[0][b], _mm512_shldi_epi32(A, B, 8), w);   // columns -1, 0, 1
+      acc[1][b] = _mm512_dpbusd_epi32(acc[1][b], A, w);                             // 0, 1, 2
+      acc[2][b] = _mm512_dpbusd_epi32(acc[2][b], _mm512_shrdi_epi32(A, D, 8), w);   // 1, 2, 3
+      acc[3][b] = _mm512_dpbusd_epi32(acc[3][b], _mm512_shrdi_epi32(A, D, 16), w);  // 2, 3, 4
+    }
+  }
+  dw_quad_store<NB, CODES>(e, acc, pix, np, c);
+}
+
+// Stride 2: output pixels 4q .. 4q + np - 1 (pix: the first's index) from quads g = 2q, 2q + 1, 2q + 2: pixel
+// 2g's window is quad g's first 3 bytes, pixel 2g + 1's its last 2 and the next quad's first.
+template <int NB, bool CODES>
+VBMI2_TARGET inline void dw_quad_blocks_s2(const QuadEpilogue e, const int8_t* wq, uint8_t* const* rows, int64_t g,
+                                           int64_t pix, int np, int64_t c) {
+  const int64_t C4 = e.C * 4;
+  __m512i acc[4][NB];
+#pragma GCC unroll 4
+  for (int p = 0; p < 4; ++p)
+#pragma GCC unroll 2
+    for (int b = 0; b < NB; ++b) acc[p][b] = _mm512_setzero_si512();
+#pragma GCC unroll 3
+  for (int i = 0; i < 3; ++i) {
+    const uint8_t* r = rows[i] + (g + 1) * C4 + c * 4;
+#pragma GCC unroll 2
+    for (int b = 0; b < NB; ++b) {
+      const __m512i A0 = _mm512_loadu_si512((const void*)(r + 64 * b));
+      const __m512i A1 = _mm512_loadu_si512((const void*)(r + C4 + 64 * b));
+      const __m512i A2 = _mm512_loadu_si512((const void*)(r + 2 * C4 + 64 * b));
+      const __m512i w = _mm512_loadu_si512((const void*)(wq + (i * e.C + c + 16 * b) * 4));
+      acc[0][b] = _mm512_dpbusd_epi32(acc[0][b], A0, w);
+      acc[1][b] = _mm512_dpbusd_epi32(acc[1][b], _mm512_shrdi_epi32(A0, A1, 16), w);
+      acc[2][b] = _mm512_dpbusd_epi32(acc[2][b], A1, w);
+      acc[3][b] = _mm512_dpbusd_epi32(acc[3][b], _mm512_shrdi_epi32(A1, A2, 16), w);
+    }
+  }
+  dw_quad_store<NB, CODES>(e, acc, pix, np, c);
+}
+
+// Work units (output row, pixel quad) [lo, hi): each input row rearranged once per thread and run (3 row slots,
+// reused while the output rows move down), then every channel block of each quad.
+VBMI2_TARGET void dw_quads(const DwArgs& a, int64_t lo, int64_t hi) {
+  const int64_t Q = (a.Wo + 3) / 4, G = a.sw == 1 ? Q : 2 * Q, row_bytes = (G + 2) * a.C * 4;
+  const QuadEpilogue e{a.off_bias, a.static_scale, a.q_lo, a.q_hi, a.bias, a.clamp_hi, a.out_q.y, a.y,
+                       a.out_q.add, a.C};
+  const bool codes = a.out_q.y != nullptr;
+  auto blocks2 = a.sw == 1 ? (codes ? dw_quad_blocks<2, true> : dw_quad_blocks<2, false>)
+                           : (codes ? dw_quad_blocks_s2<2, true> : dw_quad_blocks_s2<2, false>);
+  auto blocks1 = a.sw == 1 ? (codes ? dw_quad_blocks<1, true> : dw_quad_blocks<1, false>)
+                           : (codes ? dw_quad_blocks_s2<1, true> : dw_quad_blocks_s2<1, false>);
+  thread_local std::vector<uint8_t> ring;
+  if (ring.size() < (size_t)(3 * row_bytes)) ring.resize((size_t)(3 * row_bytes));
+  int64_t key[3] = {-1, -1, -1};  // the input row in each slot: n * H + ih (above / below the image: -2 / -3)
+  for (int64_t u = lo; u < hi;) {
+    const int64_t r = u / Q, q0 = u % Q, q1 = std::min(Q, q0 + (hi - u));
+    const int64_t n = r / a.Ho, ho = r % a.Ho;
+    const uint8_t* img = a.x + n * a.H * a.W * a.C;
+    uint8_t* rows[3];
+    int64_t want[3];
+    for (int i = 0; i < 3; ++i) {
+      const int64_t ih = ho * a.sh - a.ph + i;
+      want[i] = ih < 0 || ih >= a.H ? -2 - (ih < 0 ? 0 : 1) : n * a.H + ih;  // out of the image: one shared key each
+    }
+    for (int i = 0; i < 3; ++i) {
+      int slot = -1;
+      for (int s = 0; s < 3; ++s)
+        if (key[s] == want[i]) slot = s;
+      if (slot < 0) {  // a slot no row of this output row needs
+        for (int s = 0; s < 3 && slot < 0; ++s)
+          if (key[s] != want[0] && key[s] != want[1] && key[s] != want[2]) slot = s;
+        dw_quad_row(a, img, ho * a.sh - a.ph + i, G, ring.data() + slot * row_bytes);
+        key[slot] = want[i];
+      }
+      rows[i] = ring.data() + slot * row_bytes;
+    }
+    const int64_t C32 = a.C / 32 * 32, C16 = a.C / 16 * 16;
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t pix = r * a.Wo + 4 * q;
+      const int np = (int)std::min<int64_t>(4, a.Wo - 4 * q);
+      int64_t c = 0;
+      const int64_t at = a.sw == 1 ? q : 2 * q;  // the kernel's quad (stride 2: the first of two)
+      for (; c < C32; c += 32) blocks2(e, a.wq, rows, at, pix, np, c);
+      if (c < C16) {
+        blocks1(e, a.wq, rows, at, pix, np, c);
+        c += 16;
+      }
+      if (c < a.C)
+        for (int p = 0; p < np; ++p) dw_pixel_scalar(a, img, taps_of(a, ho, 4 * q + p), pix + p, c, a.C);
+    }
+    u += q1 - q0;
+  }
+}
+
 // depthwise()'s per-channel constants (see DwArgs), worked out once per call, or once by a kernel program
 struct DwConsts {
   std::vector<float> static_scale, q_lo, q_hi;
-  std::vector<int32_t> off_wsum;
+  std::vector<int32_t> off_wsum, off_bias;
+  std::vector<int8_t> wq;
 
   DwConsts(DwArgs& a, bool codes) : static_scale((size_t)a.C), off_wsum((size_t)a.C, 0) {
     for (int64_t c = 0; c < a.C; ++c) static_scale[c] = a.in_scale * a.col_scale[c];
@@ -1236,6 +1480,25 @@ struct DwConsts {
       for (int64_t c = 0; c < a.C; ++c) off_wsum[c] += (int32_t)(int16_t)a.w[k * a.C + c];
     for (int64_t c = 0; c < a.C; ++c) off_wsum[c] *= a.offset;
     a.off_wsum = off_wsum.data();
+    a.wq = nullptr;
+    if (dw_quads_case(a) && has_avx512vbmi2() && a.offset >= 0 && a.offset <= 255) {
+      wq.assign((size_t)(3 * a.C * 4), 0);
+      for (int64_t i = 0; i < 3; ++i)
+        for (int64_t j = 0; j < 3; ++j)
+          for (int64_t c = 0; c < a.C; ++c) {
+            const int32_t v = (int16_t)a.w[(i * 3 + j) * a.C + c];
+            if (v < -128 || v > 127) {  // not int8 (vpdpbusd's operand): the per-tap kernels
+              wq.clear();
+              return;
+            }
+            wq[(size_t)((i * a.C + c) * 4 + j)] = (int8_t)v;
+          }
+      a.wq = wq.data();
+      off_bias = off_wsum;
+      if (a.bias_q)
+        for (int64_t c = 0; c < a.C; ++c) off_bias[c] = add_wrap(off_bias[c], -a.bias_q[c]);
+      a.off_bias = off_bias.data();
+    }
   }
 };
 
@@ -1247,6 +1510,15 @@ void depthwise(const DwArgs& args, int isa, int nthreads) {
   int t = threads_for(rows * a.Wo * a.C * a.kh * a.kw * 8, rows * a.Wo, nthreads);
   const bool row_sharing = a.kw == 3 && a.sw == 1 && a.dw == 1;  // dw_blocks_s1k3_avx512's case
   NoGil nogil;
+  if (isa == ISA_AVX512VNNI && a.wq) {  // (DwConsts set wq only where the CPU has VBMI2)
+    const int64_t units = rows * ((a.Wo + 3) / 4);
+    pool().run(t, [&](int ti) {
+      int64_t lo, hi;
+      split(units, t, ti, &lo, &hi);
+      dw_quads(a, lo, hi);
+    });
+    return;
+  }
   // threads take equal ranges of output pixels (not of rows: a 7-row map split 4 / 3 left a thread idle 1/8)
   const int64_t pixels = rows * a.Wo;
   pool().run(t, [&](int ti) {
@@ -1736,6 +2008,7 @@ PYBIND11_MODULE(_C, m) {
     py::dict d;
     d["avx2"] = has_avx2();
     d["avx512vnni"] = has_avx512vnni();
+    d["avx512vbmi2"] = has_avx512vbmi2();  // the 3x3 depthwise kernel on column quads
     return d;
   });
   m.def("best_isa", &best_isa);
