@@ -423,18 +423,20 @@ __attribute__((noinline)) VNNI_TARGET void tile_vnni(const GemmArgs& g, int64_t 
       for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], av, wv[b]);
     }
   }
-  if (last && NB >= 3 && (t * 4 + NB) * 16 <= g.N && packed_epilogue(g)) {  // 64->384 conv -12%, measured
-    for (int r = 0; r < MR; ++r) store_codes_vnni<NB == 4 ? 4 : 3>(g, m0 + r, t * 64, acc[r]);
+  if (!last) {
+    for (int r = 0; r < MR; ++r)
+      for (int b = 0; b < NB; ++b) _mm512_storeu_si512((void*)(part + r * 64 + b * 16), acc[r][b]);
+    return;
+  }
+  const GemmArgs e = g;  // a local copy: the output stores cannot alias it (see smallk_group_vnni)
+  if (NB >= 3 && (t * 4 + NB) * 16 <= e.N && packed_epilogue(e)) {  // 64->384 conv -12%, measured
+    for (int r = 0; r < MR; ++r) store_codes_vnni<NB == 4 ? 4 : 3>(e, m0 + r, t * 64, acc[r]);
     return;
   }
   for (int r = 0; r < MR; ++r)
     for (int b = 0; b < NB; ++b) {
-      if (!last) {
-        _mm512_storeu_si512((void*)(part + r * 64 + b * 16), acc[r][b]);
-        continue;
-      }
       int64_t n0 = (t * 4 + b) * 16;
-      if (n0 < g.N) epilogue_vnni(g, m0 + r, n0, acc[r][b], (int)std::min<int64_t>(16, g.N - n0));
+      if (n0 < e.N) epilogue_vnni(e, m0 + r, n0, acc[r][b], (int)std::min<int64_t>(16, e.N - n0));
     }
 }
 
