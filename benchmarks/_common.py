@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -33,7 +34,7 @@ def copies_for(nbytes: int, cold: bool) -> int:
 
 
 def interleaved(fns: dict[str, Callable[[int], object]], reps: int, budget_s: float = 20.0) -> dict[str, float]:
-    """Median seconds per call of each fn, timed round-robin (A B C, B C A, ...) so drift hits all alike.
+    """Median seconds per call of each fn, timed in rounds (each fn once per round) so drift hits all alike.
 
     Each fn takes the call index (to cycle through cold weight copies).
     """
@@ -44,11 +45,15 @@ def interleaved(fns: dict[str, Callable[[int], object]], reps: int, budget_s: fl
     names = list(fns)
     start = time.perf_counter()
     i = 0
+    order = random.Random(0)
     while i < reps or (i < 3):
-        # rotate the order every round: each method runs after each other one equally often (what ran just
-        # before -- another runtime's thread pool, a cache-flushing FP32 GEMM -- changes the next timing)
-        r = i % len(names)
-        for name in names[r:] + names[:r]:
+        # a new order every round, so that each method follows each other one about equally often: what ran just
+        # before (another runtime's thread pool, a cache-flushing FP32 GEMM) changes the next timing. (Rotating
+        # the list, A B C / B C A / C A B, kept every method after the same neighbour: the method listed after FP32
+        # ran right after the FP32 GEMM in all rounds but one in len(names).)
+        round_names = names[:]
+        order.shuffle(round_names)
+        for name in round_names:
             t0 = time.perf_counter()
             fns[name](i)
             times[name].append(time.perf_counter() - t0)
