@@ -168,7 +168,8 @@ inline void split(int64_t total, int n, int i, int64_t* lo, int64_t* hi) {
 // work ran out. More threads: one counter from the front. One compare-and-swap per chunk.
 class Claims {
  public:
-  Claims(int64_t total, int n, int64_t grain) : two_(n == 2), grain_(std::max<int64_t>(1, grain)), state_(pack(0, total)) {}
+  Claims(int64_t total, int n, int64_t grain)
+      : two_(n == 2), grain_(std::max<int64_t>(1, grain)), state_(pack(0, total)) {}
   // The next chunk [lo, hi) of thread i; false when none is left.
   bool next(int i, int64_t* lo, int64_t* hi) {
     uint64_t v = state_.load(std::memory_order_relaxed);
@@ -1093,8 +1094,8 @@ struct DwArgs {
   const float* q_hi = nullptr;
   const int32_t* off_wsum = nullptr;  // offset * sum of the channel's weights over all taps
   const int32_t* bias_q = nullptr;    // (C,) int32 bias of the requantization (out_q.y set), or null
-  // 3x3, stride 1, dilation 1 on a CPU with AVX-512 VBMI2 (dw_quads): per kernel row i and channel c the int8
-  // weights (w[i][0], w[i][1], w[i][2], 0) as 4 bytes at wq[(i * C + c) * 4]; null: the other kernels
+  // 3x3, stride 1 or 2, dilation 1 on a CPU with AVX-512 VBMI2 (dw_quads): per kernel row i and channel c the
+  // int8 weights (w[i][0], w[i][1], w[i][2], 0) as 4 bytes at wq[(i * C + c) * 4]; null: the other kernels
   const int8_t* wq = nullptr;
   const int32_t* off_bias = nullptr;  // with wq: off_wsum - bias_q
 };
@@ -1284,12 +1285,13 @@ AVX2_TARGET void dw_pixel_avx2(const DwArgs& a, const uint8_t* img, const Taps& 
   dw_pixel_scalar(a, img, t, pix, c, a.C);
 }
 
-// ------------------------------------------------------------------ 3x3 stride-1 depthwise on column quads
+// ------------------------------------------------------------- 3x3 depthwise (stride 1 or 2) on column quads
 // vpdpbusd multiplies 4 u8 by 4 s8 and adds the 4 products into one int32 lane: with a lane holding 3 adjacent
 // input columns of one channel (and a 4th byte whose weight is 0) one instruction does a kernel row's 3 taps of
 // 16 channels, a third of the vpdpwssd of the per-tap kernels. Input rows are first rearranged into column quads
 // (dw_quad_row: the 4 bytes of columns o + 4g .. o + 4g + 3 of each channel in one dword); the windows of 4
-// adjacent output pixels are then quad g itself and its funnel shifts with the neighbouring quads. Columns and
+// adjacent output pixels are then quad g itself and its funnel shifts with the neighbouring quads (stride 2: two
+// pixels per quad, the quad and its shift by 2 columns). Columns and
 // rows outside the image hold the zero-point code, so every pixel, border or not, is sum(x * w) - offset * sum(w):
 // the same int32 as the other kernels' sum over the in-image taps of (x - offset) * w.
 #define VBMI2_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,avx512vbmi2,fma")))
