@@ -1408,10 +1408,12 @@ VBMI2_TARGET inline void dw_quad_store(const QuadEpilogue& e, __m512i (&acc)[4][
   }
 }
 
-// Output pixels 4q .. 4q + np - 1 of one output row (the first at index pix), channels [c, c + 16 NB); rows[i]:
-// the quads of input row ho * sh - ph + i.
-template <int NB, bool CODES>
-VBMI2_TARGET inline void dw_quad_blocks(const QuadEpilogue e, const int8_t* wq, uint8_t* const* rows, int64_t q,
+// Output pixels 4q .. 4q + np - 1 of one output row (the first at index pix), channels [c, c + 16 NB), from the
+// quads g0, g0 + 1, g0 + 2 of rows[i], the input row ho * sh - ph + i. Stride 1 (g0 = q - 1): the windows of the 4
+// pixels are quad g0 + 1 shifted by -1, 0, 1, 2 columns; stride 2 (g0 = 2q): quads g0 and g0 + 1, each as it is and
+// shifted by 2 columns.
+template <int S, int NB, bool CODES>
+VBMI2_TARGET inline void dw_quad_blocks(const QuadEpilogue e, const int8_t* wq, uint8_t* const* rows, int64_t g0,
                                         int64_t pix, int np, int64_t c) {
   const int64_t C4 = e.C * 4;
   __m512i acc[4][NB];
@@ -1421,46 +1423,24 @@ VBMI2_TARGET inline void dw_quad_blocks(const QuadEpilogue e, const int8_t* wq, 
     for (int b = 0; b < NB; ++b) acc[p][b] = _mm512_setzero_si512();
 #pragma GCC unroll 3
   for (int i = 0; i < 3; ++i) {
-    const uint8_t* r = rows[i] + (q + 1) * C4 + c * 4;
+    const uint8_t* r = rows[i] + (g0 + 1) * C4 + c * 4;  // (quad g at (g + 1) * 4C: g = -1 is the first)
 #pragma GCC unroll 2
     for (int b = 0; b < NB; ++b) {
-      const __m512i A = _mm512_loadu_si512((const void*)(r + 64 * b));
-      const __m512i B = _mm512_loadu_si512((const void*)(r - C4 + 64 * b));
-      const __m512i D = _mm512_loadu_si512((const void*)(r + C4 + 64 * b));
+      const __m512i q0 = _mm512_loadu_si512((const void*)(r + 64 * b));
+      const __m512i q1 = _mm512_loadu_si512((const void*)(r + C4 + 64 * b));
+      const __m512i q2 = _mm512_loadu_si512((const void*)(r + 2 * C4 + 64 * b));
       const __m512i w = _mm512_loadu_si512((const void*)(wq + (i * e.C + c + 16 * b) * 4));
-      acc[0][b] = _mm512_dpbusd_epi32(acc[0][b], _mm512_shldi_epi32(A, B, 8), w);   // columns -1, 0, 1
-      acc[1][b] = _mm512_dpbusd_epi32(acc[1][b], A, w);                             // 0, 1, 2
-      acc[2][b] = _mm512_dpbusd_epi32(acc[2][b], _mm512_shrdi_epi32(A, D, 8), w);   // 1, 2, 3
-      acc[3][b] = _mm512_dpbusd_epi32(acc[3][b], _mm512_shrdi_epi32(A, D, 16), w);  // 2, 3, 4
-    }
-  }
-  dw_quad_store<NB, CODES>(e, acc, pix, np, c);
-}
-
-// Stride 2: output pixels 4q .. 4q + np - 1 (pix: the first's index) from quads g = 2q, 2q + 1, 2q + 2: pixel
-// 2g's window is quad g's first 3 bytes, pixel 2g + 1's its last 2 and the next quad's first.
-template <int NB, bool CODES>
-VBMI2_TARGET inline void dw_quad_blocks_s2(const QuadEpilogue e, const int8_t* wq, uint8_t* const* rows, int64_t g,
-                                           int64_t pix, int np, int64_t c) {
-  const int64_t C4 = e.C * 4;
-  __m512i acc[4][NB];
-#pragma GCC unroll 4
-  for (int p = 0; p < 4; ++p)
-#pragma GCC unroll 2
-    for (int b = 0; b < NB; ++b) acc[p][b] = _mm512_setzero_si512();
-#pragma GCC unroll 3
-  for (int i = 0; i < 3; ++i) {
-    const uint8_t* r = rows[i] + (g + 1) * C4 + c * 4;
-#pragma GCC unroll 2
-    for (int b = 0; b < NB; ++b) {
-      const __m512i A0 = _mm512_loadu_si512((const void*)(r + 64 * b));
-      const __m512i A1 = _mm512_loadu_si512((const void*)(r + C4 + 64 * b));
-      const __m512i A2 = _mm512_loadu_si512((const void*)(r + 2 * C4 + 64 * b));
-      const __m512i w = _mm512_loadu_si512((const void*)(wq + (i * e.C + c + 16 * b) * 4));
-      acc[0][b] = _mm512_dpbusd_epi32(acc[0][b], A0, w);
-      acc[1][b] = _mm512_dpbusd_epi32(acc[1][b], _mm512_shrdi_epi32(A0, A1, 16), w);
-      acc[2][b] = _mm512_dpbusd_epi32(acc[2][b], A1, w);
-      acc[3][b] = _mm512_dpbusd_epi32(acc[3][b], _mm512_shrdi_epi32(A1, A2, 16), w);
+      if constexpr (S == 1) {
+        acc[0][b] = _mm512_dpbusd_epi32(acc[0][b], _mm512_shldi_epi32(q1, q0, 8), w);   // columns -1, 0, 1
+        acc[1][b] = _mm512_dpbusd_epi32(acc[1][b], q1, w);                              // 0, 1, 2
+        acc[2][b] = _mm512_dpbusd_epi32(acc[2][b], _mm512_shrdi_epi32(q1, q2, 8), w);   // 1, 2, 3
+        acc[3][b] = _mm512_dpbusd_epi32(acc[3][b], _mm512_shrdi_epi32(q1, q2, 16), w);  // 2, 3, 4
+      } else {
+        acc[0][b] = _mm512_dpbusd_epi32(acc[0][b], q0, w);
+        acc[1][b] = _mm512_dpbusd_epi32(acc[1][b], _mm512_shrdi_epi32(q0, q1, 16), w);
+        acc[2][b] = _mm512_dpbusd_epi32(acc[2][b], q1, w);
+        acc[3][b] = _mm512_dpbusd_epi32(acc[3][b], _mm512_shrdi_epi32(q1, q2, 16), w);
+      }
     }
   }
   dw_quad_store<NB, CODES>(e, acc, pix, np, c);
@@ -1473,10 +1453,10 @@ VBMI2_TARGET void dw_quads(const DwArgs& a, int64_t lo, int64_t hi, int64_t* key
   const QuadEpilogue e{a.off_bias, a.static_scale, a.q_lo, a.q_hi, a.bias, a.clamp_hi, a.out_q.y, a.y,
                        a.out_q.add, a.C};
   const bool codes = a.out_q.y != nullptr;
-  auto blocks2 = a.sw == 1 ? (codes ? dw_quad_blocks<2, true> : dw_quad_blocks<2, false>)
-                           : (codes ? dw_quad_blocks_s2<2, true> : dw_quad_blocks_s2<2, false>);
-  auto blocks1 = a.sw == 1 ? (codes ? dw_quad_blocks<1, true> : dw_quad_blocks<1, false>)
-                           : (codes ? dw_quad_blocks_s2<1, true> : dw_quad_blocks_s2<1, false>);
+  auto blocks2 = a.sw == 1 ? (codes ? dw_quad_blocks<1, 2, true> : dw_quad_blocks<1, 2, false>)
+                           : (codes ? dw_quad_blocks<2, 2, true> : dw_quad_blocks<2, 2, false>);
+  auto blocks1 = a.sw == 1 ? (codes ? dw_quad_blocks<1, 1, true> : dw_quad_blocks<1, 1, false>)
+                           : (codes ? dw_quad_blocks<2, 1, true> : dw_quad_blocks<2, 1, false>);
   thread_local std::vector<uint8_t> ring;
   if (ring.size() < (size_t)(3 * row_bytes)) ring.resize((size_t)(3 * row_bytes));
   // key: the input row in each of this thread's ring slots (n * H + ih; above / below the image: -2 / -3; none:
@@ -1508,7 +1488,7 @@ VBMI2_TARGET void dw_quads(const DwArgs& a, int64_t lo, int64_t hi, int64_t* key
       const int64_t pix = r * a.Wo + 4 * q;
       const int np = (int)std::min<int64_t>(4, a.Wo - 4 * q);
       int64_t c = 0;
-      const int64_t at = a.sw == 1 ? q : 2 * q;  // the kernel's quad (stride 2: the first of two)
+      const int64_t at = a.sw == 1 ? q - 1 : 2 * q;  // the kernel's first quad
       for (; c < C32; c += 32) blocks2(e, a.wq, rows, at, pix, np, c);
       if (c < C16) {
         blocks1(e, a.wq, rows, at, pix, np, c);
