@@ -262,14 +262,18 @@ DW_QUADS = [
     (32, 6, 6, (1, 1), (2, 2)),
     (32, 7, 9, (1, 2), (1, 0)),
     (200, 6, 5, (2, 1), (0, 2)),
+    # enough work for several threads (the small ones above run on one): their claimed ranges split rows and groups
+    (96, 30, 30, (2, 2), (1, 1)),
+    (48, 20, 26, (1, 2), (1, 1)),
+    (144, 14, 15, (1, 1), (1, 1)),
 ]
 
 
 @pytest.mark.parametrize("geometry", DW_QUADS, ids=[f"c{g[0]}-{g[1]}x{g[2]}-s{g[3]}-p{g[4]}" for g in DW_QUADS])
 @pytest.mark.parametrize("codes_out", [False, True], ids=["float", "codes"])
 def test_depthwise_3x3_bit_equal(fast, geometry, codes_out):
-    """Every output pixel of a 3x3 depthwise conv, borders and batch included, with 1, 2 and 3 threads (their
-    ranges split rows and 4-pixel groups), u8 and s8 inputs, a fused ReLU6: equal to the reference."""
+    """Every output pixel of a 3x3 depthwise conv, borders and batch included, with 1, 2 and 3 threads (where the
+    work is large enough to split), u8 and s8 inputs, a fused ReLU6: equal to the reference."""
     c, h, w_, stride, pad = geometry
     torch.manual_seed(c + h + w_)
     x = torch.randn(3, c, h, w_) * 2
