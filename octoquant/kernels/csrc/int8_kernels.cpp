@@ -1466,10 +1466,10 @@ VBMI2_TARGET void dw_quads(const DwArgs& a, int64_t lo, int64_t hi, int64_t* key
     const int64_t n = r / a.Ho, ho = r % a.Ho;
     const uint8_t* img = a.x + n * a.H * a.W * a.C;
     uint8_t* rows[3];
-    int64_t want[3];
+    int64_t ih[3], want[3];
     for (int i = 0; i < 3; ++i) {
-      const int64_t ih = ho * a.sh - a.ph + i;
-      want[i] = ih < 0 || ih >= a.H ? -2 - (ih < 0 ? 0 : 1) : n * a.H + ih;  // out of the image: one shared key each
+      ih[i] = ho * a.sh - a.ph + i;
+      want[i] = ih[i] < 0 ? -2 : ih[i] >= a.H ? -3 : n * a.H + ih[i];  // out of the image: one shared key each
     }
     for (int i = 0; i < 3; ++i) {
       int slot = -1;
@@ -1478,7 +1478,7 @@ VBMI2_TARGET void dw_quads(const DwArgs& a, int64_t lo, int64_t hi, int64_t* key
       if (slot < 0) {  // a slot no row of this output row needs
         for (int s = 0; s < 3 && slot < 0; ++s)
           if (key[s] != want[0] && key[s] != want[1] && key[s] != want[2]) slot = s;
-        dw_quad_row(a, img, ho * a.sh - a.ph + i, G, ring.data() + slot * row_bytes);
+        dw_quad_row(a, img, ih[i], G, ring.data() + slot * row_bytes);
         key[slot] = want[i];
       }
       rows[i] = ring.data() + slot * row_bytes;
