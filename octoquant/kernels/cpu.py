@@ -11,6 +11,7 @@ import ctypes
 import functools
 import logging
 import math
+import mmap
 import threading
 from dataclasses import dataclass
 
@@ -105,6 +106,65 @@ def scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype = torch.uint8)
         views.clear()
     view = views[key] = buf[:n].view(dtype).view(shape)
     return view
+
+
+HUGE_PAGE = 2 << 20
+
+
+class _HugePages:
+    """Memory for packed weights on transparent huge pages (2 MiB), where the OS serves them.
+
+    A decode step streams every weight byte from DRAM once. On 4 KiB pages the hardware prefetchers stop at
+    every page boundary and each page costs a TLB miss; on 2 MiB pages the stream runs on. Measured at M = 1,
+    cold weights (in-process A/B, RESULTS.md): 4096 x 4096 0.92-0.95x the time on 2 threads, 0.83x on one;
+    576 x 1536 (a small LLM's layer) 0.87x. The memory is an anonymous private mapping advised MADV_HUGEPAGE
+    (Linux's default "madvise" THP mode serves it; "never", or an OS without THP, leaves ordinary pages: the
+    same bytes, only slower). A tensor of 2 MiB or more gets its own mapping, of which only the whole 2 MiB
+    pages inside the tensor are advised; smaller ones share 32 MiB slabs (a layer of a small model is a few
+    hundred KiB), each slab freed when the last tensor in it is. Pages are touched only when the packing
+    writes them: a slab's unused rest costs address space, not memory.
+    """
+
+    SLAB = 32 << 20
+    ALIGN = 256
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._slab: torch.Tensor | None = None
+        self._used = 0
+
+    @staticmethod
+    def _mapping(nbytes: int) -> torch.Tensor:
+        area = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        whole = torch.frombuffer(area, dtype=torch.uint8)  # the storage holds `area` while any view lives
+        start = -whole.data_ptr() % HUGE_PAGE
+        try:
+            area.madvise(mmap.MADV_HUGEPAGE, start, nbytes // HUGE_PAGE * HUGE_PAGE)
+        except OSError:  # THP unavailable: ordinary pages
+            pass
+        return whole[start : start + nbytes]
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """`nbytes` uninitialized bytes, 256-byte aligned."""
+        if nbytes >= HUGE_PAGE:
+            return self._mapping(nbytes)
+        with self._lock:
+            if self._slab is None or self._used + nbytes > self.SLAB:
+                self._slab, self._used = self._mapping(self.SLAB), 0
+            view = self._slab[self._used : self._used + nbytes]
+            self._used += -(-nbytes // self.ALIGN) * self.ALIGN
+        return view
+
+
+_huge_pages = _HugePages() if hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_PRIVATE") else None
+
+
+def weight_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized contiguous tensor for packed weights, on huge pages where the OS has them (_HugePages)."""
+    if _huge_pages is None:
+        return torch.empty(shape, dtype=dtype)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return _huge_pages.take(nbytes).view(dtype).view(shape)
 
 
 @dataclass(frozen=True)
@@ -283,7 +343,7 @@ class CpuBackend:
         kp = (k + 3) // 4 * 4
         tiles = (n + 63) // 64
         w = weight.contiguous()
-        packed = torch.empty(tiles, kp // 4, 4, 16, 4, dtype=torch.int8)
+        packed = weight_buffer((tiles, kp // 4, 4, 16, 4), torch.int8)
         _C.pack_weight_u8s8(w.data_ptr(), n, k, packed.data_ptr(), kp)
         colsum = _pad_to(w.to(torch.int32).sum(dim=1, dtype=torch.int32), tiles * 64)
         b = None if bias is None else bias.detach().to(torch.float32).contiguous()
@@ -294,7 +354,7 @@ class CpuBackend:
         n, k = weight.shape
         nb = (n + 15) // 16
         g = k // group_size
-        packed = torch.empty(nb, k, 16, dtype=torch.int8)
+        packed = weight_buffer((nb, k, 16), torch.int8)
         _C.pack_weight_wo(weight.contiguous().data_ptr(), n, k, packed.data_ptr())
         sc = torch.zeros(nb * 16, g, dtype=torch.float32)
         sc[:n] = scale.to(torch.float32).reshape(n, g)

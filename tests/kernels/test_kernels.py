@@ -417,3 +417,68 @@ def test_conv2d_fused_clamp_bit_equal(fast, cfg):
     y = fast.conv2d_static(x, fast.pack_conv(w, ws, bias, g, hi), *args)
     assert torch.equal(y.contiguous(), y_ref.contiguous())
     assert (y_ref <= hi.reshape(1, -1, 1, 1)).all() and (y_ref >= 0).all() and (y_ref == 0).any()
+
+
+def test_weight_buffers_are_disjoint_aligned_and_outlive_the_allocator():
+    from octoquant.kernels import cpu
+
+    shapes = [((100, 3), torch.int8), ((10, 16), torch.float32), ((7,), torch.int32), ((0, 4), torch.int8)]
+    bufs = [cpu.weight_buffer(s, d) for s, d in shapes]
+    for (shape, dtype), b in zip(shapes, bufs, strict=True):
+        assert b.shape == shape and b.dtype == dtype and b.is_contiguous()
+        assert b.data_ptr() % 64 == 0
+    spans = sorted((b.data_ptr(), b.data_ptr() + b.numel() * b.element_size()) for b in bufs if b.numel())
+    assert all(end <= start for (_, end), (start, _) in zip(spans[:-1], spans[1:], strict=True))  # no overlap
+    for i, b in enumerate(bufs):
+        b.fill_(i + 1)
+    big = cpu.weight_buffer((3 << 20,), torch.uint8)  # >= 2 MiB: a mapping of its own
+    if cpu._huge_pages is not None:
+        assert big.data_ptr() % cpu.HUGE_PAGE == 0
+    big.fill_(9)
+    del big
+    import gc
+
+    gc.collect()
+    for i, b in enumerate(bufs):  # the slab lives as long as a tensor in it
+        assert bool((b == i + 1).all())
+
+
+def _anon_huge_kib(address: int) -> int:
+    """AnonHugePages (KiB) of the mapping holding `address` in this process."""
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and line.startswith("AnonHugePages:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def _thp_fallbacks() -> int:
+    with open("/proc/vmstat") as f:
+        return sum(int(v) for k, v in (line.split() for line in f) if k == "thp_fault_fallback")
+
+
+def test_large_packed_weights_sit_on_huge_pages_and_stay_exact():
+    from octoquant.kernels import cpu
+
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = f.read()
+    except OSError:
+        pytest.skip("no transparent huge pages on this OS")
+    if "[never]" in mode or cpu._huge_pages is None or "cpu-avx512vnni" not in FAST and "cpu-avx2" not in FAST:
+        pytest.skip(f"THP off ({mode.strip()}) or no fast backend")
+    fast = FAST["cpu-avx512vnni"] if "cpu-avx512vnni" in FAST else FAST["cpu-avx2"]
+    a, b = rand_i8(3, 2048), rand_i8(2048, 2048)  # 4 MiB of packed weights: two whole huge pages
+    before = _thp_fallbacks()
+    p = fast.pack_w8a8(b.T, torch.ones(2048), None)
+    huge = _anon_huge_kib(p.packed.data_ptr())
+    if huge == 0 and _thp_fallbacks() > before:
+        pytest.skip("the kernel had no free huge page (thp_fault_fallback rose)")
+    assert huge >= 2048, f"packed weights on {huge} KiB of huge pages"
+    assert p.packed.data_ptr() % cpu.HUGE_PAGE == 0
+    assert torch.equal(fast.int8_mm(a, b), REF.int8_mm(a, b))
