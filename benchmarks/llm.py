@@ -23,19 +23,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import machine_info, weight_bytes, write_json  # noqa: E402
 
 import octoquant as oq  # noqa: E402
+from octoquant.evaluate.generation import greedy_continuations  # noqa: E402
 from octoquant.evaluate.perplexity import perplexity  # noqa: E402
 from octoquant.evaluate.text import wiki_text  # noqa: E402
 from octoquant.models.smollm2 import load_smollm2  # noqa: E402
 
 warnings.filterwarnings("ignore")
-
-PROMPTS = [
-    "The capital of France is",
-    "In mathematics, a prime number is",
-    "The history of the city begins",
-    "Water boils at a temperature of",
-    "The first computers were",
-]
 
 
 @torch.no_grad()
@@ -52,15 +45,6 @@ def prefill_ms(model, tok, text: str) -> float:
     t0 = time.perf_counter()
     model(ids, use_cache=False)
     return 1e3 * (time.perf_counter() - t0)
-
-
-@torch.no_grad()
-def greedy(model, tok) -> list[list[int]]:
-    outs = []
-    for p in PROMPTS:
-        ids = tok(p, return_tensors="pt").input_ids
-        outs.append(model.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1] :].tolist())
-    return outs
 
 
 def main() -> None:
@@ -96,6 +80,7 @@ def main() -> None:
 
     builders = {
         "octoquant_w8a16": lambda: oq.quantize(model, oq.W8A16, progress=False),
+        "octoquant_w8a16_calibrated": lambda: oq.quantize(model, oq.W8A16, calib=calib, progress=False),
         "octoquant_w8a8_dynamic_no_calib": lambda: oq.quantize(model, oq.W8A8_DYNAMIC, progress=False),
         "octoquant_w8a8_dynamic_smoothquant": lambda: oq.quantize(model, oq.W8A8_DYNAMIC, calib=calib, progress=False),
         "octoquant_llm_int8": lambda: oq.quantize(model, oq.LLM_INT8, progress=False),
@@ -118,7 +103,7 @@ def main() -> None:
     ref_tokens = None
     for name, m in models.items():
         ppl = perplexity(m, tok, text, 512, max_tokens, progress=False)
-        gen = greedy(m, tok)
+        gen = greedy_continuations(m, tok)
         ref_tokens = ref_tokens or gen
         rows[name].update(
             perplexity=ppl,

@@ -193,14 +193,16 @@ class Config:
             by channel, alpha searched per group on the consumers' int8 output error (a float identity; needs
             calibration data). MobileNetV2 all-int8: agreement 0.891 -> 0.914, KL 0.0328 -> 0.0271 (RESULTS.md).
             Runs with the mse, minmax and auto calibrators (measured to hurt percentile and entropy).
-        smoothquant: W8A8 with calibration data: migrate activation outliers into the weights, alpha searched per
-            (producer -> linears) pair (a float identity). Pairs come from a table for Hugging Face Llama /
-            Mistral / Qwen / GPT-2, and for any other model from one traced forward (norm -> the linears reading
-            its output, linear -> linear), each kind kept only if moving power-of-two scales through it leaves
-            the output bit-identical (post-norm residuals, GELU or softmax in between fail it) and the producer's
-            parameters can divide its output (Gemma's (1 + weight) norms included), and searched only where the
-            input has outlier channels (range >= 8x the median channel's: random-weight CLIP lost 13 dB on its
-            text embeddings with every traced pair smoothed). A warning names the blocks when nothing folds.
+        smoothquant: with calibration data: migrate activation outliers into the weights, alpha searched per
+            (producer -> linears) pair (a float identity); in W8A16 the same search on float activations scales
+            the weight columns of large-activation channels up before rounding (AWQ's activation-aware scaling).
+            Pairs come from a table for Hugging Face Llama / Mistral / Qwen / GPT-2, and for any other model from one
+            traced forward (norm -> the linears reading its output, linear -> linear), each kind kept only if moving
+            power-of-two scales through it leaves the output bit-identical (post-norm residuals, GELU or softmax in
+            between fail it) and the producer's parameters can divide its output (Gemma's (1 + weight) norms
+            included), and searched only where the input has outlier channels (range >= 8x the median channel's:
+            random-weight CLIP lost 13 dB on its text embeddings with every traced pair smoothed). A warning names
+            the blocks when nothing folds.
         head_weight_only: W8A8 on a Hugging Face model: its output head (lm_head) is quantized weight-only
             (W8A16, per-channel), and a head tied to the input embedding stays tied (one int8 matrix serves
             both); `exclude=["lm_head"]` keeps it float. `head_granularity`: PerChannel(0) or PerGroup(size).

@@ -456,7 +456,9 @@ def _smooth(work: nn.Module, batches: list, config: Config) -> None:
                 )
             return
         log.info("octoquant: SmoothQuant on %d pairs found by tracing %s", len(pairs), type(work).__name__)
-    chosen = smooth(work, lambda: [_run(work, b) for b in batches], config.mode, pairs, min_ratio)
+    chosen = smooth(
+        work, lambda: [_run(work, b) for b in batches], config.mode, pairs, min_ratio, config.weight_granularity
+    )
     work.octoquant_smoothquant = chosen
 
 
@@ -497,7 +499,7 @@ def _prepare(model, config, calib, exclude, inplace, backend, progress):
     else:  # and pairs in any forward code, checked on a calibration sample
         probe = _probe_sample(batches[0])
         fold_batchnorm(work, lambda: first_tensor(_run(work, probe)).detach().float())
-    if batches is not None and config.smoothquant and config.mode is not QuantMode.W8A16:
+    if batches is not None and config.smoothquant:  # W8A16 too: activation-aware weight scaling
         _smooth(work, batches, config)
     if batches is not None and config.equalize_depthwise and config.mode is not QuantMode.W8A16:
 
@@ -558,7 +560,8 @@ def quantize(
         model: a float PyTorch model (eval-mode semantics are used).
         config: `oq.W8A8` (static, calibrated), `oq.W8A8_DYNAMIC`, `oq.W8A16`, or any `oq.Config`.
         calib: iterable of batches (tensors, tuples of args, dicts such as a tokenizer's BatchEncoding, or a
-            DataLoader); needed for static W8A8 and for the accuracy fallback.
+            DataLoader); needed for static W8A8 and for the accuracy fallback; with W8A8 dynamic and W8A16 it
+            enables SmoothQuant / activation-aware weight scaling (`Config.smoothquant`).
         exclude: glob patterns of module names to keep in float (e.g. ``["classifier.*"]``).
         inplace: modify `model` itself instead of a deep copy.
         max_error: accuracy-aware fallback: keep the most sensitive layers in float until the model output's

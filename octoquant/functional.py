@@ -149,11 +149,14 @@ def fake_quantize(
     return dequantize(q, scale, zero_point, granularity).to(x.dtype)
 
 
-def fake_quantize_weight(w: torch.Tensor) -> torch.Tensor:
-    """w (out, ...) through symmetric per-output-channel int8 over its min-max: the default weight quantizer."""
-    lo, hi = reduce_minmax(w, PerChannel(0))
+def fake_quantize_weight(w: torch.Tensor, granularity: Granularity = PerChannel(0)) -> torch.Tensor:
+    """w (out, ...) through symmetric int8 over its min-max: the default weight quantizer, per output channel or
+    per group of inputs (a group size that does not divide w's last dim: per channel, as the layers do)."""
+    if isinstance(granularity, PerGroup) and w.shape[-1] % granularity.group_size:
+        granularity = PerChannel(0)
+    lo, hi = reduce_minmax(w, granularity)
     scale, _ = choose_qparams(lo, hi, QDtype.INT8, symmetric=True)
-    return fake_quantize(w, scale, 0, PerChannel(0), QDtype.INT8)
+    return fake_quantize(w, scale, 0, granularity, QDtype.INT8)
 
 
 def fake_quantize_static(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
