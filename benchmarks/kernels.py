@@ -1,6 +1,6 @@
 """Kernel benchmark: octoquant QLinear modes vs FP32 and peers, side by side in one process.
 
-    python benchmarks/kernels.py [--quick] [--out bench-results/kernels.json]
+    python benchmarks/kernels.py [--quick] [--threads 2] [--cache cold] [--out bench-results/kernels.json]
 
 Per shape (M x K -> N), hot (one weight copy, cache-resident when it fits) and cold (weights cycled through
 >= 256 MiB, read from DRAM as in a real model), 1 and 2 threads, median seconds of interleaved runs of:
@@ -173,6 +173,8 @@ def bench_shape(setup: ShapeSetup, m: int, threads: int, cold: bool, reps: int) 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="2 threads, cold, fewer shapes")
+    ap.add_argument("--threads", type=int, nargs="+", help="thread counts (default 1 2; --quick: 2)")
+    ap.add_argument("--cache", choices=["cold", "hot"], nargs="+", help="default cold hot (--quick: cold)")
     ap.add_argument("--out", default="bench-results/kernels.json")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--no-ort", action="store_true")
@@ -193,8 +195,8 @@ def main() -> None:
     except ImportError:
         with_ort = False
     info = machine_info()
-    threads_list = [2] if args.quick else [1, 2]
-    colds = [True] if args.quick else [True, False]
+    threads_list = args.threads or ([2] if args.quick else [1, 2])
+    colds = [c == "cold" for c in args.cache] if args.cache else ([True] if args.quick else [True, False])
     shapes = [(4096, 4096), (384, 1536)] if args.quick else SHAPES_KN
     info["dram_read_gbs"] = {t: read_bandwidth_gbs(t) for t in threads_list}  # the better of 4 KiB / huge pages
     info["dram_read_gbs_by_pages"] = {
