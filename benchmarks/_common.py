@@ -33,10 +33,16 @@ def copies_for(nbytes: int, cold: bool) -> int:
     return max(1, -(-COLD_BYTES // max(nbytes, 1))) if cold else 1
 
 
-def interleaved(fns: dict[str, Callable[[int], object]], reps: int, budget_s: float = 20.0) -> dict[str, float]:
+def interleaved(
+    fns: dict[str, Callable[[int], object]], reps: int, budget_s: float = 20.0, wake: bool = False
+) -> dict[str, float]:
     """Median seconds per call of each fn, timed in rounds (each fn once per round) so drift hits all alike.
 
-    Each fn takes the call index (to cycle through cold weight copies).
+    Each fn takes the call index (to cycle through cold weight copies). wake: each fn is called twice in a row and
+    only the second call timed (with the next index: another cold copy). For microsecond calls from different
+    runtimes: while ONNX Runtime runs, torch's OpenMP workers go to sleep (and ORT's while torch runs), so the
+    first call after another runtime's pays a thread wake-up: measured 30-60 us on a 31 us QLinear call, landing on
+    whichever method the shuffle put after ORT (static 92 vs dynamic 58 us in one run, 32 vs 36 in the next).
     """
     for f in fns.values():  # warm-up (packing, allocator, thread pools)
         f(0)
@@ -54,8 +60,10 @@ def interleaved(fns: dict[str, Callable[[int], object]], reps: int, budget_s: fl
         round_names = names[:]
         order.shuffle(round_names)
         for name in round_names:
+            if wake:
+                fns[name](2 * i)
             t0 = time.perf_counter()
-            fns[name](i)
+            fns[name](2 * i + 1 if wake else i)
             times[name].append(time.perf_counter() - t0)
         i += 1
         if time.perf_counter() - start > budget_s and i >= 3:
