@@ -121,8 +121,9 @@ class _HugePages:
     (Linux's default "madvise" THP mode serves it; "never", or an OS without THP, leaves ordinary pages: the
     same bytes, only slower). A tensor of 2 MiB or more gets its own mapping, of which only the whole 2 MiB
     pages inside the tensor are advised; smaller ones share 32 MiB slabs (a layer of a small model is a few
-    hundred KiB), each slab freed when the last tensor in it is. Pages are touched only when the packing
-    writes them: a slab's unused rest costs address space, not memory.
+    hundred KiB). A filled slab is freed with the last tensor in it; the slab being filled is also held here, so
+    up to 32 MiB of address space, and the pages already written in it, outlive the models that used it. Pages are
+    touched only when the packing writes them: a slab's unused rest costs address space, not memory.
     """
 
     SLAB = 32 << 20
