@@ -338,6 +338,21 @@ def test_gptq_rounding_option_runs_and_changes_codes():
     assert not torch.equal(q_n.features[6].weight, q_g.features[6].weight)
 
 
+def test_fallback_ranks_layers_on_a_quarter_of_the_eval_batches(monkeypatch):
+    from octoquant import convert
+
+    m = tiny_cnn()
+    batches = calib_batches(8)  # 8 eval batches
+    seen = []
+    real = convert._outputs
+    monkeypatch.setattr(convert, "_outputs", lambda model, bs: seen.append(len(bs)) or real(model, bs))
+    q = oq.quantize(m, oq.W8A8, calib=batches, progress=False, keep_float=1)
+    layers = len(oq.summary(q, print_table=False))
+    # the float reference and every accept / reject step on all 8; one ranking pass per layer on 2
+    assert seen.count(2) == layers and seen[0] == 8 and set(seen) == {2, 8}
+    assert sum(r.status == "float" for r in oq.summary(q, print_table=False)) == 1
+
+
 def test_summary_sensitivity_and_fallback(capsys):
     m = tiny_cnn()
     batches = calib_batches()
