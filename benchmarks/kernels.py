@@ -161,7 +161,7 @@ def bench_shape(setup: ShapeSetup, m: int, threads: int, cold: bool, reps: int) 
 
     # every copy called once before timing: a layer's first call builds its call plan (a user's model pays that
     # once; with 456 copies and 24 rounds every timed call of a 384x1536 M = 1 row was a first call, which made the
-    # static mode look 2-3x slower than the dynamic one there)
+    # static mode look 1.4-1.6x slower than the dynamic one there)
     copies = max([len(fp), len(fb)] + [len(cyc(c)) for c in setup.mods.values()])
     for f in fns.values():
         for i in range(copies):
