@@ -130,9 +130,6 @@ class ShapeSetup:
         return self.ort[threads]
 
 
-WAKE = True  # time each call with its runtime's thread pool awake (see _common.interleaved)
-
-
 def bench_shape(setup: ShapeSetup, m: int, threads: int, cold: bool, reps: int) -> dict:
     torch.set_num_threads(threads)
     k, n = setup.k, setup.n
@@ -166,7 +163,7 @@ def bench_shape(setup: ShapeSetup, m: int, threads: int, cold: bool, reps: int) 
     for f in fns.values():
         for i in range(copies):
             f(i)
-    t = interleaved(fns, reps, wake=WAKE)
+    t = interleaved(fns, reps, wake=True)  # each call timed with its runtime's thread pool awake
     row = {"M": m, "K": k, "N": n, "threads": threads, "cold": cold, "seconds": t}
     row["speedup_vs_fp32"] = {name: t["fp32"] / v for name, v in t.items()}
     best_fp32 = min(t["fp32"], t.get("ort_fp32", float("inf")))
