@@ -956,8 +956,9 @@ def _integer_conv_biases(gr: _Graph) -> int:
     w_scale per channel, axis 0), bias_q = round_half_even(bias / (x_scale * w_scale)) in float32: the integer bias
     octoquant's requantization adds (`kernels.reference.requantization`) and ONNX Runtime's QLinearConv derives
     from a float bias itself. OpenVINO adds a float bias as given: float32(acc) * s + bias instead of
-    (acc + bias_q) * s moved a MobileNetV2-like block's codes by one step in ~0.1% of places (measured), which
-    every later layer amplifies. Returns the biases converted."""
+    (acc + bias_q) * s moves a code by one step now and then, which every later layer amplifies (a 1x1 -> ReLU ->
+    1x1 chain: 4% of its outputs differed from octoquant's, none with int32 biases; measured). Returns the biases
+    converted."""
     import numpy as np
 
     from .kernels.reference import requantization
