@@ -976,10 +976,10 @@ def _integer_conv_biases(gr: _Graph) -> int:
         if not _requantizing_readers_only(gr, n.output[0]):
             continue  # a float output: octoquant adds the float bias
         sw_t = torch.from_numpy(np.broadcast_to(sw.astype(np.float32).reshape(-1), bias.shape).copy())
-        _, bq = requantization(float(sx.reshape(())), sw_t, torch.from_numpy(bias.copy()), 1.0)
-        s = (torch.tensor(float(sx.reshape(())), dtype=torch.float32) * sw_t).numpy()  # requantization's product
+        # with an output scale of 1 the multiplier is the bias scale x_scale * w_scale itself
+        s, bq = requantization(float(sx.reshape(())), sw_t, torch.from_numpy(bias.copy()), 1.0)
         q_name = gr.add_const(f"{n.input[2]}_int32", bq.numpy().astype(np.int32))
-        s_name = gr.add_const(f"{n.input[2]}_scale", s.astype(np.float32))
+        s_name = gr.add_const(f"{n.input[2]}_scale", s.numpy().astype(np.float32))
         out = gr.fresh(f"{n.input[2]}_dq")
         gr.nodes.append(
             gr.onnx.helper.make_node("DequantizeLinear", [q_name, s_name], [out], axis=0, name=gr.fresh("DQ"))
